@@ -1,0 +1,1 @@
+"""jaxlm: JAX/TPU-first language models."""

@@ -1,0 +1,122 @@
+"""The `jaxlm` command line (also `python -m jaxlm`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jaxlm.configs.overrides import load_config
+from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="preset name or a .py/.json config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.num_layers=4 (repeatable)",
+    )
+
+
+def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
+    """Largest per-device share of params + Adam state under the run's mesh on a TPU topology."""
+    import jax
+    from jax.experimental import topologies
+
+    from jaxlm import sharding
+    from jaxlm.model.transformer import abstract_params
+
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # libtpu's errors vary by version; say what was asked for
+        raise ValueError(
+            f"cannot describe TPU topology {topology!r} (e.g. 'v5p:2x2x1', 'v5e:4x4'); "
+            f"is jax[tpu] installed? ({e})"
+        ) from None
+    mesh = sharding.make_mesh(config.mesh, devices)
+    abstract = abstract_params(config.model)
+    shardings = sharding.logical_to_sharding(abstract, mesh, sharding.get_rules(config.mesh.rules))
+    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: hasattr(x, "names"))
+    elements = sum(
+        math.prod(s.shard_shape(a.value.shape))
+        for a, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+    )
+    itemsize = jax.numpy.dtype(config.model.param_dtype).itemsize
+    return {
+        "topology": topology,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "params_bytes_per_device": elements * itemsize,
+        "params_and_adam_bytes_per_device": elements * (itemsize + 8),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    model = config.model
+    seq_len = model.max_seq_len if args.seq_len is None else args.seq_len
+    if not 1 <= seq_len <= model.max_seq_len:
+        raise ValueError(
+            f"--seq-len {seq_len} must be in [1, model.max_seq_len={model.max_seq_len}]"
+        )
+    counts = param_count(model)
+    state = training_state_bytes(model)
+    info: dict[str, Any] = {
+        "params": counts.total,
+        "params_non_embedding": counts.non_embedding,
+        "seq_len": seq_len,
+        "flops_per_token": flops_per_token(model, seq_len),
+        "params_bytes": state["params"],
+        "params_and_adam_bytes": state["params"] + state["optimizer"],
+    }
+    if args.topology:
+        info.update(_per_device_bytes(config, args.topology))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    gib = 2.0**30
+    print(f"config:                     {args.config or 'tiny (default)'}")
+    print(f"parameters:                 {counts.total:,} ({counts.non_embedding:,} non-embedding)")
+    print(f"training FLOPs per token:   {info['flops_per_token']:.4g} (seq_len {seq_len})")
+    print(f"params:                     {state['params'] / gib:.3f} GiB ({model.param_dtype})")
+    print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")
+    if args.topology:
+        print(f"on {args.topology} ({info['devices']} chips, mesh {info['mesh']}):")
+        per_device = info["params_and_adam_bytes_per_device"] / gib
+        print(f"  params + Adam per chip:   {per_device:.3f} GiB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="parameters, FLOPs per token and memory of a config")
+    _add_config_args(info)
+    info.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")
+    info.add_argument(
+        "--topology", default=None, help="TPU topology, e.g. v5p:4x4x4 (needs jax[tpu])"
+    )
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

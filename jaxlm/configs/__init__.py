@@ -1,0 +1,7 @@
+"""Typed, frozen configuration: the model architecture, the run, presets and overrides."""
+
+from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.presets import PRESETS, get_preset
+from jaxlm.configs.run import MeshConfig, RunConfig
+
+__all__ = ["PRESETS", "MeshConfig", "ModelConfig", "RunConfig", "get_preset"]

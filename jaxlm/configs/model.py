@@ -1,0 +1,155 @@
+"""The frozen, hashable `ModelConfig`: every architectural choice of a Transformer, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
+Norm = Literal["layernorm", "rmsnorm"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "none"]
+RopeScaling = Literal["none", "linear", "llama3"]
+InitKind = Literal["normal", "xavier", "kaiming"]
+DType = Literal["float32", "bfloat16", "float16"]
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
+
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+def _check_choice(name: str, value: object, literal: object) -> None:
+    valid = get_args(literal)
+    if value not in valid:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name}={value!r} must be an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only Transformer.
+
+    `num_kv_heads`, `head_dim` and `mlp_dim` default (None) to `num_heads`, `d_model // num_heads`
+    and `4 * d_model`; after construction they always hold the resolved integers, and an override
+    of `d_model` or `num_heads` re-derives the ones that were not given explicitly.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int | None = None
+    activation: Activation = "gelu_tanh"
+    norm: Norm = "layernorm"
+    norm_bias: bool = True
+    norm_eps: float = 1e-5
+    position: PositionKind = "learned"
+    rope_theta: float = 10_000.0
+    # RoPE frequency scaling for long context: "linear" divides every frequency by the factor;
+    # "llama3" rescales only the low frequencies (Llama 3.1+), with a smooth band in between.
+    rope_scaling: RopeScaling = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    attn_bias: bool = True
+    mlp_bias: bool = True
+    init: InitKind = "normal"
+    init_std: float = 0.02
+    # Scale the variance of the residual-stream output projections (attention out, MLP out)
+    # by 1 / (2 * num_layers), as GPT-2 does, so the residual stream does not grow with depth.
+    depth_scaled_init: bool = True
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    scan_layers: bool = True
+    remat: RematPolicy = "none"
+    # Which of num_kv_heads/head_dim/mlp_dim were derived (given as None): overrides re-derive them.
+    derived_fields: tuple[str, ...] = dataclasses.field(
+        default=(), init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
+            _check_positive(name, getattr(self, name))
+        derived = tuple(
+            n for n in ("num_kv_heads", "head_dim", "mlp_dim") if getattr(self, n) is None
+        )
+        object.__setattr__(self, "derived_fields", derived)
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} is not divisible by "
+                    f"num_heads={self.num_heads}; set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if self.mlp_dim is None:
+            object.__setattr__(self, "mlp_dim", 4 * self.d_model)
+        for name in ("num_kv_heads", "head_dim", "mlp_dim", "rope_original_max_len"):
+            _check_positive(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be divisible by "
+                f"num_kv_heads={self.num_kv_heads}; valid num_kv_heads: "
+                f"{[k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]}"
+            )
+        for name, literal in (
+            ("activation", Activation),
+            ("norm", Norm),
+            ("position", PositionKind),
+            ("rope_scaling", RopeScaling),
+            ("init", InitKind),
+            ("dtype", DType),
+            ("param_dtype", DType),
+            ("remat", RematPolicy),
+        ):
+            _check_choice(name, getattr(self, name), literal)
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.head_dim={self.head_dim} must be even with position='rope' "
+                "(RoPE rotates pairs of features)"
+            )
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} must be even with position='sinusoidal'"
+            )
+        if self.norm == "rmsnorm" and self.norm_bias:
+            # RMSNorm has no bias by definition; make the config say what the model does.
+            object.__setattr__(self, "norm_bias", False)
+        for name in ("norm_eps", "init_std", "rope_theta", "rope_scaling_factor"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"ModelConfig.{name}={value!r} must be > 0")
+        if self.rope_scaling == "llama3" and not (
+            self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+        ):
+            raise ValueError(
+                "ModelConfig.rope_high_freq_factor must be > rope_low_freq_factor > 0 for llama3 "
+                f"scaling, got high={self.rope_high_freq_factor}, low={self.rope_low_freq_factor}"
+            )
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name}={value!r} must be > 0 or None (no cap)")
+        if self.sliding_window is not None:
+            _check_positive("sliding_window", self.sliding_window)
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per kv head (G = N / K)."""
+        return self.num_heads // self.num_kv_heads

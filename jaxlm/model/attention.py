@@ -1,0 +1,117 @@
+"""Multi-head attention with grouped kv heads (MHA/GQA/MQA), masks, QK-norm and logit soft-cap."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlm.configs.model import ModelConfig
+from jaxlm.model.layers import Einsum, kernel_init, make_norm
+from jaxlm.model.positions import apply_rope
+from jaxlm.sharding import constrain
+
+# Masked logits get this instead of -inf, so a row with nothing visible gives a finite softmax.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    q_index_BT: jax.Array,
+    k_index_BS: jax.Array,
+    q_segment_BT: jax.Array,
+    k_segment_BS: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """[B, T, S] booleans: key s is visible to query t.
+
+    Visible means causal (k_index <= q_index), in the same segment (packed sequences; segment 0
+    is padding and sees only padding), and, with a window W, q_index - k_index < W.
+    """
+    q = q_index_BT[:, :, None]
+    k = k_index_BS[:, None, :]
+    mask = (k <= q) & (q_segment_BT[:, :, None] == k_segment_BS[:, None, :])
+    if sliding_window is not None:
+        mask &= q - k < sliding_window
+    return mask
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the segment id changes."""
+    t = segment_ids_BT.shape[1]
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BT.shape)
+    changed = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BT[:, :1], dtype=bool),
+            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1],
+        ],
+        axis=1,
+    )
+    start = jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
+    return index - start
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): a smooth bound on |x| (Gemma 2); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Attention(nn.Module):
+    """Self-attention over a [B, T, D] input, with N query heads sharing K kv heads."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, n, k, h, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
+        dt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+        def project(name: str, heads: int, axis: str) -> jax.Array:
+            w = Einsum(
+                (d, heads, h),
+                ("embed", axis, "head_dim"),
+                kernel_init(cfg, 0, (1, 2)),
+                cfg.attn_bias,
+                name=name,
+                **dt,
+            )
+            y = w("BTD,DNH->BTNH", x_BTD)
+            # Named so that the "save_qkv_proj" remat policy can keep exactly these.
+            return checkpoint_name(y, f"{name}_proj")
+
+        q_BTNH = project("query", n, "heads")
+        k_BSKH = project("key", k, "kv_heads")
+        v_BSKH = project("value", k, "kv_heads")
+        if cfg.qk_norm:
+            q_BTNH = make_norm(cfg, "query_norm", axis_name="head_dim")(q_BTNH)
+            k_BSKH = make_norm(cfg, "key_norm", axis_name="head_dim")(k_BSKH)
+        if cfg.position == "rope":
+            q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
+            k_BSKH = apply_rope(k_BSKH, positions_BT, cfg)
+        q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))
+        k_BSKH = constrain(k_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+        v_BSKH = constrain(v_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+
+        b, t = q_BTNH.shape[:2]
+        q_BTKGH = (q_BTNH * h**-0.5).reshape(b, t, k, g, h)
+        logits_BKGTS = jnp.einsum(
+            "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+        )
+        logits_BKGTS = softcap(logits_BKGTS, cfg.attn_logit_softcap)
+        logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cfg.dtype)
+        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+        out_BTNH = constrain(
+            out_BTKGH.reshape(b, t, n, h), ("act_batch", "act_length", "act_heads", "head_dim")
+        )
+        out = Einsum(
+            (n, h, d),
+            ("heads", "head_dim", "embed"),
+            kernel_init(cfg, (0, 1), 2, output_projection=True),
+            cfg.attn_bias,
+            name="out",
+            **dt,
+        )
+        out_BTD = out("BTNH,NHD->BTD", out_BTNH)
+        return constrain(out_BTD, ("act_batch", "act_length", "act_embed"))

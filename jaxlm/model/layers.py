@@ -1,0 +1,151 @@
+"""Leaf modules: `Einsum` (equation at the call site), norms, token embeddings with tied decode."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.configs.model import ModelConfig
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def kernel_init(
+    config: ModelConfig,
+    in_axis: int | Sequence[int],
+    out_axis: int | Sequence[int],
+    output_projection: bool = False,
+) -> Initializer:
+    """The initializer `config.init` names, with fans taken over `in_axis` / `out_axis`.
+
+    With `config.depth_scaled_init`, residual output projections get their variance divided by
+    2 * num_layers (one attention and one MLP write per layer).
+    """
+    depth = 1.0 / (2 * config.num_layers) if output_projection and config.depth_scaled_init else 1.0
+    if config.init == "normal":
+        return jax.nn.initializers.normal(config.init_std * depth**0.5)
+    if config.init == "xavier":
+        return jax.nn.initializers.variance_scaling(
+            depth, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
+        )
+    return jax.nn.initializers.variance_scaling(
+        2.0 * depth, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+class Einsum(nn.Module):
+    """A weight `w` of `shape` (logical `axes`) applied by the einsum equation given at the call.
+
+    With `use_bias`, a zero-initialised bias `b` is added over the output dims that come from the
+    weight (e.g. N and H for 'BTD,DNH->BTNH').
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init_fn: Initializer
+    use_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+        w = self.param(
+            "w", nn.with_logical_partitioning(self.init_fn, self.axes), self.shape, self.param_dtype
+        )
+        y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+        if self.use_bias:
+            inputs, out = eqn.replace(" ", "").split("->")
+            x_letters, w_letters = inputs.split(",")
+            dims = [w_letters.index(c) for c in out if c in w_letters and c not in x_letters]
+            if [w_letters.index(c) for c in out[-len(dims) :]] != dims:
+                raise ValueError(f"bias dims of {eqn!r} must be the trailing output dims")
+            b = self.param(
+                "b",
+                nn.with_logical_partitioning(
+                    jax.nn.initializers.zeros, tuple(self.axes[i] for i in dims)
+                ),
+                tuple(self.shape[i] for i in dims),
+                self.param_dtype,
+            )
+            y = y + b.astype(self.dtype).reshape((1,) * (y.ndim - b.ndim) + b.shape)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm (with or without bias) or RMSNorm over the last dim, computed in float32."""
+
+    kind: str
+    eps: float
+    use_bias: bool
+    axis_name: str = "norm"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(jax.nn.initializers.ones, (self.axis_name,)),
+            (features,),
+            self.param_dtype,
+        )
+        y = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            y = y - jnp.mean(y, axis=-1, keepdims=True)
+        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+        lead = (1,) * (y.ndim - 1)
+        y = y * scale.astype(jnp.float32).reshape(*lead, features)
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(jax.nn.initializers.zeros, (self.axis_name,)),
+                (features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(jnp.float32).reshape(*lead, features)
+        return y.astype(self.dtype)
+
+
+def make_norm(config: ModelConfig, name: str, axis_name: str = "norm") -> Norm:
+    """The norm `config` asks for, as a submodule called `name`."""
+    return Norm(
+        kind=config.norm,
+        eps=config.norm_eps,
+        use_bias=config.norm_bias,
+        axis_name=axis_name,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` reuses it as the output projection (tied)."""
+
+    vocab_size: int
+    features: int
+    init_std: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(
+                jax.nn.initializers.normal(self.init_std), ("vocab", "embed")
+            ),
+            (self.vocab_size, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        return jnp.einsum(
+            "BTD,VD->BTV", x_BTD.astype(self.dtype), self.embedding.astype(self.dtype)
+        )

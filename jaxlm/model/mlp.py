@@ -1,0 +1,50 @@
+"""The dense MLP: plain (GELU / ReLU) or gated (SwiGLU, GeGLU)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from jaxlm.configs.model import ModelConfig
+from jaxlm.model.layers import Einsum, kernel_init
+from jaxlm.sharding import constrain
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "swiglu": jax.nn.silu,
+    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class MLP(nn.Module):
+    """D → F → D; gated variants compute act(x W_gate) * (x W_up) before the down projection."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, f = cfg.d_model, cfg.mlp_dim
+        dt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+        def up(name: str) -> jax.Array:
+            w = Einsum(
+                (d, f), ("embed", "mlp"), kernel_init(cfg, 0, 1), cfg.mlp_bias, name=name, **dt
+            )
+            return w("BTD,DF->BTF", x_BTD)
+
+        act = ACTIVATIONS[cfg.activation]
+        h_BTF = act(up("gate")) * up("up") if cfg.gated else act(up("up"))
+        h_BTF = constrain(h_BTF, ("act_batch", "act_length", "act_mlp"))
+        down = Einsum(
+            (f, d),
+            ("mlp", "embed"),
+            kernel_init(cfg, 0, 1, output_projection=True),
+            cfg.mlp_bias,
+            name="down",
+            **dt,
+        )
+        out_BTD = down("BTF,FD->BTD", h_BTF)
+        return constrain(out_BTD, ("act_batch", "act_length", "act_embed"))

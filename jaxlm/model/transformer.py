@@ -1,0 +1,168 @@
+"""`Block` and `Transformer`: embed → scanned (or unrolled) pre-norm blocks → norm → logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm import sharding
+from jaxlm.configs.model import ModelConfig
+from jaxlm.model.attention import Attention, attention_mask, segment_positions, softcap
+from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
+from jaxlm.model.mlp import MLP
+from jaxlm.model.positions import LearnedPositions, sinusoidal
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj"
+    ),
+}
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, aux) so it can be scanned."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.config
+        h = make_norm(cfg, "attn_norm")(x_BTD)
+        x_BTD = x_BTD + Attention(cfg, name="attn")(h, positions_BT, mask_BTS)
+        h = make_norm(cfg, "mlp_norm")(x_BTD)
+        x_BTD = x_BTD + MLP(cfg, name="mlp")(h)
+        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+        return x_BTD, {}
+
+
+class Transformer(nn.Module):
+    """A decoder-only Transformer. Call with tokens [B, T]; returns (logits [B, T, V], cache, aux).
+
+    `segment_ids` (default all ones) separate packed sequences; id 0 marks padding. Positions
+    default to restarting at 0 in each segment. `aux` holds auxiliary per-layer outputs (e.g. MoE
+    losses), empty for dense models. `cache` is reserved for KV-cache decoding and must be None.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: Any = None,
+    ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+        cfg = self.config
+        if cache is not None:
+            raise NotImplementedError("KV-cache decoding is not available in this version of jaxlm")
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
+        b, t = tokens_BT.shape
+        if t > cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={cfg.max_seq_len}")
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        if positions_BT is None:
+            positions_BT = segment_positions(segment_ids_BT)
+        index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask_BTS = attention_mask(
+            index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window
+        )
+
+        embed = Embed(
+            cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"
+        )
+        x_BTD = embed(tokens_BT)
+        if cfg.position == "learned":
+            x_BTD = x_BTD + LearnedPositions(cfg, name="pos_embed")(positions_BT)
+        elif cfg.position == "sinusoidal":
+            x_BTD = x_BTD + sinusoidal(positions_BT, cfg.d_model, cfg.dtype)
+        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            # Under scan, XLA cannot CSE across iterations, so prevent_cse is unnecessary there.
+            block = nn.remat(
+                Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
+            )
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x_BTD, aux = layers(x_BTD, positions_BT, mask_BTS)
+        else:
+            per_layer = []
+            for i in range(cfg.num_layers):
+                x_BTD, aux_i = block(cfg, name=f"layers_{i}")(x_BTD, positions_BT, mask_BTS)
+                per_layer.append(aux_i)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+
+        x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            unembed = Einsum(
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                kernel_init(cfg, 0, 1),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="unembed",
+            )
+            logits_BTV = unembed("BTD,DV->BTV", x_BTD)
+        logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
+        logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+        return logits_BTV, None, aux
+
+
+def abstract_params(config: ModelConfig) -> Any:
+    """Parameter shapes and logical axes (boxed `ShapeDtypeStruct`s); allocates nothing."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    variables = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)
+    return variables["params"]
+
+
+def param_shardings(
+    config: ModelConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules | str
+) -> Any:
+    """A tree of `NamedSharding`s for the parameters of `config` under `rules` on `mesh`."""
+    rules = sharding.get_rules(rules) if isinstance(rules, str) else rules
+    return sharding.logical_to_sharding(abstract_params(config), mesh, rules)
+
+
+def init_params(
+    config: ModelConfig,
+    rng: jax.Array,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules | str = "fsdp",
+) -> Any:
+    """Initialise parameters (a plain pytree), each created directly in its sharding on `mesh`.
+
+    Nothing is ever materialised whole on one device: the init function is jitted with
+    `out_shardings`, so each device computes only its own shards.
+    """
+    model = Transformer(config)
+
+    def init(key: jax.Array) -> Any:
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(model.init(key, tokens)["params"])
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = param_shardings(config, mesh, rules)
+    with sharding.use_mesh(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)

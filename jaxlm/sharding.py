@@ -1,0 +1,210 @@
+"""Logical axis names, sharding rule sets, mesh construction and logical → physical mapping.
+
+Model code names only logical axes (`"embed"`, `"heads"`, `"act_batch"`, ...). A rule set maps each
+logical name to mesh axes; this is the only file that knows the physical mesh axis names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.configs.run import RULE_SET_NAMES, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+_BATCH = ("data", "fsdp")
+
+# Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers.
+# Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
+RULES_DP: Rules = (("act_batch", _BATCH),)
+
+RULES_FSDP: Rules = (
+    ("act_batch", _BATCH),
+    ("embed", "fsdp"),
+)
+
+RULES_FSDP_TP: Rules = (
+    ("act_batch", _BATCH),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+RULE_SETS: dict[str, Rules] = {"dp": RULES_DP, "fsdp": RULES_FSDP, "fsdp_tp": RULES_FSDP_TP}
+assert tuple(RULE_SETS) == RULE_SET_NAMES, "keep configs.run.RULE_SET_NAMES in sync"
+
+
+def get_rules(name: str) -> Rules:
+    """The rule set called `name` (one of `RULE_SETS`)."""
+    if name not in RULE_SETS:
+        raise ValueError(f"unknown sharding rule set {name!r}; choose one of {list(RULE_SETS)}")
+    return RULE_SETS[name]
+
+
+def _resolve(sizes: Sequence[int], total: int, what: str) -> list[int]:
+    sizes = list(sizes)
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if total % known:
+            raise ValueError(
+                f"{what}: the fixed axis sizes {sizes} (product {known}) do not divide "
+                f"the {total} available devices"
+            )
+        sizes[sizes.index(-1)] = total // known
+    if math.prod(sizes) != total:
+        raise ValueError(
+            f"{what}: axis sizes {sizes} multiply to {math.prod(sizes)}, "
+            f"but there are {total} devices; make the product {total} or use -1 for one axis"
+        )
+    return sizes
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A `Mesh` with axes `MESH_AXES` from `config`, over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = [config.dcn_data, config.dcn_fsdp, config.dcn_tensor]
+    if -1 in dcn:
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    else:
+        num_slices = math.prod(dcn)
+    if len(devices) % num_slices:
+        raise ValueError(
+            f"MeshConfig DCN axes {dcn} ask for {num_slices} slices, "
+            f"which does not divide the {len(devices)} devices"
+        )
+    dcn = _resolve(dcn, num_slices, "MeshConfig DCN axes (dcn_data, dcn_fsdp, dcn_tensor)")
+    per_slice = len(devices) // num_slices
+    ici = _resolve(
+        [config.data, config.fsdp, config.tensor],
+        per_slice,
+        "MeshConfig ICI axes (data, fsdp, tensor)",
+    )
+    if num_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    elif devices and devices[0].platform == "tpu":
+        grid = mesh_utils.create_device_mesh(ici, devices)
+    else:
+        # Off TPU there is no physical torus to respect: keep the device order as given.
+        grid = np.asarray(devices, dtype=object).reshape(ici)
+    return Mesh(grid, MESH_AXES)
+
+
+def _lookup(rules: Rules, name: str | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, physical in rules:
+        if logical == name:
+            if physical is None:
+                return ()
+            return (physical,) if isinstance(physical, str) else tuple(physical)
+    return ()
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
+    """The `PartitionSpec` for an array of `shape` whose dims are named `logical_axes`.
+
+    A mesh axis is used only if it divides the dim (what is left of it after earlier mesh axes) and
+    no earlier dim took it; otherwise that dim stays replicated over it. So a 1-kv-head MQA weight
+    or a 50257-row vocab is simply not split over `tensor`, rather than failing to compile.
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape, strict=True):
+        chosen = []
+        for axis in _lookup(rules, name):
+            size = mesh.shape[axis]
+            if axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+                continue
+            chosen.append(axis)
+            used.add(axis)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """`NamedSharding`s for a tree of `nn.LogicallyPartitioned` (e.g. `abstract_params`)."""
+
+    def one(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            names, shape = leaf.names, leaf.value.shape
+        else:
+            names, shape = (None,) * len(leaf.shape), leaf.shape
+        return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+class _Context(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[tuple[Mesh, Rules]] = []
+
+
+_context = _Context()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | str) -> Iterator[None]:
+    """Within this context (while tracing), `constrain` shards activations over `mesh`."""
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+    _context.stack.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _context.stack.pop()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Constrain the sharding of activation `x` by logical axis names; a no-op with no mesh."""
+    if not _context.stack:
+        return x
+    mesh, rules = _context.stack[-1]
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_device_fraction(params: Any, shardings: Any, min_size: int = 1) -> dict[str, float]:
+    """For each leaf with >= `min_size` elements: the fraction of it that one device holds.
+
+    1/num_devices means split over every device, 1.0 means replicated. Keys are '/'-joined paths.
+    Used to check that a model is sufficiently sharded (no large weight left whole on a device).
+    """
+    out = {}
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree.leaves(shardings)
+    for (path, leaf), sharding in zip(flat, flat_shardings, strict=True):
+        if math.prod(leaf.shape) < min_size:
+            continue
+        shard = sharding.shard_shape(leaf.shape)
+        split = math.prod(leaf.shape) // math.prod(shard)
+        out["/".join(_key_name(k) for k in path)] = 1.0 / split
+    return out
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)

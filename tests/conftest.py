@@ -1,0 +1,13 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and strict rank promotion."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+# libtpu is installed by the `tpu` extra (for ahead-of-time TPU compiles); the tests run on CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+
+jax.config.update("jax_numpy_rank_promotion", "raise")

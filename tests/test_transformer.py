@@ -1,0 +1,219 @@
+"""The dense Transformer against a NumPy float64 reference, plus structural properties."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.configs import get_preset
+from jaxlm.model.layers import Embed
+from jaxlm.model.transformer import Transformer
+from tests.numpy_reference import forward as numpy_forward
+from tests.random_params import random_params
+
+GPT2 = dataclasses.replace(get_preset("tiny"), max_seq_len=32, scan_layers=False)
+LLAMA = dataclasses.replace(get_preset("tiny-llama"), max_seq_len=32, scan_layers=False)
+
+VARIANTS = {
+    "gpt2": GPT2,
+    "llama_gqa": LLAMA,
+    # MQA with QK-norm, both soft-caps, a sliding window, GeGLU and llama3 RoPE scaling whose
+    # original length (16) puts the head's frequencies in all three scaling bands.
+    "mqa_qknorm_softcap_window_llama3rope": dataclasses.replace(
+        LLAMA,
+        num_kv_heads=1,
+        qk_norm=True,
+        attn_logit_softcap=5.0,
+        final_logit_softcap=3.0,
+        sliding_window=5,
+        activation="geglu",
+        rope_scaling="llama3",
+        rope_scaling_factor=8.0,
+        rope_original_max_len=16,
+    ),
+    # Sinusoidal positions, exact GELU, LayerNorm without bias, no attention bias, untied output,
+    # head_dim (24) not equal to d_model / heads.
+    "sinusoidal_gelu_explicit_head_dim": dataclasses.replace(
+        GPT2,
+        position="sinusoidal",
+        activation="gelu",
+        norm_bias=False,
+        attn_bias=False,
+        tie_embeddings=False,
+        head_dim=24,
+    ),
+    "relu_linear_rope": dataclasses.replace(
+        LLAMA, activation="relu", rope_scaling="linear", rope_scaling_factor=2.0, mlp_bias=True
+    ),
+    "no_positions": dataclasses.replace(GPT2, position="none"),
+}
+
+B, T = 2, 12
+
+
+def _tokens(vocab, seed=0, shape=(B, T)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def _params(cfg, seed=0):
+    return random_params(cfg, seed)
+
+
+def _logits(cfg, params, tokens, **kw):
+    return jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, **kw)[0])(params, tokens)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_numpy_float64_reference(name):
+    cfg = VARIANTS[name]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    # Row 0: one sequence. Row 1: two packed sequences then padding (segment 0).
+    segments = jnp.asarray([[1] * T, [1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
+    got = _logits(cfg, params, tokens, segment_ids_BT=segments)
+    want = numpy_forward(params, tokens, cfg, segment_ids_BT=np.asarray(segments))
+    assert np.abs(want).max() > 0.5, "reference logits are too small to test anything"
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_explicit_positions_match_reference():
+    cfg = LLAMA
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    positions = jnp.asarray(np.random.default_rng(1).integers(0, 30, (B, T)), jnp.int32)
+    got = _logits(cfg, params, tokens, positions_BT=positions)
+    want = numpy_forward(params, tokens, cfg, positions_BT=np.asarray(positions))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_causality_by_gradient(name):
+    """d logits[t] / d (token embedding at s) is exactly zero for every s > t."""
+    cfg = VARIANTS[name]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size, shape=(1, T))
+
+    def logits_given_delta(delta_TD):
+        def add_delta(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if isinstance(context.module, Embed) and context.method_name == "__call__":
+                out = out + delta_TD[None]
+            return out
+
+        with nn.intercept_methods(add_delta):
+            logits_TV = Transformer(cfg).apply({"params": params}, tokens)[0][0]
+        return logits_TV @ readout_V  # a random readout: zero only where logits[t] do not move
+
+    readout_V = jax.random.normal(jax.random.key(1), (cfg.vocab_size,))
+    jac_TTD = jax.jacrev(logits_given_delta)(jnp.zeros((T, cfg.d_model)))
+    influence_TS = np.abs(np.asarray(jac_TTD)).sum(axis=-1)
+    future = np.triu(np.ones((T, T), bool), k=1)
+    assert np.all(influence_TS[future] == 0.0)
+    assert np.all(influence_TS[~future] > 0.0)
+
+
+def test_sliding_window_limits_influence():
+    window = 4
+    cfg = dataclasses.replace(LLAMA, num_layers=1, sliding_window=window)
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size, shape=(1, T))
+    s = 3
+    changed = tokens.at[0, s].set((tokens[0, s] + 1) % cfg.vocab_size)
+    a, b = _logits(cfg, params, tokens), _logits(cfg, params, changed)
+    differs = np.abs(np.asarray(a - b)).max(axis=-1)[0] > 0
+    np.testing.assert_array_equal(differs, [s <= t < s + window for t in range(T)])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_packed_segment_equals_unpacked(name):
+    cfg = VARIANTS[name]
+    params = _params(cfg)
+    first, second = _tokens(cfg.vocab_size, 1, (1, 5)), _tokens(cfg.vocab_size, 2, (1, 7))
+    packed = jnp.concatenate([first, second], axis=1)
+    segments = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
+    got = _logits(cfg, params, packed, segment_ids_BT=segments)[:, 5:]
+    want = _logits(cfg, params, second)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # Padding after a sequence changes none of its logits.
+    padded = jnp.concatenate([second, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    pad_segments = jnp.asarray([[1] * 7 + [0] * 3], jnp.int32)
+    got = _logits(cfg, params, padded, segment_ids_BT=pad_segments)[:, :7]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_grouped_kv_heads_equal_mha_with_repeated_kv_weights(kv_heads):
+    """GQA/MQA equals MHA whose kv projections repeat each kv head for its query group."""
+    gqa = dataclasses.replace(LLAMA, num_kv_heads=kv_heads, attn_bias=True)
+    mha = dataclasses.replace(gqa, num_kv_heads=gqa.num_heads)
+    params, tokens = _params(gqa), _tokens(gqa.vocab_size)
+    groups = gqa.num_heads // kv_heads
+
+    def repeat_kv(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        if "key" in keys or "value" in keys:
+            return jnp.repeat(x, groups, axis=-2)  # [..., K, H] -> [..., N, H]
+        return x
+
+    mha_params = jax.tree_util.tree_map_with_path(repeat_kv, params)
+    np.testing.assert_allclose(
+        _logits(gqa, params, tokens), _logits(mha, mha_params, tokens), atol=1e-5, rtol=0
+    )
+
+
+def _stack_layers(params, num_layers):
+    layers = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_scan_equals_unrolled(name):
+    unrolled = VARIANTS[name]
+    scanned = dataclasses.replace(unrolled, scan_layers=True)
+    params, tokens = _params(unrolled), _tokens(unrolled.vocab_size)
+    stacked = _stack_layers(dict(params), unrolled.num_layers)
+    assert jax.tree.structure(stacked) == jax.tree.structure(random_params(scanned))
+    np.testing.assert_allclose(
+        _logits(unrolled, params, tokens), _logits(scanned, stacked, tokens), atol=1e-5, rtol=0
+    )
+
+
+@functools.cache
+def _loss_and_grad(cfg):
+    params, tokens = _params(dataclasses.replace(cfg, remat="none")), _tokens(cfg.vocab_size)
+
+    def loss(p):
+        logits = Transformer(cfg).apply({"params": p}, tokens)[0]
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(T)[None])
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_qkv_proj"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_equals_no_remat(policy, scan):
+    base = dataclasses.replace(LLAMA, scan_layers=scan)
+    want_loss, want_grad = _loss_and_grad(base)
+    got_loss, got_grad = _loss_and_grad(dataclasses.replace(base, remat=policy))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(
+        lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5), got_grad, want_grad
+    )
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(want_grad))
+
+
+def test_bfloat16_compute_with_float32_params_tracks_float32():
+    cfg = dataclasses.replace(LLAMA, dtype="bfloat16", param_dtype="float32")
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    got = _logits(cfg, params, tokens)
+    assert got.dtype == jnp.bfloat16
+    want = numpy_forward(params, tokens, cfg)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.15, rtol=0.05)
+
+
+def test_longer_than_max_seq_len_is_refused():
+    cfg = GPT2
+    params = _params(cfg)
+    with pytest.raises(ValueError, match="sequence length 33 exceeds max_seq_len=32"):
+        Transformer(cfg).apply({"params": params}, jnp.zeros((1, 33), jnp.int32))
