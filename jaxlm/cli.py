@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
     """Largest per-device share of params + Adam state under the run's mesh on a TPU topology."""
+    # Only a topology description is loaded (no chips are used): don't take libtpu's lock,
+    # so this also works next to a running job on a TPU VM.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
     from jax.experimental import topologies
 

@@ -98,13 +98,18 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
         per_slice,
         "MeshConfig ICI axes (data, fsdp, tensor)",
     )
-    if num_slices > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-    elif devices and devices[0].platform == "tpu":
-        grid = mesh_utils.create_device_mesh(ici, devices)
+    if devices and devices[0].platform == "tpu":
+        if num_slices > 1:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        else:
+            grid = mesh_utils.create_device_mesh(ici, devices)
     else:
-        # Off TPU there is no physical torus to respect: keep the device order as given.
-        grid = np.asarray(devices, dtype=object).reshape(ici)
+        # Off TPU there is no torus to respect: devices in the given order, slices outermost
+        # (each mesh axis is dcn_size x ici_size, the DCN part varying slowest).
+        grid = np.asarray(devices, dtype=object).reshape(dcn + ici)
+        grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape(
+            [d * i for d, i in zip(dcn, ici, strict=True)]
+        )
     return Mesh(grid, MESH_AXES)
 
 

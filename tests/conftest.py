@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 # libtpu is installed by the `tpu` extra (for ahead-of-time TPU compiles); the tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Only topology descriptions are loaded from libtpu here (no chips), so several test processes
+# (pytest-xdist workers, CLI subprocesses) may load it at once without its lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 

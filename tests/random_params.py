@@ -7,10 +7,10 @@ import numpy as np
 from jaxlm.model.transformer import abstract_params
 
 
-def random_params(cfg, seed: int = 0, shardings=None):
+def random_params(cfg, seed: int = 0, shardings=None, embed_std: float = 0.5):
     """A parameter tree for `cfg` (placed on `shardings` if given), without running init.
 
-    Norm scales ~ 1 + 0.2 N(0, 1), embedding tables ~ 0.5 N(0, 1), every other weight ~ 0.1 N(0, 1).
+    Norm scales ~ 1 + 0.2 N(0, 1), embedding tables ~ embed_std N(0, 1), others ~ 0.1 N(0, 1).
     """
     rng = np.random.default_rng(seed)
     shapes = nn.meta.unbox(abstract_params(cfg))
@@ -21,7 +21,7 @@ def random_params(cfg, seed: int = 0, shardings=None):
         if name.endswith("scale"):
             value = 1.0 + 0.2 * noise
         elif name.endswith("embedding"):
-            value = 0.5 * noise
+            value = embed_std * noise
         else:
             value = 0.1 * noise
         return np.asarray(value, dtype=x.dtype)
