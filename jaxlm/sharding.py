@@ -208,6 +208,31 @@ def per_device_fraction(params: Any, shardings: Any, min_size: int = 1) -> dict[
     return out
 
 
+def check_sufficiently_sharded(
+    params: Any,
+    shardings: Any,
+    num_devices: int,
+    replicable: Sequence[str] = ("norm",),
+    tolerance: float = 0.2,
+) -> None:
+    """Raise if a weight is left whole on every device, or the per-device share is too large.
+
+    Leaves whose path contains one of `replicable` (norm scales and biases) may be replicated.
+    The per-device share of all elements must be at most (1 + tolerance) / num_devices.
+    """
+    fractions = per_device_fraction(params, shardings)
+    whole = [k for k, f in fractions.items() if f == 1.0 and not any(r in k for r in replicable)]
+    if whole and num_devices > 1:
+        raise ValueError(f"parameters replicated on every device: {whole}")
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
+    share = sum(f * n for f, n in zip(fractions.values(), sizes, strict=True)) / sum(sizes)
+    if share > (1 + tolerance) / num_devices:
+        raise ValueError(
+            f"each device holds {share:.1%} of the parameters; at most "
+            f"{(1 + tolerance) / num_devices:.1%} expected on {num_devices} devices"
+        )
+
+
 def _key_name(key: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,11 +138,10 @@ def test_sharded_init_creates_each_parameter_in_its_sharding():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, reference)
 
 
-def _split_report(cfg, mesh, rules):
-    abstract = abstract_params(cfg)
+def _abstract(preset, mesh, rules):
+    abstract = abstract_params(get_preset(preset))
     shardings = sharding.logical_to_sharding(abstract, mesh, sharding.get_rules(rules))
-    shapes = jax.tree.map(lambda a: a.value, abstract, is_leaf=lambda x: hasattr(x, "names"))
-    return sharding.per_device_fraction(shapes, shardings), shapes
+    return nn.meta.unbox(abstract), shardings
 
 
 # gpt2-124m is left out on purpose: its 50257-row vocabulary cannot be split over `tensor`
@@ -149,16 +149,22 @@ def _split_report(cfg, mesh, rules):
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "ladder-3", "llama3.2-1b", "llama3-8b"])
 def test_params_are_sufficiently_sharded_on_fsdp_tp(preset):
     """On a 4x2 fsdp+tensor mesh no weight stays whole; only norm parameters are replicated."""
-    cfg = get_preset(preset)
     mesh = _mesh(fsdp=4, tensor=2, rules="fsdp_tp")
-    fractions, shapes = _split_report(cfg, mesh, "fsdp_tp")
-    replicated = [k for k, f in fractions.items() if f == 1.0]
-    assert all("norm" in k for k in replicated), replicated
-    sizes = {
-        "/".join(str(getattr(k, "key", k)) for k in path): x.size
-        for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]
-    }
-    per_device = sum(fractions[k] * sizes[k] for k in sizes)
-    total = sum(sizes.values())
-    # Only the replicated norm scales keep this from exactly 1/8.
-    assert per_device <= total / 8 * 1.2, (per_device, total / 8)
+    shapes, shardings = _abstract(preset, mesh, "fsdp_tp")
+    sharding.check_sufficiently_sharded(shapes, shardings, num_devices=8)
+    fractions = sharding.per_device_fraction(shapes, shardings)
+    # Every projection and the token table is split over all 8 devices (a learned position
+    # table has no tensor-parallel dim and is split over fsdp only).
+    matrices = {k: f for k, f in fractions.items() if k.endswith("/w") or k == "embed/embedding"}
+    assert matrices and all(f == 1 / 8 for f in matrices.values()), matrices
+
+
+def test_sufficiently_sharded_check_catches_replicated_weights():
+    mesh = _mesh(fsdp=4, tensor=2, rules="dp")
+    shapes, shardings = _abstract("tiny", mesh, "dp")
+    with pytest.raises(ValueError, match=r"parameters replicated on every device: \['embed/"):
+        sharding.check_sufficiently_sharded(shapes, shardings, num_devices=8)
+    # fsdp alone splits weights 4 ways here (biases over heads/mlp stay whole): 2x the 1/8 share.
+    shapes, shardings = _abstract("tiny", mesh, "fsdp")
+    with pytest.raises(ValueError, match=r"each device holds 2\d\.\d% of the parameters"):
+        sharding.check_sufficiently_sharded(shapes, shardings, 8, replicable=("norm", "/b"))

@@ -202,14 +202,17 @@ def test_remat_equals_no_remat(policy, scan):
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(want_grad))
 
 
-def test_bfloat16_compute_with_float32_params_tracks_float32():
-    cfg = dataclasses.replace(LLAMA, dtype="bfloat16", param_dtype="float32")
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bfloat16_compute_tracks_the_float64_reference(param_dtype):
+    cfg = dataclasses.replace(LLAMA, dtype="bfloat16", param_dtype=param_dtype)
     params, tokens = _params(cfg), _tokens(cfg.vocab_size)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    assert all(x.dtype == jnp.dtype(param_dtype) for x in jax.tree.leaves(params))
     got = _logits(cfg, params, tokens)
     assert got.dtype == jnp.bfloat16
     want = numpy_forward(params, tokens, cfg)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.15, rtol=0.05)
+    # bf16 keeps 8 bits of mantissa: errors of a few percent of the logit scale are expected.
+    err = np.abs(np.asarray(got, np.float32) - want)
+    assert err.max() < 0.05 * np.abs(want).max(), (err.max(), np.abs(want).max())
 
 
 def test_longer_than_max_seq_len_is_refused():

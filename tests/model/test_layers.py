@@ -1,0 +1,94 @@
+"""Leaf layers: initializer scales, the Einsum bias, norms against NumPy."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.configs import ModelConfig
+from jaxlm.model.layers import Einsum, Norm
+from jaxlm.model.transformer import init_params
+
+D, N, H, F, L = 256, 4, 64, 512, 2
+
+
+@functools.cache
+def _init(init):
+    cfg = ModelConfig(
+        vocab_size=512, d_model=D, num_layers=L, num_heads=N, mlp_dim=F, init=init, init_std=0.05
+    )
+    return init_params(cfg, jax.random.key(0))
+
+
+# Expected standard deviations, from the textbook formulas. Output projections (attention out,
+# MLP down) are depth-scaled: variance / (2 L).
+EXPECTED = {
+    "normal": {"query": 0.05, "up": 0.05, "out": 0.05 / math.sqrt(2 * L), "down": 0.05 / 2},
+    # Glorot: var = 2 / (fan_in + fan_out)
+    "xavier": {
+        "query": math.sqrt(2 / (D + N * H)),
+        "up": math.sqrt(2 / (D + F)),
+        "out": math.sqrt(2 / (N * H + D) / (2 * L)),
+        "down": math.sqrt(2 / (F + D) / (2 * L)),
+    },
+    # He: var = 2 / fan_in
+    "kaiming": {
+        "query": math.sqrt(2 / D),
+        "up": math.sqrt(2 / D),
+        "out": math.sqrt(2 / (N * H) / (2 * L)),
+        "down": math.sqrt(2 / F / (2 * L)),
+    },
+}
+
+
+@pytest.mark.parametrize("init", list(EXPECTED))
+def test_initializer_scales(init):
+    params = _init(init)
+    weights = {
+        "query": params["layers"]["attn"]["query"]["w"],
+        "out": params["layers"]["attn"]["out"]["w"],
+        "up": params["layers"]["mlp"]["up"]["w"],
+        "down": params["layers"]["mlp"]["down"]["w"],
+    }
+    for name, want in EXPECTED[init].items():
+        got = float(np.std(np.asarray(weights[name])))
+        assert got == pytest.approx(want, rel=0.03), (name, got, want)
+    assert float(np.std(np.asarray(params["embed"]["embedding"]))) == pytest.approx(0.05, rel=0.03)
+    # Layers of a scanned stack get different draws.
+    q = np.asarray(weights["query"])
+    assert not np.allclose(q[0], q[1])
+
+
+def test_einsum_bias_covers_the_weight_output_dims():
+    layer = Einsum(
+        (3, 4, 5), ("embed", "heads", "head_dim"), jax.nn.initializers.normal(1.0), use_bias=True
+    )
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 3)), jnp.float32)
+    params = nn.meta.unbox(layer.init(jax.random.key(0), "BTD,DNH->BTNH", x)["params"])
+    params = jax.tree.map(lambda p: p + 0.5, params)  # a non-zero bias
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
+    assert b.shape == (4, 5)
+    got = layer.apply({"params": params}, "BTD,DNH->BTNH", x)
+    np.testing.assert_allclose(got, np.einsum("btd,dnh->btnh", x, w) + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, use_bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)]
+)
+def test_norms_match_numpy(kind, use_bias):
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)) * 3 + 1
+    norm = Norm(kind=kind, eps=1e-6, use_bias=use_bias, dtype="bfloat16")
+    scale = np.linspace(0.5, 1.5, 8)
+    params = {"scale": jnp.asarray(scale, jnp.float32)} | (
+        {"bias": jnp.full((8,), 0.25)} if use_bias else {}
+    )
+    got = norm.apply({"params": params}, jnp.asarray(x, jnp.float32))
+    assert got.dtype == jnp.bfloat16  # computed in float32, returned in the compute dtype
+    centred = x - x.mean(-1, keepdims=True) if kind == "layernorm" else x
+    want = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6) * scale
+    want = want + 0.25 if use_bias else want
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)
