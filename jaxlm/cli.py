@@ -98,6 +98,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from jaxlm.data import HFTokenizer, SentencePieceTokenizer, stdlib_files
+
+    inputs = [str(f) for f in stdlib_files()] if args.input == ["stdlib"] else args.input
+    if args.kind == "sentencepiece":
+        tokenizer = SentencePieceTokenizer.train(inputs, args.vocab_size)
+    else:
+        tokenizer = HFTokenizer.train_bpe(inputs, args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"wrote a {args.kind} tokenizer ({tokenizer.vocab_size} ids) to {args.out}")
+    print(f"use it with: --set data.tokenizer={args.out} --set model.vocab_size=...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    tokenizer = sub.add_parser("tokenizer", help="train tokenizers")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    train = tok_sub.add_parser("train", help="train a SentencePiece or byte-level BPE tokenizer")
+    train.add_argument("--kind", choices=["sentencepiece", "bpe"], required=True)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="text files or globs; 'stdlib' for the default corpus",
+    )
+    train.add_argument("--out", required=True, help="directory to write the tokenizer to")
+    train.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

@@ -2,6 +2,6 @@
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.presets import PRESETS, get_preset
-from jaxlm.configs.run import MeshConfig, RunConfig
+from jaxlm.configs.run import DataConfig, MeshConfig, RunConfig
 
-__all__ = ["PRESETS", "MeshConfig", "ModelConfig", "RunConfig", "get_preset"]
+__all__ = ["PRESETS", "DataConfig", "MeshConfig", "ModelConfig", "RunConfig", "get_preset"]

@@ -45,9 +45,10 @@ def _ladder(num_layers: int, d_model: int, mlp_dim: int) -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # GPT-2-style block at toy size (byte vocabulary): tests and quick CPU runs.
+    # GPT-2-style block at toy size: tests and quick CPU runs. Vocabulary 320 holds the byte
+    # tokenizer's 259 ids (256 bytes + pad/bos/eos) and splits evenly over up to 64 devices.
     "tiny": ModelConfig(
-        **{**_GPT2, "vocab_size": 256, "max_seq_len": 128},
+        **{**_GPT2, "vocab_size": 320, "max_seq_len": 128},
         d_model=64,
         num_layers=2,
         num_heads=4,
@@ -56,7 +57,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Llama-style block at toy size: GQA (4 query heads, 2 kv heads), RoPE, SwiGLU, RMSNorm.
     "tiny-llama": ModelConfig(
         **_LLAMA,
-        vocab_size=256,
+        vocab_size=320,
         max_seq_len=128,
         d_model=64,
         num_layers=2,

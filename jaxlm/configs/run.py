@@ -37,9 +37,44 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is tokenized, and the shape of the batches.
+
+    `dataset`: "stdlib" (this Python's standard library sources, the default corpus), "tfds:NAME"
+    (e.g. "tfds:lm1b", "tfds:c4/en"), or local files/globs ("data/*.txt,extra.jsonl").
+    `tokenizer`: "byte", or a directory/file that `jaxlm.data.load_tokenizer` reads.
+    `batch_size` is global (all processes together); `seq_len` tokens per packed row.
+    """
+
+    dataset: str = "stdlib"
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    download: bool = True
+    text_key: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "byte"
+    seq_len: int = 128
+    batch_size: int = 16
+    shuffle: bool = True
+    add_bos: bool = True
+    add_eos: bool = True
+    worker_count: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DataConfig.{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.worker_count, int) or self.worker_count < 0:
+            raise ValueError(f"DataConfig.worker_count={self.worker_count!r} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run: the model, the device mesh, and the seed."""
+    """A whole run: the model, the data, the device mesh, and the seed."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0

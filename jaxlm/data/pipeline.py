@@ -1,0 +1,189 @@
+"""The Grain pipeline: shard → shuffle → tokenize → pack → targets → batch → global arrays.
+
+Batches are dicts of [B, T] arrays: `tokens` (inputs), `targets` (the next token of the same
+document), `mask` (1 where a target exists), `segment_ids` (1, 2, ... per document in the row,
+0 = padding), `positions` (restart at 0 in each segment), and `target_bytes` [B] (UTF-8 bytes of
+the masked-in targets, for bits per byte). Iterator state is a JSON-serialisable dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from grain import experimental as grain_experimental
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
+
+BATCH_KEYS = ("tokens", "targets", "mask", "segment_ids", "positions")
+
+
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+    """[V] UTF-8 bytes each token id stands for (0 for special ids)."""
+    table = np.zeros(tokenizer.vocab_size, np.int32)
+    if isinstance(tokenizer, ByteTokenizer):
+        table[tokenizer.offset :] = 1
+        return table
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    for i in range(tokenizer.vocab_size):
+        if i in specials:
+            continue
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            sp = tokenizer._sp
+            if sp.is_byte(i):
+                table[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i)):
+                table[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+        elif isinstance(tokenizer, HFTokenizer):
+            token = tokenizer._tok.id_to_token(i)
+            # Byte-level BPE spells each byte as one character; otherwise decode the token.
+            byte_level = "ByteLevel" in type(tokenizer._tok.decoder).__name__
+            table[i] = len(token) if byte_level and token else len(tokenizer.decode([i]).encode())
+        else:
+            table[i] = len(tokenizer.decode([i]).encode("utf-8", errors="surrogateescape"))
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenize(grain.transforms.Map):
+    tokenizer: Any
+    add_bos: bool
+    add_eos: bool
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        ids = [self.tokenizer.bos_id] * self.add_bos + ids + [self.tokenizer.eos_id] * self.add_eos
+        return {"tokens": np.asarray(ids, np.int32)}
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 wherever the segment id changes along the last axis."""
+    t = segment_ids.shape[-1]
+    index = np.broadcast_to(np.arange(t), segment_ids.shape)
+    changed = np.ones(segment_ids.shape, bool)
+    changed[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    start = np.maximum.accumulate(np.where(changed, index, 0), axis=-1)
+    return (index - start).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NextTokenTargets(grain.transforms.Map):
+    pad_id: int
+    token_bytes: np.ndarray
+
+    def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
+        tokens = packed["tokens"].astype(np.int32)
+        segments = packed["tokens_segment_ids"].astype(np.int32)
+        mask = np.zeros(tokens.shape, bool)
+        mask[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] != 0)
+        targets = np.full(tokens.shape, self.pad_id, np.int32)
+        targets[:-1] = tokens[1:]
+        targets = np.where(mask, targets, self.pad_id).astype(np.int32)
+        return {
+            "tokens": np.where(segments != 0, tokens, self.pad_id).astype(np.int32),
+            "targets": targets,
+            "mask": mask,
+            "segment_ids": segments,
+            # Rows are independent: a document split across rows restarts at position 0.
+            "positions": segment_positions(segments),
+            "target_bytes": np.int32(self.token_bytes[targets][mask].sum()),
+        }
+
+
+def build_dataset(
+    source: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    worker_count: int = 0,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """This process's stream of packed batches of `batch_size` rows (per process).
+
+    Records are split between processes first (process i reads records i, i + n, ...), then
+    shuffled with `seed` (differently each epoch), tokenized, concatenated and split into rows of
+    `seq_len` tokens (no token dropped or repeated), and batched.
+    """
+    if len(source) == 0:
+        raise ValueError(f"the corpus {source!r} is empty")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+    ds = ds.map(_Tokenize(tokenizer, add_bos, add_eos))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count == 0 else 4))
+    it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    it = it.map(_NextTokenTargets(tokenizer.pad_id, token_bytes(tokenizer)))
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def check_batch_size(global_batch: int, mesh: Mesh | None, process_count: int) -> int:
+    """The per-process batch size; a clear error when the global batch does not split evenly."""
+    if global_batch % process_count:
+        raise ValueError(
+            f"batch_size={global_batch} is not divisible by the {process_count} processes"
+        )
+    if mesh is not None:
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        if global_batch % dp:
+            raise ValueError(
+                f"batch_size={global_batch} is not divisible by the data-parallel size {dp} "
+                f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+                f"use a multiple of {dp}"
+            )
+    return global_batch // process_count
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays split over the mesh's batch axes."""
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Fill a short final batch with empty rows (mask 0, segment 0) up to `batch_size`."""
+    missing = batch_size - len(batch["tokens"])
+    if missing <= 0:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        fill = pad_id if k in ("tokens", "targets") else 0
+        out[k] = np.concatenate([v, np.full((missing, *v.shape[1:]), fill, v.dtype)])
+    return out
+
+
+class DataIterator:
+    """Batches as NumPy dicts, with `get_state()` / `set_state()` for exact resume."""
+
+    def __init__(self, dataset: grain.IterDataset) -> None:
+        self._it = iter(dataset)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._it.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(state)

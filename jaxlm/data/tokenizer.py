@@ -1,0 +1,288 @@
+"""Tokenizers behind one small protocol: byte-level (default), SentencePiece, Hugging Face BPE.
+
+Every tokenizer saves to a directory as plain files: `jaxlm_tokenizer.json` (kind and special ids)
+next to the model file (`spm.model` or `tokenizer.json`). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+MANIFEST = "jaxlm_tokenizer.json"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in every tokenizer jaxlm trains
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline, sampling and evaluation need from a tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, directory: str | os.PathLike) -> None: ...
+
+
+def _write_manifest(directory: str | os.PathLike, kind: str, tok: Tokenizer, **extra: str) -> Path:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "kind": kind,
+        "vocab_size": tok.vocab_size,
+        "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        **extra,
+    }
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3 (ids 0, 1, 2 = pad, bos, eos): 259 ids, no training, exact.
+
+    `encode` uses the "surrogateescape" error handler, and so does `decode`: a byte sequence that is
+    not valid UTF-8 decodes to lone surrogates U+DC80..U+DCFF and encodes back to the same bytes,
+    so decode → encode is exact for any ids and encode → decode for any text. Use
+    `decode(ids, errors="replace")` for display. Special ids and ids past 258 (a model's vocab may
+    be padded) are dropped by `decode`.
+    """
+
+    offset = 3
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 256 + offset
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8", errors="surrogateescape")]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size)
+
+    def decode(self, ids: Sequence[int], errors: str = "surrogateescape") -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        _write_manifest(directory, "byte", self)
+
+
+def _expand(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    files: list[str] = []
+    for pattern in inputs:
+        matches = (
+            sorted(str(p) for p in Path().glob(str(pattern)))
+            if not os.path.isabs(pattern)
+            else sorted(str(p) for p in Path("/").glob(str(pattern).lstrip("/")))
+        )
+        if not matches:
+            raise FileNotFoundError(f"no file matches {str(pattern)!r}")
+        files += matches
+    return files
+
+
+def _check_vocab(vocab_size: int, minimum: int, kind: str) -> None:
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab size {vocab_size} is too small for a {kind} tokenizer: it needs at least "
+            f"{minimum} ids (3 special tokens + 256 byte tokens + at least one merge)"
+        )
+
+
+_SPACE_MARK = "\u2581"
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; trained by jaxlm with settings that round-trip text exactly."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._proto = model_proto
+        self.vocab_size = self._sp.get_piece_size()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._sp.unk_id()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        return cls(Path(path).read_bytes())
+
+    @classmethod
+    def train(
+        cls,
+        inputs: Iterable[str | os.PathLike],
+        vocab_size: int,
+        model_type: str = "unigram",
+        max_sentences: int = 2_000_000,
+    ) -> SentencePieceTokenizer:
+        """Train on text files: identity normalisation, byte fallback, no dummy prefix."""
+        import io
+
+        import sentencepiece as spm
+
+        _check_vocab(vocab_size, 260 + 1, "SentencePiece")  # + unk
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                input=_expand(inputs),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                normalization_rule_name="identity",
+                byte_fallback=True,
+                add_dummy_prefix=False,
+                remove_extra_whitespaces=False,
+                split_by_whitespace=True,
+                allow_whitespace_only_pieces=True,
+                # Rare characters need no piece of their own: byte fallback covers them.
+                character_coverage=0.9995,
+                pad_id=0,
+                bos_id=1,
+                eos_id=2,
+                unk_id=3,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                max_sentence_length=1 << 16,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            if "Vocabulary size" in str(e):
+                raise ValueError(
+                    f"vocab size {vocab_size} does not suit this corpus: {e}"
+                ) from None
+            raise
+        return cls(model.getvalue())
+
+    def encode(self, text: str) -> list[int]:
+        # SentencePiece writes spaces as "▁" (U+2581), so a literal "▁" would decode as a space.
+        # Encode literal ones as their byte-fallback pieces, which decode back to "▁" itself.
+        if _SPACE_MARK not in text:
+            return self._sp.encode(text, out_type=int)
+        mark = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode()]
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_SPACE_MARK)):
+            if i:
+                ids += mark
+            ids += self._sp.encode(part, out_type=int)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        specials = {self.pad_id, self.bos_id, self.eos_id}
+        return self._sp.decode(
+            [int(i) for i in ids if int(i) not in specials and 0 <= int(i) < self.vocab_size]
+        )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = _write_manifest(directory, "sentencepiece", self, file="spm.model")
+        (path / "spm.model").write_bytes(self._proto)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (e.g. a byte-level BPE or a `tokenizer.json`)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        pad_id: int | None = None,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+    ) -> None:
+        self._tok = tokenizer
+        # Text that spells a special token ("<pad>", "<|endoftext|>") is encoded as plain text,
+        # never as the special id: data cannot inject control tokens.
+        self._tok.encode_special_tokens = True
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+        def find(*names: str) -> int:
+            for name in names:
+                i = tokenizer.token_to_id(name)
+                if i is not None:
+                    return i
+            return -1
+
+        self.bos_id = (
+            find("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>") if bos_id is None else bos_id
+        )
+        self.eos_id = (
+            find("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>") if eos_id is None else eos_id
+        )
+        self.pad_id = find("<pad>", "<|pad|>", "<|endoftext|>") if pad_id is None else pad_id
+        if self.pad_id < 0:
+            self.pad_id = self.eos_id
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **special_ids: int | None) -> HFTokenizer:
+        from tokenizers import Tokenizer as HFTok
+
+        return cls(HFTok.from_file(str(path)), **special_ids)
+
+    @classmethod
+    def train_bpe(cls, inputs: Iterable[str | os.PathLike], vocab_size: int) -> HFTokenizer:
+        """Train a byte-level BPE (GPT-2 style pre-tokenisation, no prefix space)."""
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        _check_vocab(vocab_size, 260, "byte-level BPE")
+        tok = HFTok(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train(_expand(inputs), trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        valid = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        return self._tok.decode(valid, skip_special_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = _write_manifest(directory, "hf", self, file="tokenizer.json")
+        self._tok.save(str(path / "tokenizer.json"))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a directory `save` wrote, a `tokenizer.json` or a SentencePiece `.model`."""
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = json.loads((path / MANIFEST).read_text())
+        kind = manifest.get("kind")
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "sentencepiece":
+            return SentencePieceTokenizer.load(path / manifest["file"])
+        if kind == "hf":
+            ids = {k: manifest[k] for k in ("pad_id", "bos_id", "eos_id")}
+            return HFTokenizer.load(path / manifest["file"], **ids)
+        raise ValueError(f"{path / MANIFEST}: unknown tokenizer kind {kind!r}")
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return HFTokenizer.load(path / "tokenizer.json")
+    if path.is_dir() and (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer.load(path / "tokenizer.model")
+    if path.is_file() and path.suffix == ".json":
+        return HFTokenizer.load(path)
+    if path.is_file() and path.suffix == ".model":
+        return SentencePieceTokenizer.load(path)
+    raise FileNotFoundError(
+        f"no tokenizer at {str(path)!r}: expected a directory with {MANIFEST}, tokenizer.json or "
+        "tokenizer.model, or a tokenizer.json / .model file"
+    )
+
+
+def make_tokenizer(spec: str) -> Tokenizer:
+    """ "byte" for the byte tokenizer, otherwise a path for `load_tokenizer`."""
+    return ByteTokenizer() if spec == "byte" else load_tokenizer(spec)

@@ -1,0 +1,104 @@
+"""Text sources: the local-text TFDS builder, the default corpus, TFDS names (mocked, offline)."""
+
+import json
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxlm.data import open_source, stdlib_files
+from jaxlm.data.sources import _hash
+
+DOCS = [f"document {i}\n" + "line of text\n" * (i % 7 + 1) for i in range(200)]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "cache"))
+
+
+def _write_corpus(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for i, doc in enumerate(DOCS[:100]):
+        (tmp_path / "docs" / f"{i:03d}.txt").write_text(doc)
+    with open(tmp_path / "more.jsonl", "w") as f:
+        for doc in DOCS[100:]:
+            f.write(json.dumps({"text": doc, "id": 1}) + "\n")
+    return f"{tmp_path / 'docs'}/*.txt,{tmp_path / 'more.jsonl'}"
+
+
+def test_local_text_builds_deterministic_hash_splits(tmp_path):
+    spec = _write_corpus(tmp_path)
+    train, val = open_source(spec, "train"), open_source(spec, "validation")
+    got_train = sorted(train[i] for i in range(len(train)))
+    got_val = sorted(val[i] for i in range(len(val)))
+    # Reference: a document is validation iff its content hash is below 5%.
+    want_val = sorted(d for d in DOCS if _hash(d) < 0.05)
+    assert got_val == want_val and len(want_val) > 0
+    assert got_train == sorted(d for d in DOCS if _hash(d) >= 0.05)
+
+
+def test_long_documents_are_chunked_at_line_breaks(tmp_path):
+    line = "x" * 999 + "\n"
+    (tmp_path / "big.txt").write_text(line * 200)  # 200k characters, one document
+    (tmp_path / "small.txt").write_text("tiny\n")
+    train = open_source(str(tmp_path / "*.txt"), "train")
+    val = open_source(str(tmp_path / "*.txt"), "validation")
+    chunks = [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
+    assert all(len(c) <= 64 * 1024 for c in chunks)
+    assert all(c.endswith("\n") for c in chunks)
+    assert sorted("".join(chunks)) == sorted(line * 200 + "tiny\n")
+
+
+def test_a_single_document_still_gets_both_splits(tmp_path):
+    (tmp_path / "one.txt").write_text("".join(f"line {i}\n" for i in range(100)))
+    train = open_source(str(tmp_path / "one.txt"), "train")[0]
+    val = open_source(str(tmp_path / "one.txt"), "validation")[0]
+    assert train + val == (tmp_path / "one.txt").read_text()
+    assert val.startswith("line 95\n")
+
+
+def test_default_corpus_is_this_pythons_stdlib_without_tests():
+    files = stdlib_files()
+    assert len(files) > 300
+    names = {f.name for f in files}
+    assert "json" in {f.parent.name for f in files} and "os.py" in names
+    assert not any(f.name.startswith("test_") or "test" in f.parent.parts[-1:] for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    assert f"{sys.version_info.minor}" in open_source("stdlib", "validation").description
+
+
+@pytest.mark.parametrize("name", ["lm1b", "tiny_shakespeare"])
+def test_tfds_names_read_through_data_source(name):
+    with tfds.testing.mock_data(num_examples=6):
+        source = open_source(f"tfds:{name}", "train")
+        assert len(source) == 6
+        assert all(isinstance(source[i], str) for i in range(6))
+
+
+def test_tiny_shakespeare_builds_offline_from_manual_dir(tmp_path):
+    text = "".join(f"CITIZEN {i}:\nSpeak, speak.\n\n" for i in range(300))
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "input.txt").write_text(text)
+    kw = dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
+    i = int(len(text) * 0.9)  # TFDS's own 90/5/5 split
+    j = i + int((len(text) - i) * 0.5)
+    assert open_source("tfds:tiny_shakespeare", "train", **kw)[0] == text[:i]
+    assert open_source("tfds:tiny_shakespeare", "validation", **kw)[0] == text[i:j]
+    assert open_source("tfds:tiny_shakespeare", "test", **kw)[0] == text[j:]
+
+
+def test_bad_sources_are_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown TFDS dataset 'lm1bb'. Did you mean lm1b"):
+        open_source("tfds:lm1bb")
+    with pytest.raises(ValueError, match=r"unknown TFDS dataset 'c4/en'.* data_dir holds their"):
+        open_source("tfds:c4/en", data_dir=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match=r"could not prepare TFDS dataset 'lm1b' .* data_dir="):
+        open_source("tfds:lm1b", data_dir=str(tmp_path / "nothing"), download=False)
+    (tmp_path / "x.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"x.jsonl:1: no 'text' field in \['body'\]"):
+        open_source(str(tmp_path / "x.jsonl"))
+    with pytest.raises(ValueError, match=r"splits 'train' and 'validation', not 'test'"):
+        open_source(str(tmp_path / "x.jsonl"), "test")
+    with pytest.raises(FileNotFoundError, match=r"has no input.txt for tiny_shakespeare"):
+        open_source("tfds:tiny_shakespeare", manual_dir=str(tmp_path))
