@@ -64,3 +64,40 @@ def test_no_subcommand_prints_usage():
     out = _run()
     assert out.returncode == 2
     assert "usage: jaxlm" in out.stderr
+
+
+def test_tokenizer_train_writes_a_loadable_tokenizer(tmp_path):
+    from jaxlm.data import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "def f(x):\n    return x + 1\n" * 200 + "".join(chr(c) for c in range(32, 400))
+    )
+    out = _run(
+        "tokenizer",
+        "train",
+        "--kind",
+        "bpe",
+        "--vocab-size",
+        "300",
+        "--input",
+        str(tmp_path / "*.txt"),
+        "--out",
+        str(tmp_path / "tok"),
+    )
+    assert out.returncode == 0, out.stderr
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("return x + 1")) == "return x + 1"
+    bad = _run(
+        "tokenizer",
+        "train",
+        "--kind",
+        "sentencepiece",
+        "--vocab-size",
+        "10",
+        "--input",
+        str(corpus),
+        "--out",
+        str(tmp_path / "t2"),
+    )
+    assert bad.returncode == 2 and "vocab size 10 is too small" in bad.stderr

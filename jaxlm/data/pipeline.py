@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags as absl_flags
 from grain import experimental as grain_experimental
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -131,6 +132,9 @@ def build_dataset(
     it = it.map(_NextTokenTargets(tokenizer.pad_id, token_bytes(tokenizer)))
     it = it.batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
+        # Grain's worker processes read absl flags; outside an absl.app main nothing parsed them.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
 

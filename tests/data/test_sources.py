@@ -102,3 +102,10 @@ def test_bad_sources_are_refused_clearly(tmp_path):
         open_source(str(tmp_path / "x.jsonl"), "test")
     with pytest.raises(FileNotFoundError, match=r"has no input.txt for tiny_shakespeare"):
         open_source("tfds:tiny_shakespeare", manual_dir=str(tmp_path))
+
+
+def test_text_source_accepts_str_and_bytes_records():
+    from jaxlm.data.sources import TextSource
+
+    source = TextSource([{"text": b"caf\xc3\xa9"}, {"text": "plain"}], "text", "records")
+    assert [source[0], source[1]] == ["café", "plain"]
