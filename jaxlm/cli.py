@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.overrides import load_config
@@ -98,6 +99,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    name = Path(args.config).stem if args.config else "default"
+    workdir = args.workdir or os.path.join("runs", name)
+    from jaxlm.loop import train
+
+    train(config, workdir)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxlm.loop import eval_workdir
+
+    result = eval_workdir(args.workdir, args.batches)
+    print(json.dumps({k: round(v, 6) for k, v in result.items()}))
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxlm.data import HFTokenizer, SentencePieceTokenizer, stdlib_files
 
@@ -124,20 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
+    train = sub.add_parser("train", help="train a model (resumes from the workdir's checkpoints)")
+    _add_config_args(train)
+    train.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--batches", type=int, default=0, help="0 = the whole eval split")
+    evaluate.set_defaults(func=cmd_eval)
+
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
-    train = tok_sub.add_parser("train", help="train a SentencePiece or byte-level BPE tokenizer")
-    train.add_argument("--kind", choices=["sentencepiece", "bpe"], required=True)
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument(
+    tok_train = tok_sub.add_parser(
+        "train", help="train a SentencePiece or byte-level BPE tokenizer"
+    )
+    tok_train.add_argument("--kind", choices=["sentencepiece", "bpe"], required=True)
+    tok_train.add_argument("--vocab-size", type=int, required=True)
+    tok_train.add_argument(
         "--input",
         nargs="+",
         required=True,
         metavar="FILE",
         help="text files or globs; 'stdlib' for the default corpus",
     )
-    train.add_argument("--out", required=True, help="directory to write the tokenizer to")
-    train.set_defaults(func=cmd_tokenizer_train)
+    tok_train.add_argument("--out", required=True, help="directory to write the tokenizer to")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

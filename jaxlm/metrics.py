@@ -68,3 +68,92 @@ def training_state_bytes(config: ModelConfig, optimizer_copies: int = 2) -> dict
         "params": params * jnp.dtype(config.param_dtype).itemsize,
         "optimizer": params * 4 * optimizer_copies,
     }
+
+
+# Dense bf16 peak FLOP/s per chip, by the start of `device.device_kind`.
+PEAK_FLOPS_PER_DEVICE = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5"
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def measure_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a float32 [size x size] matmul on the first device, measured now."""
+    import time
+
+    import jax
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = matmul(a, a)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from): the override, the table, or a measurement.
+
+    On CPU every fake device shares the same cores, so the measured matmul rate of the host is
+    divided among the devices.
+    """
+    import jax
+
+    if override:
+        return override, "config"
+    device = jax.devices()[0]
+    for prefix, flops in PEAK_FLOPS_PER_DEVICE.items():
+        if device.device_kind.startswith(prefix):
+            return flops, device.device_kind
+    return measure_matmul_flops() / jax.device_count(), "measured float32 matmul"
+
+
+class MetricWriter:
+    """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events."""
+
+    def __init__(self, workdir: str, enabled: bool = True) -> None:
+        import os
+
+        self._enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard events are optional; metrics.jsonl is not
+                self._tb = None
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        import json
+
+        if not self._enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

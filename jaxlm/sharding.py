@@ -153,10 +153,11 @@ def logical_to_sharding(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """`NamedSharding`s for a tree of `nn.LogicallyPartitioned` (e.g. `abstract_params`)."""
 
     def one(leaf: Any) -> NamedSharding:
-        if isinstance(leaf, nn.LogicallyPartitioned):
-            names, shape = leaf.names, leaf.value.shape
-        else:
-            names, shape = (None,) * len(leaf.shape), leaf.shape
+        boxed = isinstance(leaf, nn.LogicallyPartitioned)
+        shape = leaf.value.shape if boxed else leaf.shape
+        # Optimizer statistics of another shape (e.g. Adafactor's factored moments) keep their
+        # parameter's box but not its axes: those stay replicated.
+        names = leaf.names if boxed and len(leaf.names) == len(shape) else (None,) * len(shape)
         return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -76,3 +76,45 @@ def test_sharded_gradient_compiles_for_tpu_with_params_split_per_chip(compiled_g
         x.size for x in jax.tree.leaves(nn.meta.unbox(abstract_params(get_preset(PRESET))))
     )
     assert predicted < total / 8 * 1.05
+
+
+def test_train_step_of_a_1b_model_compiles_for_tpu_v5e_and_fits(capsys):
+    """llama3.2-1b, fsdp 2 x tensor 2 on v5e:2x2, bf16 compute, full remat: memory per chip."""
+    from jax.experimental import topologies
+
+    from jaxlm.configs.overrides import load_config
+    from jaxlm.metrics import param_count
+    from jaxlm.train import abstract_batch, abstract_train_state, make_train_step
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    cfg = load_config(
+        "llama3.2-1b",
+        [
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+            "mesh.rules=fsdp_tp",
+            "data.seq_len=512",
+            "data.batch_size=4",
+            "model.remat=full",
+            "model.dtype=bfloat16",
+        ],
+    )
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    step = make_train_step(cfg, mesh)
+    with sharding.use_mesh(mesh, cfg.mesh.rules):
+        lowered = step.jitted.lower(abstract_train_state(cfg, mesh), abstract_batch(cfg, mesh))
+    memory = lowered.compile().memory_analysis()
+    gib = 2**30
+    with capsys.disabled():
+        print(
+            f"\nllama3.2-1b train_step on v5e:2x2 per chip: arguments "
+            f"{memory.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+            f"{memory.temp_size_in_bytes / gib:.2f} GiB, "
+            f"donated {memory.alias_size_in_bytes / gib:.2f} GiB"
+        )
+    state_bytes = param_count(cfg.model).total * (4 + 8)  # f32 params + two f32 Adam moments
+    assert state_bytes / 4 <= memory.argument_size_in_bytes <= 1.05 * state_bytes / 4
+    # The old state is donated: the update is written in place, not next to a second copy.
+    assert memory.alias_size_in_bytes >= 0.99 * memory.argument_size_in_bytes - 2**20
+    # Fits a v5e chip's 16 GiB of HBM with room to spare.
+    assert memory.argument_size_in_bytes + memory.temp_size_in_bytes < 12 * gib

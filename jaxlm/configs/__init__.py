@@ -2,6 +2,23 @@
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.presets import PRESETS, get_preset
-from jaxlm.configs.run import DataConfig, MeshConfig, RunConfig
+from jaxlm.configs.run import (
+    CheckpointConfig,
+    DataConfig,
+    MeshConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 
-__all__ = ["PRESETS", "DataConfig", "MeshConfig", "ModelConfig", "RunConfig", "get_preset"]
+__all__ = [
+    "PRESETS",
+    "CheckpointConfig",
+    "DataConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "get_preset",
+]

@@ -166,10 +166,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """A `RunConfig` from a preset name, a `.py` file with `get_config()`, or a `.json` file.
 
-    The default (None) is a `RunConfig` with the "tiny" model. Overrides are applied last.
+    The default (None) is the default training job: the "small" model on the stdlib corpus.
+    Overrides are applied last.
     """
     if spec is None:
-        config = RunConfig(model=get_preset("tiny"))
+        config = RunConfig(model=get_preset("small"))
     elif spec.endswith((".py", ".json")):
         path = Path(spec)
         if not path.is_file():

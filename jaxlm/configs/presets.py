@@ -66,6 +66,17 @@ PRESETS: dict[str, ModelConfig] = {
         mlp_dim=192,
         tie_embeddings=False,
     ),
+    # The default `jaxlm train` model: Llama-style, byte vocabulary, trains on a 2-core CPU.
+    "small": ModelConfig(
+        **_LLAMA,
+        vocab_size=320,
+        max_seq_len=256,
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        mlp_dim=384,
+        tie_embeddings=True,
+    ),
     # Published architectures (parameter counts equal the published ones).
     "gpt2-124m": ModelConfig(**_GPT2, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "gpt2-350m": ModelConfig(**_GPT2, d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096),

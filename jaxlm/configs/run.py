@@ -70,11 +70,101 @@ class DataConfig:
             raise ValueError(f"DataConfig.worker_count={self.worker_count!r} must be >= 0")
 
 
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+SCHEDULES = ("cosine", "linear", "wsd", "inverse_sqrt", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule and clipping (see `jaxlm.optim`)."""
+
+    name: str = "adamw"
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    # warmup-stable-decay: the last `decay_fraction` of training decays linearly to the minimum.
+    decay_fraction: float = 0.2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(
+                f"OptimConfig.name={self.name!r} is not valid; choose one of {OPTIMIZERS}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"OptimConfig.schedule={self.schedule!r} is not valid; choose one of {SCHEDULES}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"OptimConfig.learning_rate={self.learning_rate!r} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig.warmup_steps={self.warmup_steps!r} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"OptimConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(
+                f"OptimConfig.decay_fraction={self.decay_fraction!r} must be in (0, 1]"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"OptimConfig.weight_decay={self.weight_decay!r} must be >= 0")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, batching into microbatches, losses, evaluation, logging."""
+
+    steps: int = 400
+    microbatches: int = 1
+    z_loss: float = 0.0
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    # Per-device peak FLOP/s for MFU; None picks a known value for the accelerator (measured
+    # matmul rate on CPU).
+    peak_flops_per_device: float | None = None
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "microbatches", "eval_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 1")
+        if self.eval_batches < 0 or self.sample_tokens < 0:
+            raise ValueError("TrainConfig.eval_batches and sample_tokens must be >= 0")
+        if self.z_loss < 0:
+            raise ValueError(f"TrainConfig.z_loss={self.z_loss!r} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When to save and how many checkpoints to keep."""
+
+    every: int = 200
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("every", "keep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CheckpointConfig.{name}={value!r} must be an integer >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run: the model, the data, the device mesh, and the seed."""
+    """A whole run: model, data, optimizer, training loop, checkpoints, mesh and seed."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0

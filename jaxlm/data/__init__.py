@@ -73,6 +73,9 @@ def make_iterator(
 ) -> DataIterator:
     """This process's batch iterator for `config` (train split, endless, shuffled, by default).
 
+    With `num_epochs=1` the records are still shuffled (with `seed`), so the first N batches of
+    an evaluation are a fixed random sample of the split rather than its first documents.
+
     Everything is checked before any batch is made: the dataset exists, it is not empty and holds
     at least one sequence, and the batch splits over processes and the mesh's batch axes.
     """
@@ -93,7 +96,7 @@ def make_iterator(
         seq_len=config.seq_len,
         batch_size=per_process,
         seed=seed,
-        shuffle=config.shuffle and num_epochs != 1,
+        shuffle=config.shuffle,
         num_epochs=num_epochs,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -7,6 +7,7 @@ No TensorFlow is needed: TFDS reads and writes array_record files without it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
 import hashlib
@@ -37,13 +38,22 @@ def cache_dir() -> Path:
 
 
 def stdlib_files() -> list[Path]:
-    """The running interpreter's standard-library `.py` files, test suites excluded."""
+    """The running interpreter's standard-library `.py` files: no tests, no generated tables.
+
+    Test suites are excluded, and so are the generated character-mapping codecs in `encodings/`
+    (hundred-line hex tables that are not Python anyone writes).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in sorted(root.rglob("*.py")):
         parts = set(path.relative_to(root).parts[:-1])
-        if not parts & _TEST_DIRS and not path.name.startswith("test_"):
-            files.append(path)
+        if parts & _TEST_DIRS or path.name.startswith("test_"):
+            continue
+        if "encodings" in parts:
+            with path.open(encoding="utf-8", errors="replace") as f:
+                if "Character Mapping Codec" in f.readline():
+                    continue
+        files.append(path)
     return files
 
 
@@ -169,7 +179,12 @@ def _split_tail(text: str, percent: float) -> tuple[str, str]:
     return text[:at], text[at:]
 
 
+# Bump when the prepared format or the split rule changes, so old caches are not reused.
+_FORMAT_VERSION = 2
+
+
 def _fingerprint(files: Sequence[Path], **settings: Any) -> str:
+    settings = {**settings, "format": _FORMAT_VERSION}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in files:
         stat = f.stat()
@@ -193,7 +208,8 @@ def prepare_local_text(
     builder = LocalText(
         files=files, validation_percent=validation_percent, text_key=text_key, data_dir=str(root)
     )
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for results
+        builder.download_and_prepare()
     return builder
 
 
@@ -254,7 +270,9 @@ def _tiny_shakespeare_offline(manual_dir: str, data_dir: str | None) -> None:
             def _generate_examples(self, key: str, split_text: str) -> Iterator[Any]:
                 yield key, {"text": split_text}
 
-        TinyShakespeare(data_dir=root, file_format="array_record").download_and_prepare()
+        builder = TinyShakespeare(data_dir=root, file_format="array_record")
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare()
 
 
 def _tfds_source(
@@ -270,14 +288,15 @@ def _tfds_source(
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     prepare_kwargs = {"download_config": download_config} if download_config else {}
     try:
-        source = tfds.data_source(
-            name,
-            split=split,
-            data_dir=data_dir,
-            download=download,
-            builder_kwargs={"file_format": "array_record"},
-            download_and_prepare_kwargs=prepare_kwargs,
-        )
+        with contextlib.redirect_stdout(sys.stderr):
+            source = tfds.data_source(
+                name,
+                split=split,
+                data_dir=data_dir,
+                download=download,
+                builder_kwargs={"file_format": "array_record"},
+                download_and_prepare_kwargs=prepare_kwargs,
+            )
     except tfds.core.registered.DatasetNotFoundError:
         known = sorted(set(tfds.list_builders(with_community_datasets=False)))
         close = difflib.get_close_matches(name.split("/")[0], known, n=3, cutoff=0.5)

@@ -1,0 +1,79 @@
+"""Optax optimizers and learning-rate schedules from `OptimConfig`; weight-decay masks by path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.configs.run import OptimConfig
+
+
+def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then the named decay (all closed forms, step-indexed)."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    floor = peak * config.min_lr_ratio
+    decay_steps = max(total_steps - warmup, 1)
+
+    def lr(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup, 1)
+        t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)  # progress after warmup
+        if config.schedule == "constant":
+            after = jnp.full_like(step, peak)
+        elif config.schedule == "cosine":
+            after = floor + (peak - floor) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+        elif config.schedule == "linear":
+            after = peak + (floor - peak) * t
+        elif config.schedule == "wsd":
+            start = total_steps - config.decay_fraction * total_steps
+            d = jnp.clip((step - start) / (total_steps - start), 0.0, 1.0)
+            after = peak + (floor - peak) * d
+        else:  # inverse_sqrt
+            after = peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, max(warmup, 1)))
+        return jnp.where(step < warmup, warm, after)
+
+    return lr
+
+
+def path_name(path: tuple) -> str:
+    """'/'-joined dict keys of a pytree path (box attributes like `.value` are skipped)."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def decay_mask(params: Any) -> Any:
+    """True for weights that get weight decay: not norms, biases or embedding tables."""
+
+    def decays(path: tuple, _: Any) -> bool:
+        name = path_name(path)
+        return not ("norm" in name or name.endswith("/b") or name.endswith("embedding"))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clipping (global norm) followed by AdamW, Adafactor or Lion with the schedule."""
+    lr = schedule(config, total_steps)
+    if config.name == "adamw":
+        opt = optax.adamw(
+            lr,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    elif config.name == "lion":
+        opt = optax.lion(
+            lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask
+        )
+    else:
+        opt = optax.adafactor(
+            lr,
+            weight_decay_rate=config.weight_decay or None,
+            weight_decay_mask=decay_mask,
+        )
+    chain = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    return optax.chain(*chain, opt)

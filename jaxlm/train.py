@@ -1,0 +1,208 @@
+"""`TrainState`, sharded init, the jitted `train_step` (gradient accumulation), `eval_step`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import losses, sharding
+from jaxlm.configs.run import RunConfig
+from jaxlm.model.transformer import Transformer
+from jaxlm.optim import make_optimizer, schedule
+
+BATCH_SPEC = PartitionSpec(("data", "fsdp"))
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+
+
+def _init_fn(config: RunConfig, tx: optax.GradientTransformation) -> Callable[[jax.Array], Any]:
+    def init(rng: jax.Array) -> TrainState:
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        params_rng, state_rng = jax.random.split(jax.random.wrap_key_data(rng))
+        params = Transformer(config.model).init(params_rng, tokens)["params"]
+        # Optimizer state built from the boxed params inherits their logical axis names.
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(state_rng),
+        )
+
+    return init
+
+
+def state_shardings(config: RunConfig, mesh: Mesh) -> Any:
+    """`NamedSharding`s for the whole `TrainState` (optimizer moments follow their parameters)."""
+    tx = make_optimizer(config.optim, config.train.steps)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    abstract = jax.eval_shape(_init_fn(config, tx), rng)
+    return sharding.logical_to_sharding(abstract, mesh, sharding.get_rules(config.mesh.rules))
+
+
+def abstract_train_state(config: RunConfig, mesh: Mesh) -> Any:
+    """The `TrainState` as `ShapeDtypeStruct`s carrying their shardings (for AOT and restore)."""
+    tx = make_optimizer(config.optim, config.train.steps)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    shapes = jax.eval_shape(lambda r: nn.meta.unbox(_init_fn(config, tx)(r)), rng)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes,
+        state_shardings(config, mesh),
+    )
+
+
+def abstract_batch(config: RunConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch of `config.data` as `ShapeDtypeStruct`s with the batch sharding."""
+    b, t = config.data.batch_size, config.data.seq_len
+    return {
+        k: jax.ShapeDtypeStruct(
+            (b,) if k == "target_bytes" else (b, t), bool if k == "mask" else jnp.int32, sharding=s
+        )
+        for k, s in batch_shardings(mesh).items()
+    }
+
+
+def init_train_state(config: RunConfig, mesh: Mesh, rng: jax.Array | int = 0) -> TrainState:
+    """A fresh `TrainState`, each array created in its sharding (never whole on one device)."""
+    tx = make_optimizer(config.optim, config.train.steps)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    shardings = state_shardings(config, mesh)
+    init = _init_fn(config, tx)
+    with sharding.use_mesh(mesh, config.mesh.rules):
+        return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
+            jax.random.key_data(key)
+        )
+
+
+def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    # Row j of microbatch i is row j * k + i: every device's rows feed every microbatch.
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _loss_terms(config: RunConfig, params: Any, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    logits, _, aux = Transformer(config.model).apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    sums = losses.cross_entropy_sums(logits, batch["targets"], batch["mask"])
+    return {**sums, "aux": losses.aux_loss(aux)}
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, config: RunConfig
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on `batch` (split into `config.train.microbatches` with `lax.scan`).
+
+    The loss is the mean next-token cross-entropy over all masked-in tokens of the whole batch
+    (so k microbatches of b rows give exactly the gradient of one batch of k*b rows), plus the
+    z-loss and the model's auxiliary losses.
+    """
+    tx = make_optimizer(config.optim, config.train.steps)
+    k = config.train.microbatches
+    total = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+    model_batch = {key: v for key, v in batch.items() if key != "target_bytes"}
+
+    def loss_fn(params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        terms = _loss_terms(config, params, mb)
+        loss = (terms["nll"] + config.train.z_loss * terms["z"]) / total + terms["aux"] / k
+        return loss, terms
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+        (_, terms), grads = grad_fn(state.params, model_batch)
+    else:
+
+        def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+            grads, sums = carry
+            (_, terms), g = grad_fn(state.params, mb)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, terms)), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        zero_terms = {n: jnp.zeros((), jnp.float32) for n in ("nll", "z", "count", "aux")}
+        (grads, terms), _ = jax.lax.scan(
+            accumulate, (zero_grads, zero_terms), _microbatches(model_batch, k)
+        )
+        terms = {**terms, "aux": terms["aux"] / k}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = terms["nll"] / total
+    metrics = {
+        "loss": loss,
+        "z_loss": terms["z"] / total,
+        "aux_loss": terms["aux"],
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "lr": schedule(config.optim, config.train.steps)(state.step),
+        "tokens": terms["count"],
+        "bits_per_byte": terms["nll"]
+        / math.log(2)
+        / jnp.maximum(jnp.sum(batch["target_bytes"]), 1),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any, batch: dict[str, jax.Array], *, config: RunConfig
+) -> dict[str, jax.Array]:
+    """Sums for evaluation: cross-entropy, token count and target bytes (aggregate over batches)."""
+    model_batch = {key: v for key, v in batch.items() if key != "target_bytes"}
+    terms = _loss_terms(config, params, model_batch)
+    return {"nll": terms["nll"], "count": terms["count"], "bytes": jnp.sum(batch["target_bytes"])}
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    s = NamedSharding(mesh, BATCH_SPEC)
+    return {k: s for k in ("tokens", "targets", "mask", "segment_ids", "positions", "target_bytes")}
+
+
+def make_train_step(config: RunConfig, mesh: Mesh) -> Callable[..., Any]:
+    """`train_step` jitted once with state/batch shardings and the old state donated."""
+    state_sh = state_shardings(config, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        lambda state, batch: train_step(state, batch, config=config),
+        in_shardings=(state_sh, batch_shardings(mesh)),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> Any:
+        with sharding.use_mesh(mesh, config.mesh.rules):
+            return jitted(state, batch)
+
+    step.jitted = jitted  # for ahead-of-time lowering
+    return step
+
+
+def make_eval_step(config: RunConfig, mesh: Mesh) -> Callable[..., Any]:
+    params_sh = state_shardings(config, mesh).params
+    jitted = jax.jit(
+        lambda params, batch: eval_step(params, batch, config=config),
+        in_shardings=(params_sh, batch_shardings(mesh)),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
+
+    def step(params: Any, batch: dict[str, jax.Array]) -> Any:
+        with sharding.use_mesh(mesh, config.mesh.rules):
+            return jitted(params, batch)
+
+    return step
