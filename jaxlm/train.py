@@ -90,6 +90,12 @@ def init_train_state(config: RunConfig, mesh: Mesh, rng: jax.Array | int = 0) ->
         )
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt of the sum of squares of every element, in float32."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     # Row j of microbatch i is row j * k + i: every device's rows feed every microbatch.
     def split(x: jax.Array) -> jax.Array:
@@ -148,8 +154,8 @@ def train_step(
         "loss": loss,
         "z_loss": terms["z"] / total,
         "aux_loss": terms["aux"],
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": global_norm(grads),
+        "param_norm": global_norm(params),
         "lr": schedule(config.optim, config.train.steps)(state.step),
         "tokens": terms["count"],
         "bits_per_byte": terms["nll"]

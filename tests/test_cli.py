@@ -49,7 +49,7 @@ def test_console_script_is_installed():
             "unknown config key 'model.d_modl'. Did you mean model.d_model",
         ),
         (["--config", "gpt3"], "unknown model preset 'gpt3'"),
-        (["--seq-len", "0"], "--seq-len 0 must be in [1, model.max_seq_len=128]"),
+        (["--seq-len", "0"], "--seq-len 0 must be in [1, model.max_seq_len=256]"),
         (["--set", "model.num_heads=3"], "model.num_heads='3'"),
     ],
 )
