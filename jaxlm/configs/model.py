@@ -22,9 +22,12 @@ def _check_choice(name: str, value: object, literal: object) -> None:
         raise ValueError(f"ModelConfig.{name}={value!r} is not valid; choose one of {list(valid)}")
 
 
-def _check_positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelConfig.{name}={value!r} must be an integer >= 1")
+def check_positive_ints(config: object, *names: str) -> None:
+    """Raise naming `Class.field=value` unless each named field is an int >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name}={value!r} must be an integer >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +82,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
-            _check_positive(name, getattr(self, name))
+        check_positive_ints(self, "vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len")
         derived = tuple(
             n for n in ("num_kv_heads", "head_dim", "mlp_dim") if getattr(self, n) is None
         )
@@ -96,8 +98,7 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
         if self.mlp_dim is None:
             object.__setattr__(self, "mlp_dim", 4 * self.d_model)
-        for name in ("num_kv_heads", "head_dim", "mlp_dim", "rope_original_max_len"):
-            _check_positive(name, getattr(self, name))
+        check_positive_ints(self, "num_kv_heads", "head_dim", "mlp_dim", "rope_original_max_len")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_heads={self.num_heads} must be divisible by "
@@ -143,7 +144,7 @@ class ModelConfig:
             if value is not None and not value > 0:
                 raise ValueError(f"ModelConfig.{name}={value!r} must be > 0 or None (no cap)")
         if self.sliding_window is not None:
-            _check_positive("sliding_window", self.sliding_window)
+            check_positive_ints(self, "sliding_window")
 
     @property
     def gated(self) -> bool:

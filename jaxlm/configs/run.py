@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.model import ModelConfig, check_positive_ints
 
 # Names of the rule sets in jaxlm.sharding.RULE_SETS (kept here so configs import nothing heavy).
 RULE_SET_NAMES = ("dp", "fsdp", "fsdp_tp")
@@ -62,10 +62,7 @@ class DataConfig:
     worker_count: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DataConfig.{name}={value!r} must be an integer >= 1")
+        check_positive_ints(self, "seq_len", "batch_size")
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count={self.worker_count!r} must be >= 0")
 
@@ -133,10 +130,7 @@ class TrainConfig:
     sample_tokens: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("steps", "microbatches", "eval_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 1")
+        check_positive_ints(self, "steps", "microbatches", "eval_every", "log_every")
         if self.eval_batches < 0 or self.sample_tokens < 0:
             raise ValueError("TrainConfig.eval_batches and sample_tokens must be >= 0")
         if self.z_loss < 0:
@@ -151,10 +145,7 @@ class CheckpointConfig:
     keep: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("every", "keep"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CheckpointConfig.{name}={value!r} must be an integer >= 1")
+        check_positive_ints(self, "every", "keep")
 
 
 @dataclasses.dataclass(frozen=True)
