@@ -67,6 +67,43 @@ def save_run_files(workdir: str | Path, config: RunConfig, tokenizer: Any) -> No
     tokenizer.save(workdir / TOKENIZER_DIR)
 
 
+# Fields that a resumed run must share with the saved one: the parameters' shapes, the optimizer
+# state's structure and the data iterator's state depend on them. Everything else (steps, eval and
+# log intervals, the mesh, microbatches, learning-rate values) may change between runs.
+_RESUME_FIXED = (
+    "model.",
+    "optim.name",
+    "data.dataset",
+    "data.tokenizer",
+    "data.seq_len",
+    "data.add_bos",
+    "data.add_eos",
+    "data.text_key",
+    "seed",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_conflicts(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved value, new value)} for fields that may not change when resuming."""
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    return {
+        k: (a[k], b.get(k))
+        for k in a
+        if a[k] != b.get(k)
+        and any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RESUME_FIXED)
+    }
+
+
 def load_run_config(workdir: str | Path) -> RunConfig:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():

@@ -111,6 +111,17 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     mesh = make_mesh(config.mesh)
     train_it = make_iterator(config.data, tokenizer, seed=config.seed, mesh=mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    if ckpt.latest_step() and (workdir / checkpoint.CONFIG_FILE).is_file():
+        conflicts = checkpoint.resume_conflicts(checkpoint.load_run_config(workdir), config)
+        if conflicts:
+            details = "; ".join(
+                f"{k}: saved {a!r}, now {b!r}"
+                for k, a, b in ((k, *v) for k, v in sorted(conflicts.items()))
+            )
+            raise ValueError(
+                f"{workdir} holds a run that cannot resume with this config ({details}); "
+                "use another --workdir, or the saved values"
+            )
     if jax.process_index() == 0:
         checkpoint.save_run_files(workdir, config, tokenizer)
 

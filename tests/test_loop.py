@@ -99,6 +99,24 @@ def test_rerun_resumes_from_the_newest_checkpoint(run):
     assert steps[-1] == 50 and 45 in steps
 
 
+def test_resuming_with_a_different_model_is_refused_and_changes_nothing(run):
+    root, workdir, _, common = run
+    saved = (workdir / "config.json").read_text()
+    out = _jaxlm(
+        "train",
+        "--set",
+        "model.num_layers=3",
+        "--set",
+        "data.seq_len=64",
+        *common,
+        cache=root / "cache",
+    )
+    assert out.returncode == 2
+    assert "cannot resume with this config" in out.stderr
+    assert "data.seq_len: saved 128, now 64; model.num_layers: saved 4, now 3" in out.stderr
+    assert (workdir / "config.json").read_text() == saved
+
+
 def test_bad_run_configs_fail_before_training(tmp_path):
     out = _jaxlm(
         "train",
