@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 
+import jax
 import jax.numpy as jnp
 
 from jaxlm.configs.model import ModelConfig
@@ -87,10 +91,6 @@ PEAK_FLOPS_PER_DEVICE = {
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of a float32 [size x size] matmul on the first device, measured now."""
-    import time
-
-    import jax
-
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
@@ -110,8 +110,6 @@ def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
     On CPU every fake device shares the same cores, so the measured matmul rate of the host is
     divided among the devices.
     """
-    import jax
-
     if override:
         return override, "config"
     device = jax.devices()[0]
@@ -125,8 +123,6 @@ class MetricWriter:
     """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events."""
 
     def __init__(self, workdir: str, enabled: bool = True) -> None:
-        import os
-
         self._enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -141,8 +137,6 @@ class MetricWriter:
                 self._tb = None
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        import json
-
         if not self._enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}

@@ -75,17 +75,10 @@ class ByteTokenizer:
 
 
 def _expand(inputs: Iterable[str | os.PathLike]) -> list[str]:
-    files: list[str] = []
-    for pattern in inputs:
-        matches = (
-            sorted(str(p) for p in Path().glob(str(pattern)))
-            if not os.path.isabs(pattern)
-            else sorted(str(p) for p in Path("/").glob(str(pattern).lstrip("/")))
-        )
-        if not matches:
-            raise FileNotFoundError(f"no file matches {str(pattern)!r}")
-        files += matches
-    return files
+    # The same file/directory/glob rules as local corpora (imported here: it loads TFDS).
+    from jaxlm.data.sources import expand_inputs
+
+    return [str(p) for p in expand_inputs(list(inputs))]
 
 
 def _check_vocab(vocab_size: int, minimum: int, kind: str) -> None:
