@@ -1,11 +1,31 @@
-"""A thin Orbax `CheckpointManager` wrapper: train state + data-iterator state + run config."""
+"""A thin Orbax `CheckpointManager` wrapper: what one checkpoint holds and how it is restored.
+
+A checkpoint directory `<workdir>/checkpoints/<step>/` holds five items, each readable alone:
+
+- `params`: the model parameters (what sampling, evaluation and fine-tuning need);
+- `train`: the rest of the `TrainState` (step, optimizer state, RNG, non-finite counters);
+- `data`: the Grain iterator state (JSON), so resumed runs see the same batches in the same order;
+- `config`: the full `RunConfig` (JSON);
+- `tokenizer`: the tokenizer's files (JSON, base64), so a checkpoint copied alone still decodes.
+
+Orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp` and renames it only after every
+file is written (`commit_success.txt` marks it complete), so a process killed mid-save leaves no
+half-checkpoint that could be picked up; leftover temporary directories are removed on the next
+start. Arrays are restored straight into the target shardings (any mesh), never through one host.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.configs.overrides import from_dict, to_dict
@@ -13,17 +33,81 @@ from jaxlm.configs.run import CheckpointConfig, RunConfig
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "corrupt_checkpoints"
+_PROBE = ".jaxlm-write-probe"
+
+
+def _split(state: Any) -> tuple[Any, dict[str, Any]]:
+    """(params, everything else) of a `TrainState`, saved as two items."""
+    rest = {k: v for k, v in vars(state).items() if k != "params"}
+    return state.params, rest
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir).absolute() / CHECKPOINT_DIR
+
+
+def complete_steps(workdir: str | Path) -> list[int]:
+    """Steps with a committed checkpoint in `workdir`, oldest first (creates nothing)."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / "commit_success.txt").is_file()
+    )
+
+
+def saved_config(workdir: str | Path, step: int) -> RunConfig:
+    """The `RunConfig` stored in the checkpoint at `step` (read directly from its JSON item)."""
+    path = checkpoint_dir(workdir) / str(step) / "config" / "metadata"
+    return from_dict(RunConfig, json.loads(path.read_text()))
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, str]:
+    """{file name: base64 contents} of the files `tokenizer.save` writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return {
+            p.name: base64.b64encode(p.read_bytes()).decode("ascii")
+            for p in sorted(Path(tmp).iterdir())
+            if p.is_file()
+        }
+
+
+def write_tokenizer_files(files: dict[str, str], directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / Path(name).name).write_bytes(base64.b64decode(data))
+    return directory
 
 
 class Checkpointer:
-    """Saves asynchronously every `config.every` steps (and when asked), keeping the last `keep`."""
+    """Saves asynchronously every `config.every` steps (and when asked), keeping the last `keep`
+    (plus every `keep_period`-th step forever when it is set)."""
 
-    def __init__(self, workdir: str | Path, config: CheckpointConfig | None = None) -> None:
+    def __init__(
+        self, workdir: str | Path, config: CheckpointConfig | None = None, read_only: bool = False
+    ) -> None:
         config = config or CheckpointConfig()
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.workdir = Path(workdir).absolute()
+        self.directory = checkpoint_dir(workdir)
         self._every = config.every
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep,
+            keep_period=config.keep_period or None,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=config.async_save,
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -31,39 +115,135 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self._every == 0
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any], config: RunConfig) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict[str, Any],
+        config: RunConfig,
+        tokenizer: dict[str, str],
+    ) -> None:
+        """Start writing the checkpoint of `step`; returns once the arrays are copied off device."""
+        params, rest = _split(state)
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                params=ocp.args.StandardSave(params),
+                train=ocp.args.StandardSave(rest),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(to_dict(config)),
+                tokenizer=ocp.args.JsonSave(tokenizer),
             ),
             force=True,
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """The state at `step`, placed on the shardings of `abstract_state`, and the data state."""
+        """The `TrainState` at `step`, placed on the shardings of `abstract_state`, and the data
+        iterator state."""
+        abstract_params, abstract_rest = _split(abstract_state)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                params=ocp.args.StandardRestore(abstract_params),
+                train=ocp.args.StandardRestore(abstract_rest),
+                data=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, restored.data
+        state = abstract_state.replace(params=restored.params, **restored.train)
+        return state, restored.data
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters at `step` (no optimizer state is read), on `abstract_params`'s
+        shardings."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        )
+        return restored.params
+
+    def restore_json(self, step: int, item: str) -> Any:
+        """The JSON item `data`, `config` or `tokenizer` of the checkpoint at `step`."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        )
+        return restored[item]
+
+    def restore_latest(
+        self, restore_fn: Callable[[int], Any], log: Callable[[str], None]
+    ) -> tuple[int, Any] | None:
+        """(step, restore_fn(step)) for the newest checkpoint that restores, or None if none does.
+
+        A checkpoint that fails to restore (truncated or corrupted files) is moved to
+        `<workdir>/corrupt_checkpoints/` (kept for inspection, out of the way of new saves) and the
+        next older one is tried.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return step, restore_fn(step)
+            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+                log(
+                    f"checkpoint at step {step} cannot be restored ({type(e).__name__}: "
+                    f"{str(e)[:300]}); moving it to {QUARANTINE_DIR}/ and trying an older one"
+                )
+                self.quarantine(step)
+        return None
+
+    def quarantine(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = self.workdir / QUARANTINE_DIR / str(step)
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
 
     def wait(self) -> None:
+        """Block until every started save is committed (re-raising a failed save's error)."""
         self._manager.wait_until_finished()
+        self._manager.check_for_errors()
 
     def close(self) -> None:
         self._manager.close()
 
 
+def check_workdir(workdir: str | Path, needed_bytes: int) -> None:
+    """Fail now, not mid-run, when `workdir` cannot be written or lacks `needed_bytes` free.
+
+    Creates `workdir` if needed (and removes it again when the check fails and it was empty).
+    """
+    workdir = Path(workdir)
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / _PROBE
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"cannot write to workdir {str(workdir)!r}: {e.strerror or e} "
+            "(choose a writable --workdir)"
+        ) from None
+    free = shutil.disk_usage(workdir).free
+    if free < needed_bytes:
+        if created and not any(workdir.iterdir()):
+            workdir.rmdir()
+        raise ValueError(
+            f"workdir {str(workdir)!r} has {free / 2**20:,.1f} MiB free but the run's checkpoints "
+            f"need about {needed_bytes / 2**20:,.1f} MiB; free some space, lower checkpoint.keep, "
+            "or choose another --workdir"
+        )
+
+
 def save_run_files(workdir: str | Path, config: RunConfig, tokenizer: Any) -> None:
-    """Write the run config (JSON) and tokenizer files next to the checkpoints."""
+    """Write the run config (JSON) and tokenizer files next to the checkpoints (for people and
+    tools; each checkpoint holds its own copy as well)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp = workdir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp.replace(workdir / CONFIG_FILE)  # atomic: a kill never leaves half a config
     tokenizer.save(workdir / TOKENIZER_DIR)
 
 
@@ -105,6 +285,13 @@ def resume_conflicts(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, A
 
 
 def load_run_config(workdir: str | Path) -> RunConfig:
+    """The config of the newest complete checkpoint in `workdir`, else its `config.json`."""
+    steps = complete_steps(workdir)
+    for step in reversed(steps):
+        try:
+            return saved_config(workdir, step)
+        except (OSError, ValueError):  # a damaged checkpoint: try the next older one
+            continue
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(workdir)!r} is not a jaxlm run directory (no {CONFIG_FILE})")

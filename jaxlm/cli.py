@@ -100,12 +100,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
     name = Path(args.config).stem if args.config else "default"
     workdir = args.workdir or os.path.join("runs", name)
-    from jaxlm.loop import train
+    from jaxlm import checkpoint
+    from jaxlm.configs.overrides import apply_overrides
 
-    train(config, workdir)
+    if args.config is None and (Path(workdir) / checkpoint.CONFIG_FILE).is_file():
+        # Continue the run in `workdir` with its own config (plus any --set overrides).
+        config = apply_overrides(checkpoint.load_run_config(workdir), args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+    from jaxlm.loop import NonFiniteError, train
+
+    try:
+        train(config, workdir)
+    except NonFiniteError as e:
+        print(f"jaxlm train: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -180,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up mid-run: the last complete checkpoint is kept
+        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

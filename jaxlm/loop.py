@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import checkpoint, metrics
+from jaxlm.configs.overrides import from_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data import make_iterator, make_tokenizer, pad_batch, to_global
 from jaxlm.data.tokenizer import Tokenizer
@@ -103,35 +110,105 @@ class _Progress:
             _log(text)
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss, gradient or update."""
+
+
+class _StopRequests:
+    """SIGTERM/SIGINT handling: the first signal asks the loop to save and stop after the current
+    step; a second one exits at once (Orbax's atomic commit keeps the last complete checkpoint)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            _log(f"{name} again: exiting now without saving; the last complete checkpoint is kept")
+            os._exit(128 + signum)
+        self.signal = signum
+        _log(f"{name}: finishing this step, then saving a checkpoint and exiting (again = abort)")
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.signal is not None
+        # Every process must stop at the same step: agree on it (cheap: one scalar per process).
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+        return bool(np.any(flags))
+
+
+def _state_bytes(abstract_state: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_resume(config: RunConfig, workdir: Path) -> None:
+    steps = checkpoint.complete_steps(workdir)
+    if not steps:
+        return
+    conflicts = checkpoint.resume_conflicts(checkpoint.load_run_config(workdir), config)
+    if conflicts:
+        details = "; ".join(
+            f"{k}: saved {a!r}, now {b!r}"
+            for k, a, b in ((k, *v) for k, v in sorted(conflicts.items()))
+        )
+        raise ValueError(
+            f"{workdir} holds a run that cannot resume with this config ({details}); "
+            "use another --workdir, or the saved values"
+        )
+
+
 def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
-    """Train (resuming from the newest checkpoint in `workdir`), evaluate, save, and sample."""
+    """Train (resuming from the newest complete checkpoint in `workdir`), evaluate, save, sample.
+
+    Returns {"history": logged train metrics, "sample": text, "state": final TrainState,
+    "step": last step, "stopped_by": signal name or None}. SIGTERM/SIGINT save and return early;
+    `NonFiniteError` is raised after `train.max_nonfinite_steps` consecutive skipped steps.
+    """
     workdir = Path(workdir)
     tokenizer = make_tokenizer(config.data.tokenizer)
     check_run(config, tokenizer)
+    _check_resume(config, workdir)
     mesh = make_mesh(config.mesh)
+    abstract_state = abstract_train_state(config, mesh)
+    # Room for the checkpoints still to be written: `keep` + the one being written, less those
+    # already on disk (they are replaced, not added to).
+    existing = len(checkpoint.complete_steps(workdir))
+    to_write = max(config.checkpoint.keep + 1 - existing, 1)
+    if jax.process_index() == 0:
+        checkpoint.check_workdir(workdir, to_write * _state_bytes(abstract_state))
     train_it = make_iterator(config.data, tokenizer, seed=config.seed, mesh=mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    if ckpt.latest_step() and (workdir / checkpoint.CONFIG_FILE).is_file():
-        conflicts = checkpoint.resume_conflicts(checkpoint.load_run_config(workdir), config)
-        if conflicts:
-            details = "; ".join(
-                f"{k}: saved {a!r}, now {b!r}"
-                for k, a, b in ((k, *v) for k, v in sorted(conflicts.items()))
-            )
-            raise ValueError(
-                f"{workdir} holds a run that cannot resume with this config ({details}); "
-                "use another --workdir, or the saved values"
-            )
     if jax.process_index() == 0:
         checkpoint.save_run_files(workdir, config, tokenizer)
+    tokenizer_files = checkpoint.tokenizer_files(tokenizer)
 
-    start = ckpt.latest_step() or 0
-    if start:
-        state, data_state = ckpt.restore(start, abstract_train_state(config, mesh))
+    resumed = ckpt.restore_latest(lambda step: ckpt.restore(step, abstract_state), _log)
+    if resumed:
+        start, (state, data_state) = resumed
         train_it.set_state(data_state)
         _log(f"resumed from step {start} in {ckpt.directory}")
+        if int(state.step) != start:
+            raise RuntimeError(f"checkpoint {start} holds state.step={int(state.step)}")
     else:
-        state = init_train_state(config, mesh, config.seed)
+        start, state = 0, init_train_state(config, mesh, config.seed)
     train_step = make_train_step(config, mesh)
     eval_step = make_eval_step(config, mesh)
 
@@ -145,6 +222,9 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
         f"peak {peak_total:.3g} FLOP/s ({peak_source}); workdir {workdir}"
     )
 
+    if jax.process_index() == 0:
+        # Records past the resumed step came from a run that was cut off: they are redone.
+        metrics.drop_records_after(workdir / metrics.METRICS_FILE, start)
     writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     progress = _Progress(config.train.steps)
     total = config.train.steps
@@ -163,34 +243,83 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
         values["mfu"] = values["model_flops_per_sec"] / peak_total
         history.append({"step": step, **values})
         log_line = step % config.train.log_every == 0 or step == total
+        if values["skipped"]:
+            log_line = True
+            _log(
+                f"step {step}: non-finite loss/gradients (loss {values['loss']}, grad norm "
+                f"{values['grad_norm']}); update skipped ({int(values['nonfinite_streak'])} in a "
+                f"row, {int(values['nonfinite_total'])} in all)"
+            )
         if log_line:
             writer.write(step, values)
         progress.update(step, values, log_line)
+        if values["nonfinite_streak"] >= config.train.max_nonfinite_steps:
+            last = ckpt.latest_step()
+            raise NonFiniteError(
+                f"{int(values['nonfinite_streak'])} consecutive steps (up to step {step}) had a "
+                f"non-finite loss, gradient or update (train.max_nonfinite_steps="
+                f"{config.train.max_nonfinite_steps}); parameters are unchanged since step "
+                f"{step - int(values['nonfinite_streak'])} and the newest checkpoint is step "
+                f"{last}. Lower optim.lr, raise optim.warmup_steps or check the data."
+            )
 
-    for step in range(start + 1, total + 1):
-        batch = to_global(next(train_it), mesh)
-        state, step_metrics = train_step(state, batch)
-        if pending is not None:
-            finish(*pending)
-        pending = (step, step_metrics)
-        if step % config.train.eval_every == 0 or step == total:
-            finish(*pending)
-            pending = None
-            result = evaluate(
-                config, mesh, state.params, tokenizer, eval_step, config.train.eval_batches
-            )
-            writer.write(step, result)
-            _log(
-                f"eval at step {step}: loss {result['eval_loss']:.4f}  "
-                f"ppl {result['eval_perplexity']:.2f}  bits/byte {result['eval_bits_per_byte']:.4f}"
-            )
-            last_time = time.perf_counter()
-        if ckpt.should_save(step) or step == total:
-            ckpt.save(step, state, train_it.get_state(), config)
-    if pending is not None:
-        finish(*pending)
-    ckpt.wait()
-    writer.close()
+    def save(step: int) -> None:
+        if not bool(_all_finite(state.params)):  # cannot happen (bad updates are skipped)
+            raise NonFiniteError(f"parameters at step {step} are not finite; not saving them")
+        try:
+            ckpt.save(step, state, train_it.get_state(), config, tokenizer_files)
+        except OSError as e:
+            raise OSError(f"writing the checkpoint of step {step} failed: {e}") from e
+
+    step = start
+    stopped_by = None
+    with _StopRequests() as stop:
+        try:
+            for step in range(start + 1, total + 1):
+                batch = to_global(next(train_it), mesh)
+                state, step_metrics = train_step(state, batch)
+                if pending is not None:
+                    finish(*pending)
+                pending = (step, step_metrics)
+                evaluate_now = step % config.train.eval_every == 0 or step == total
+                stop_now = stop.requested(step)
+                if evaluate_now or stop_now or ckpt.should_save(step):
+                    finish(*pending)  # a non-finite streak is caught before anything is saved
+                    pending = None
+                if evaluate_now and not stop_now:
+                    result = evaluate(
+                        config, mesh, state.params, tokenizer, eval_step, config.train.eval_batches
+                    )
+                    writer.write(step, result)
+                    _log(
+                        f"eval at step {step}: loss {result['eval_loss']:.4f}  ppl "
+                        f"{result['eval_perplexity']:.2f}  bits/byte "
+                        f"{result['eval_bits_per_byte']:.4f}"
+                    )
+                    last_time = time.perf_counter()
+                if ckpt.should_save(step) or step == total or stop_now:
+                    save(step)
+                if stop_now:
+                    stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
+                    break
+            if pending is not None:
+                finish(*pending)
+            ckpt.wait()
+        finally:
+            writer.close()
+            try:
+                ckpt.wait()  # let a save that started complete (no-op when all are done)
+            finally:
+                ckpt.close()
+    if stopped_by:
+        _log(f"{stopped_by}: saved step {step} in {ckpt.directory}; rerun the command to resume")
+        return {
+            "history": history,
+            "sample": "",
+            "state": state,
+            "step": step,
+            "stopped_by": stopped_by,
+        }
 
     sample = ""
     if config.train.sample_tokens and jax.process_index() == 0:
@@ -201,24 +330,34 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
         # Bytes that are not valid UTF-8 (possible mid-training) print as U+FFFD.
         sample = tokenizer.decode(ids).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         print(sample, flush=True)
-    ckpt.close()
-    return {"history": history, "sample": sample, "state": state}
+    return {"history": history, "sample": sample, "state": state, "step": step, "stopped_by": None}
 
 
-def load_for_eval(workdir: str | Path) -> tuple[RunConfig, jax.sharding.Mesh, Any, Tokenizer]:
-    """The run config, a mesh, the newest checkpoint's params and the tokenizer of `workdir`."""
-    config = checkpoint.load_run_config(workdir)
-    tokenizer = make_tokenizer(str(Path(workdir) / checkpoint.TOKENIZER_DIR))
-    # Evaluate on whatever devices this machine has: fsdp over all of them.
-    flat = dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-    mesh = make_mesh(dataclasses.replace(config.mesh, **flat))
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state, _ = ckpt.restore(step, abstract_train_state(config, mesh))
-    ckpt.close()
-    return config, mesh, state.params, tokenizer
+def load_for_eval(
+    workdir: str | Path, step: int | None = None
+) -> tuple[RunConfig, jax.sharding.Mesh, Any, Tokenizer]:
+    """The config, a mesh over this machine's devices, the parameters (only: no optimizer state
+    is read) and the tokenizer of the checkpoint at `step` (default: the newest) in `workdir`."""
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; steps: {steps}")
+        config = from_dict(RunConfig, ckpt.restore_json(step, "config"))
+        with tempfile.TemporaryDirectory() as tmp:
+            files = ckpt.restore_json(step, "tokenizer")
+            tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
+        # Use whatever devices this machine has: fsdp over all of them.
+        flat = dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        mesh = make_mesh(dataclasses.replace(config.mesh, **flat))
+        params = ckpt.restore_params(step, abstract_train_state(config, mesh).params)
+    finally:
+        ckpt.close()
+    return config, mesh, params, tokenizer
 
 
 def eval_workdir(workdir: str | Path, max_batches: int = 0) -> dict[str, float]:

@@ -119,6 +119,30 @@ def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
     return measure_matmul_flops() / jax.device_count(), "measured float32 matmul"
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_records_after(path: str | os.PathLike, step: int) -> None:
+    """Remove records with "step" > `step` from a metrics.jsonl (atomically), e.g. those a
+    preempted run logged after its last checkpoint, before the resumed run logs them again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 class MetricWriter:
     """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events."""
 
@@ -128,7 +152,7 @@ class MetricWriter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
             try:
                 from tensorboardX import SummaryWriter
 

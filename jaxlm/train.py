@@ -29,6 +29,8 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+    nonfinite_streak: jax.Array  # consecutive skipped (non-finite) steps up to now
+    nonfinite_total: jax.Array  # skipped steps over the whole run
 
 
 def _init_fn(config: RunConfig, tx: optax.GradientTransformation) -> Callable[[jax.Array], Any]:
@@ -42,6 +44,8 @@ def _init_fn(config: RunConfig, tx: optax.GradientTransformation) -> Callable[[j
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(state_rng),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            nonfinite_total=jnp.zeros((), jnp.int32),
         )
 
     return init
@@ -120,6 +124,11 @@ def train_step(
     The loss is the mean next-token cross-entropy over all masked-in tokens of the whole batch
     (so k microbatches of b rows give exactly the gradient of one batch of k*b rows), plus the
     z-loss and the model's auxiliary losses.
+
+    If the loss, the gradients or the updated parameters are not all finite, the update is
+    skipped: parameters and optimizer state stay as they were, the step counter still advances
+    (it counts batches consumed, which the data order and checkpoints follow), and the
+    `nonfinite_streak` / `nonfinite_total` counters go up. The streak resets on a good step.
     """
     tx = make_optimizer(config.optim, config.train.steps)
     k = config.train.microbatches
@@ -150,19 +159,43 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss = terms["nll"] / total
+    grad_norm, param_norm = global_norm(grads), global_norm(params)
+    finite = (
+        jnp.isfinite(loss)
+        & jnp.isfinite(terms["z"])
+        & jnp.isfinite(terms["aux"])
+        & jnp.isfinite(grad_norm)
+        & jnp.isfinite(param_norm)
+    )
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state),
+        (state.params, state.opt_state),
+    )
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    nonfinite_total = state.nonfinite_total + (~finite).astype(jnp.int32)
     metrics = {
         "loss": loss,
         "z_loss": terms["z"] / total,
         "aux_loss": terms["aux"],
-        "grad_norm": global_norm(grads),
-        "param_norm": global_norm(params),
+        "grad_norm": grad_norm,
+        "param_norm": jnp.where(finite, param_norm, global_norm(state.params)),
+        "skipped": (~finite).astype(jnp.float32),
+        "nonfinite_streak": streak.astype(jnp.float32),
+        "nonfinite_total": nonfinite_total.astype(jnp.float32),
         "lr": schedule(config.optim, config.train.steps)(state.step),
         "tokens": terms["count"],
         "bits_per_byte": terms["nll"]
         / math.log(2)
         / jnp.maximum(jnp.sum(batch["target_bytes"]), 1),
     }
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        nonfinite_streak=streak,
+        nonfinite_total=nonfinite_total,
+    )
     return new_state, metrics
 
 

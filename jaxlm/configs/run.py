@@ -128,9 +128,14 @@ class TrainConfig:
     peak_flops_per_device: float | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 64
+    # A step whose loss, gradients or new parameters are not finite is skipped (state unchanged
+    # but for the step counter); this many in a row stop the run with an error.
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, "steps", "microbatches", "eval_every", "log_every")
+        check_positive_ints(
+            self, "steps", "microbatches", "eval_every", "log_every", "max_nonfinite_steps"
+        )
         if self.eval_batches < 0 or self.sample_tokens < 0:
             raise ValueError("TrainConfig.eval_batches and sample_tokens must be >= 0")
         if self.z_loss < 0:
@@ -142,10 +147,16 @@ class CheckpointConfig:
     """When to save and how many checkpoints to keep."""
 
     every: int = 200
-    keep: int = 2
+    keep: int = 2  # the newest `keep` checkpoints are kept...
+    keep_period: int = 0  # ...plus, when > 0, every step divisible by it, forever
+    async_save: bool = True  # write in a background thread while training goes on
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "every", "keep")
+        if self.keep_period < 0:
+            raise ValueError(
+                f"CheckpointConfig.keep_period={self.keep_period!r} must be >= 0 (0 = off)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
