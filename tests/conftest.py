@@ -12,5 +12,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jaxlm-cache")
+
+
+@pytest.fixture
+def stdlib_cache(_session_cache, monkeypatch):
+    """$JAXLM_CACHE pointed at a per-session directory (prepared corpora are reused within it)."""
+    monkeypatch.setenv("JAXLM_CACHE", str(_session_cache))
+    return _session_cache
