@@ -1,26 +1,42 @@
 """jaxlm: JAX/TPU-first language models. This module re-exports the public API."""
 
+from jaxlm.checkpoint import Checkpointer
 from jaxlm.configs import PRESETS, MeshConfig, ModelConfig, RunConfig, get_preset
 from jaxlm.configs.overrides import apply_overrides, load_config
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 from jaxlm.model.transformer import Transformer, abstract_params, init_params, param_shardings
 from jaxlm.sharding import make_mesh, use_mesh
+from jaxlm.train import (
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    train_step,
+)
 
 __all__ = [
     "PRESETS",
+    "Checkpointer",
     "MeshConfig",
     "ModelConfig",
     "RunConfig",
+    "TrainState",
     "Transformer",
     "abstract_params",
+    "abstract_train_state",
     "apply_overrides",
     "flops_per_token",
     "get_preset",
     "init_params",
+    "init_train_state",
     "load_config",
+    "make_eval_step",
     "make_mesh",
+    "make_train_step",
     "param_count",
     "param_shardings",
+    "train_step",
     "training_state_bytes",
     "use_mesh",
 ]

@@ -163,7 +163,8 @@ def _check_resume(config: RunConfig, workdir: Path) -> None:
     steps = checkpoint.complete_steps(workdir)
     if not steps:
         return
-    conflicts = checkpoint.resume_conflicts(checkpoint.load_run_config(workdir), config)
+    saved = checkpoint.load_run_config(workdir)
+    conflicts = checkpoint.resume_conflicts(saved, config)
     if conflicts:
         details = "; ".join(
             f"{k}: saved {a!r}, now {b!r}"
@@ -172,6 +173,14 @@ def _check_resume(config: RunConfig, workdir: Path) -> None:
         raise ValueError(
             f"{workdir} holds a run that cannot resume with this config ({details}); "
             "use another --workdir, or the saved values"
+        )
+    before = saved.optim.schedule_steps or saved.train.steps
+    after = config.optim.schedule_steps or config.train.steps
+    if before != after:
+        _log(
+            f"note: the learning-rate schedule now spans {after} steps (it spanned {before}), so "
+            f"the learning rate changes from the resumed step on; --set optim.schedule_steps="
+            f"{before} keeps the old schedule"
         )
 
 

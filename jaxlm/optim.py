@@ -12,7 +12,11 @@ from jaxlm.configs.run import OptimConfig
 
 
 def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then the named decay (all closed forms, step-indexed)."""
+    """Linear warmup from 0 to the peak, then the named decay (all closed forms, step-indexed).
+
+    The decay spans `config.schedule_steps` when it is set, else `total_steps`.
+    """
+    total_steps = config.schedule_steps or total_steps
     peak, warmup = config.learning_rate, config.warmup_steps
     floor = peak * config.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)

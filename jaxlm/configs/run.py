@@ -79,6 +79,9 @@ class OptimConfig:
     learning_rate: float = 3e-3
     schedule: str = "cosine"
     warmup_steps: int = 50
+    # The schedule's length; None = train.steps. Set it to stop early or extend a run without
+    # changing the learning rate of the steps already taken.
+    schedule_steps: int | None = None
     min_lr_ratio: float = 0.1
     # warmup-stable-decay: the last `decay_fraction` of training decays linearly to the minimum.
     decay_fraction: float = 0.2
@@ -101,6 +104,11 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.learning_rate={self.learning_rate!r} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimConfig.warmup_steps={self.warmup_steps!r} must be >= 0")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(
+                f"OptimConfig.schedule_steps={self.schedule_steps!r} must be >= 1 or None "
+                "(None = train.steps)"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"OptimConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if not 0 < self.decay_fraction <= 1:
