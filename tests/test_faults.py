@@ -185,17 +185,24 @@ def test_kill_9_at_any_moment_then_resume_ends_like_an_uninterrupted_run(
         kills.append(("save", [p.name for p in _tmp_dirs(tmp_path)]))
         if kills[-1][1]:
             break
-    # 2, 3: killed at random moments after a random number of steps.
-    for _ in range(2):
+    # Killed at random moments after a random number of steps; then SIGTERM twice in a row (the
+    # second one aborts the save the first one started).
+    for how in ("kill", "kill", "double-sigterm"):
         proc = _start(tmp_path, cache)
         done = _logged_steps(tmp_path)
         target = done + rng.randint(1, 8)
         _wait_for(lambda t=target: _logged_steps(tmp_path) >= t, proc)
         time.sleep(rng.uniform(0.0, 0.3))
-        proc.kill()
+        if how == "kill":
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+            proc.send_signal(signal.SIGTERM)
         proc.wait()
-        kills.append(("random", _logged_steps(tmp_path)))
-    assert any(k == "save" and left for k, left in kills), kills
+        kills.append((how, proc.returncode, _logged_steps(tmp_path)))
+    assert kills[-1][1] in (0, 128 + signal.SIGTERM), kills
+    assert any(k[0] == "save" and k[1] for k in kills), kills
     out = _run(tmp_path, cache)
     assert "resumed from step" in out.stderr
     assert not _tmp_dirs(tmp_path)  # half-written saves were cleaned up, never restored
