@@ -23,8 +23,8 @@ from jaxlm.configs.overrides import from_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data import make_iterator, make_tokenizer, pad_batch, to_global
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.sample import greedy_without_cache
-from jaxlm.sharding import make_mesh
+from jaxlm.sample import generate
+from jaxlm.sharding import make_mesh, use_mesh
 from jaxlm.train import (
     abstract_train_state,
     init_train_state,
@@ -334,8 +334,10 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     if config.train.sample_tokens and jax.process_index() == 0:
         prompt = tokenizer.encode(config.train.sample_prompt) or [tokenizer.bos_id]
         prompt = [tokenizer.bos_id, *prompt] if config.data.add_bos else prompt
-        params = jax.device_get(state.params)
-        ids = greedy_without_cache(config.model, params, prompt, config.train.sample_tokens)
+        budget = min(config.train.sample_tokens, config.model.max_seq_len - len(prompt))
+        with use_mesh(mesh, config.mesh.rules):
+            new = generate(config.model, state.params, [prompt], budget, pad_id=tokenizer.pad_id)
+        ids = prompt + new[0]
         # Bytes that are not valid UTF-8 (possible mid-training) print as U+FFFD.
         sample = tokenizer.decode(ids).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         print(sample, flush=True)

@@ -1,20 +1,482 @@
-"""Sampling. For now: greedy decoding without a KV cache, one compiled loop."""
+"""Sampling with a KV cache: `prefill`, `decode_step`, and `generate` (one `lax.while_loop`).
+
+Strategies are small frozen dataclasses that transform logits and compose in order, e.g.
+`(Temperature(0.8), TopK(40), TopP(0.95))`; `Greedy()` (or temperature 0) takes the argmax.
+Every random draw uses `fold_in(key, step)`, so results depend only on the key, and the one-shot
+loop and the streaming variant (`generate_stream`) give the same tokens.
+
+Prompts are given as a right-padded [B, T] array plus per-row lengths (or left-padded, with
+`padding="left"`); inside, row b's token at position p is always in cache slot p.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.configs.model import ModelConfig
+from jaxlm.model.kv_cache import KVCache, init_cache
 from jaxlm.model.transformer import Transformer
+
+_NEG = -1e30  # masked-out logits (finite, so a row never becomes all-NaN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """Always the most likely token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """Divide logits by `t` (> 0; `t` = 0 means greedy)."""
+
+    t: float
+
+    def __post_init__(self) -> None:
+        if not self.t >= 0:
+            raise ValueError(f"temperature={self.t!r} must be >= 0 (0 = greedy)")
+
+    def __call__(self, logits_BV: jax.Array) -> jax.Array:
+        return logits_BV / self.t
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Keep the `k` most likely tokens (ties at the k-th value are kept)."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"top_k={self.k!r} must be an integer >= 1")
+
+    def __call__(self, logits_BV: jax.Array) -> jax.Array:
+        k = min(self.k, logits_BV.shape[-1])
+        kth = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+        return jnp.where(logits_BV >= kth, logits_BV, _NEG)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches `p`."""
+
+    p: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p <= 1:
+            raise ValueError(f"top_p={self.p!r} must be in (0, 1]")
+
+    def __call__(self, logits_BV: jax.Array) -> jax.Array:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly before each token
+        keep_BV = before_BV < self.p  # the first token is always kept
+        # The smallest kept logit is the threshold (ties with it are kept too).
+        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(logits_BV >= threshold_B1, logits_BV, _NEG)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinP:
+    """Keep tokens whose probability is at least `p` times the most likely token's."""
+
+    p: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.p <= 1:
+            raise ValueError(f"min_p={self.p!r} must be in [0, 1]")
+
+    def __call__(self, logits_BV: jax.Array) -> jax.Array:
+        top_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+        # p_i >= p * p_max  <=>  logit_i >= logit_max + log(p)
+        return jnp.where(logits_BV >= top_B1 + jnp.log(self.p), logits_BV, _NEG)
+
+
+Strategy = Greedy | Temperature | TopK | TopP | MinP
+
+
+def strategies(
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> tuple[Strategy, ...]:
+    """The usual composition: temperature, then top-k, top-p and min-p filters (0 = greedy)."""
+    if temperature == 0:
+        return (Greedy(),)
+    out: list[Strategy] = [Temperature(temperature)]
+    if top_k is not None:
+        out.append(TopK(top_k))
+    if top_p is not None:
+        out.append(TopP(top_p))
+    if min_p is not None:
+        out.append(MinP(min_p))
+    return tuple(out)
+
+
+def _is_greedy(chain: Sequence[Strategy]) -> bool:
+    return any(isinstance(s, Greedy) or (isinstance(s, Temperature) and s.t == 0) for s in chain)
+
+
+def filtered_logits(logits_BV: jax.Array, chain: Sequence[Strategy]) -> jax.Array:
+    """`logits_BV` (float32) after every strategy in `chain`, in order."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    for s in chain:
+        if not isinstance(s, Greedy):
+            logits_BV = s(logits_BV)
+    return logits_BV
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, chain: Sequence[Strategy]) -> jax.Array:
+    """One token per row [B] (int32) from `logits_BV` under `chain`."""
+    if _is_greedy(chain):
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filtered_logits(logits_BV, chain)).astype(jnp.int32)
+
+
+def _right_pad(tokens_BT: jax.Array, lengths_B: jax.Array) -> jax.Array:
+    """Left-padded rows moved to the left edge (row b rolled by T - length[b])."""
+    t = tokens_BT.shape[1]
+    index_BT = (jnp.arange(t)[None, :] + (t - lengths_B)[:, None]) % t
+    return jnp.take_along_axis(tokens_BT, index_BT, axis=1)
+
+
+def prefill(
+    config: ModelConfig,
+    params: Any,
+    prompt_tokens_BT: jax.Array,
+    prompt_lengths_B: jax.Array,
+    cache: KVCache,
+    padding: str = "right",
+) -> tuple[jax.Array, KVCache]:
+    """Run the prompts through the model into `cache`: (logits of each row's last prompt token
+    [B, V] (float32), cache with lengths = prompt lengths)."""
+    if padding not in ("right", "left"):
+        raise ValueError(f"padding={padding!r} must be 'right' or 'left'")
+    if padding == "left":
+        prompt_tokens_BT = _right_pad(prompt_tokens_BT, prompt_lengths_B)
+    b, t = prompt_tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits_BTV, cache, _ = Transformer(config).apply(
+        {"params": params}, prompt_tokens_BT, positions_BT, cache=cache
+    )
+    last_B1V = jnp.take_along_axis(logits_BTV, (prompt_lengths_B - 1)[:, None, None], axis=1)
+    return last_B1V[:, 0].astype(jnp.float32), cache.replace(lengths=prompt_lengths_B)
+
+
+def decode_step(
+    config: ModelConfig, params: Any, tokens_B: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row (at position cache.lengths[b]): (next-token logits [B, V], cache)."""
+    logits_B1V, cache, _ = Transformer(config).apply(
+        {"params": params}, tokens_B[:, None], cache=cache
+    )
+    return logits_B1V[:, 0].astype(jnp.float32), cache
+
+
+# --- the compiled loop -------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingState:
+    """The while-loop carry: everything `generate` needs to take the next step."""
+
+    step: jax.Array  # scalar: tokens generated so far (max over rows)
+    tokens_BN: jax.Array  # generated tokens, pad_id after a row stops
+    next_B: jax.Array  # the token to feed next (the last one generated)
+    done_B: jax.Array  # row finished (stop token or its max_new_tokens)
+    num_B: jax.Array  # tokens generated per row (a stop token counts)
+    cache: KVCache
+
+
+def _emit(state: SamplingState, token_B, max_new_B, stop_BS, pad_id) -> SamplingState:
+    live_B = ~state.done_B
+    token_B = jnp.where(live_B, token_B, pad_id)
+    tokens_BN = jax.vmap(lambda row, tok, i: row.at[i].set(tok))(
+        state.tokens_BN, token_B, jnp.minimum(state.num_B, state.tokens_BN.shape[1] - 1)
+    )
+    tokens_BN = jnp.where(live_B[:, None], tokens_BN, state.tokens_BN)
+    num_B = state.num_B + live_B.astype(jnp.int32)
+    stopped_B = jnp.any(token_B[:, None] == stop_BS, axis=-1)
+    done_B = state.done_B | (live_B & stopped_B) | (num_B >= max_new_B)
+    return dataclasses.replace(
+        state, step=state.step + 1, tokens_BN=tokens_BN, next_B=token_B, done_B=done_B, num_B=num_B
+    )
+
+
+def _start(config, params, prompt_BT, lengths_B, cache, key, chain, max_new_B, stop_BS, pad_id, n):
+    logits_BV, cache = prefill(config, params, prompt_BT, lengths_B, cache)
+    token_B = sample_logits(logits_BV, jax.random.fold_in(key, 0), chain)
+    b = prompt_BT.shape[0]
+    state = SamplingState(
+        step=jnp.zeros((), jnp.int32),
+        tokens_BN=jnp.full((b, n), pad_id, jnp.int32),
+        next_B=token_B,
+        done_B=max_new_B <= 0,
+        num_B=jnp.zeros((b,), jnp.int32),
+        cache=cache,
+    )
+    return _emit(state, token_B, max_new_B, stop_BS, pad_id)
+
+
+def _continue(config, params, state, key, chain, max_new_B, stop_BS, pad_id, until):
+    def cond(s: SamplingState) -> jax.Array:
+        return (s.step < until) & ~jnp.all(s.done_B)
+
+    def body(s: SamplingState) -> SamplingState:
+        logits_BV, cache = decode_step(config, params, s.next_B, s.cache)
+        token_B = sample_logits(logits_BV, jax.random.fold_in(key, s.step), chain)
+        return _emit(dataclasses.replace(s, cache=cache), token_B, max_new_B, stop_BS, pad_id)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+_STATIC = ("config", "chain", "max_new", "cache_len", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(
+    params,
+    prompt_BT,
+    lengths_B,
+    key,
+    max_new_B,
+    stop_BS,
+    *,
+    config,
+    chain,
+    max_new,
+    cache_len,
+    pad_id,
+):
+    cache = init_cache(config, prompt_BT.shape[0], cache_len)
+    state = _start(
+        config, params, prompt_BT, lengths_B, cache, key, chain, max_new_B, stop_BS, pad_id, max_new
+    )
+    state = _continue(config, params, state, key, chain, max_new_B, stop_BS, pad_id, max_new)
+    return state.tokens_BN, state.num_B
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _stream_start(
+    params,
+    prompt_BT,
+    lengths_B,
+    key,
+    max_new_B,
+    stop_BS,
+    *,
+    config,
+    chain,
+    max_new,
+    cache_len,
+    pad_id,
+):
+    cache = init_cache(config, prompt_BT.shape[0], cache_len)
+    return _start(
+        config, params, prompt_BT, lengths_B, cache, key, chain, max_new_B, stop_BS, pad_id, max_new
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chain", "pad_id"), donate_argnums=1)
+def _stream_chunk(params, state, key, max_new_B, stop_BS, until, *, config, chain, pad_id):
+    return _continue(config, params, state, key, chain, max_new_B, stop_BS, pad_id, until)
+
+
+# --- the Python entry points -------------------------------------------------------------------
+
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket(n: int, limit: int) -> int:
+    """The smallest bucket >= n (capped at `limit`), so new prompt lengths rarely recompile."""
+    for b in BUCKETS:
+        if b >= n:
+            return min(b, limit)
+    return limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """A batch of token-id prompts, validated and padded for `generate`."""
+
+    tokens: np.ndarray  # [B, T] right-padded, T a bucket
+    lengths: np.ndarray  # [B]
+    max_new: np.ndarray  # [B]
+    stop: np.ndarray  # [B, S], -1 = none
+    buffer: int  # static number of generated-token slots
+    cache_len: int
+
+
+def prepare(
+    config: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+) -> Prompts:
+    """Validate prompts (non-empty, ids in the vocabulary, prompt + new tokens within
+    model.max_seq_len) and pad them to buckets."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    b = len(prompts)
+    max_new = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(max_new) != b:
+        raise ValueError(f"max_new_tokens has {len(max_new)} entries for {b} prompts")
+    if stop_tokens and isinstance(stop_tokens[0], int):
+        stop = [list(stop_tokens)] * b
+    else:
+        stop = [list(s) for s in stop_tokens] or [[] for _ in range(b)]
+    if len(stop) != b:
+        raise ValueError(f"stop_tokens has {len(stop)} rows for {b} prompts")
+    v, limit = config.vocab_size, config.max_seq_len
+    for i, (p, n) in enumerate(zip(prompts, max_new, strict=True)):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        bad = [t for t in p if not 0 <= int(t) < v]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {v})")
+        if n < 1:
+            raise ValueError(f"max_new_tokens={n} (prompt {i}) must be >= 1")
+        if len(p) + n > limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens + max_new_tokens={n} = {len(p) + n}, more than "
+                f"model.max_seq_len={limit}; shorten the prompt or ask for at most "
+                f"{max(limit - len(p), 0)} new tokens"
+            )
+    longest = max(len(p) for p in prompts)
+    t = bucket(longest, limit)
+    buffer = bucket(max(max_new), limit)
+    cache_len = min(bucket(t + buffer, 2 * limit), limit)
+    tokens = np.full((b, t), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    width = max(1, max(len(s) for s in stop))
+    stop_arr = np.full((b, width), -1, np.int32)
+    for i, s in enumerate(stop):
+        stop_arr[i, : len(s)] = s
+    return Prompts(
+        tokens=tokens,
+        lengths=np.asarray([len(p) for p in prompts], np.int32),
+        max_new=np.asarray(max_new, np.int32),
+        stop=stop_arr,
+        buffer=buffer,
+        cache_len=cache_len,
+    )
+
+
+def _check_chain(chain: Sequence[Strategy]) -> tuple[Strategy, ...]:
+    chain = tuple(chain)
+    for s in chain:
+        if not isinstance(s, Strategy):
+            raise ValueError(f"{s!r} is not a sampling strategy (Greedy, Temperature, TopK, ...)")
+    return chain
+
+
+def generate(
+    config: ModelConfig,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    key: jax.Array | int = 0,
+    chain: Sequence[Strategy] = (Greedy(),),
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """The generated tokens of each prompt (a stop token, when produced, ends the row and is
+    included). The whole loop runs in one compiled `lax.while_loop`; prompt lengths and token
+    budgets are padded to buckets, so similar requests reuse one compilation."""
+    chain = _check_chain(chain)
+    batch = prepare(config, prompts, max_new_tokens, stop_tokens, pad_id)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    tokens, num = _generate(
+        params,
+        batch.tokens,
+        batch.lengths,
+        key,
+        batch.max_new,
+        batch.stop,
+        config=config,
+        chain=chain,
+        max_new=batch.buffer,
+        cache_len=batch.cache_len,
+        pad_id=pad_id,
+    )
+    tokens, num = np.asarray(tokens), np.asarray(num)
+    return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
+
+
+def generate_stream(
+    config: ModelConfig,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    key: jax.Array | int = 0,
+    chain: Sequence[Strategy] = (Greedy(),),
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+    chunk: int = 8,
+) -> Iterator[list[list[int]]]:
+    """Like `generate`, but yields each row's newly generated tokens every `chunk` decode steps
+    (a compiled loop per chunk); the concatenated chunks equal `generate`'s result."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    chain = _check_chain(chain)
+    batch = prepare(config, prompts, max_new_tokens, stop_tokens, pad_id)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    args = (batch.max_new, batch.stop)
+    state = _stream_start(
+        params,
+        batch.tokens,
+        batch.lengths,
+        key,
+        *args,
+        config=config,
+        chain=chain,
+        max_new=batch.buffer,
+        cache_len=batch.cache_len,
+        pad_id=pad_id,
+    )
+    sent = np.zeros(len(prompts), np.int64)
+    while True:
+        tokens, num, done = (np.asarray(x) for x in (state.tokens_BN, state.num_B, state.done_B))
+        new = [tokens[i, sent[i] : num[i]].tolist() for i in range(len(prompts))]
+        sent = num.astype(np.int64)
+        if any(new):
+            yield new
+        if done.all() or int(state.step) >= batch.buffer:
+            return
+        until = jnp.asarray(min(int(state.step) + chunk, batch.buffer), jnp.int32)
+        state = _stream_chunk(
+            params, state, key, *args, until, config=config, chain=chain, pad_id=pad_id
+        )
+
+
+def greedy_without_cache(
+    config: ModelConfig, params: Any, prompt: Sequence[int], max_new_tokens: int
+) -> list[int]:
+    """`prompt` followed by up to `max_new_tokens` greedy tokens, recomputing the whole sequence
+    each step (no KV cache): a reference and a baseline for the cached loop."""
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if any(not 0 <= t < config.vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
+    length = min(len(prompt) + max_new_tokens, config.max_seq_len)
+    if len(prompt) >= length:
+        return list(prompt)[:length]
+    tokens = jnp.zeros((1, length), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
+    return [int(t) for t in _greedy_nocache(config, params, tokens, len(prompt))[0]]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
-def _greedy(config: ModelConfig, params: Any, tokens_1L: jax.Array, prompt_len: int) -> jax.Array:
+def _greedy_nocache(config: ModelConfig, params: Any, tokens_1L, prompt_len: int) -> jax.Array:
     length = tokens_1L.shape[1]
 
     def body(i: int, tokens: jax.Array) -> jax.Array:
@@ -25,22 +487,3 @@ def _greedy(config: ModelConfig, params: Any, tokens_1L: jax.Array, prompt_len: 
         return tokens.at[0, i].set(next_token)
 
     return jax.lax.fori_loop(prompt_len, length, body, tokens_1L)
-
-
-def greedy_without_cache(
-    config: ModelConfig, params: Any, prompt: Sequence[int], max_new_tokens: int
-) -> list[int]:
-    """`prompt` followed by up to `max_new_tokens` greedy tokens (stopping at max_seq_len).
-
-    Each step reruns the whole sequence through the model (no KV cache), inside one jitted
-    `fori_loop`.
-    """
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if any(not 0 <= t < config.vocab_size for t in prompt):
-        raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
-    length = min(len(prompt) + max_new_tokens, config.max_seq_len)
-    if len(prompt) >= length:
-        return list(prompt)[:length]
-    tokens = jnp.zeros((1, length), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
-    return [int(t) for t in _greedy(config, params, tokens, len(prompt))[0]]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.configs.model import ModelConfig
+from jaxlm.model import kv_cache
 from jaxlm.model.layers import Einsum, kernel_init, make_norm
 from jaxlm.model.positions import apply_rope
 from jaxlm.sharding import constrain
@@ -62,7 +63,20 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_BTS: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """(output [B, T, D], updated cache layer or None).
+
+        Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T]. With a
+        cache layer `kv` = (k, v), each [B, S, K, H], the new keys and values are written at
+        slots positions[b, 0] .. positions[b, 0] + T - 1 and the queries attend over all S slots
+        (`mask_BTS` is [B, T, S]).
+        """
         cfg = self.config
         d, n, k, h, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
         dt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -92,6 +106,10 @@ class Attention(nn.Module):
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))
         k_BSKH = constrain(k_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
         v_BSKH = constrain(v_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+        if kv is not None:
+            k_BSKH, v_BSKH = kv_cache.update(*kv, k_BSKH, v_BSKH, positions_BT[:, 0])
+            kv = (k_BSKH, v_BSKH)
+            k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
 
         b, t = q_BTNH.shape[:2]
         q_BTKGH = (q_BTNH * h**-0.5).reshape(b, t, k, g, h)
@@ -114,4 +132,4 @@ class Attention(nn.Module):
             **dt,
         )
         out_BTD = out("BTNH,NHD->BTD", out_BTNH)
-        return constrain(out_BTD, ("act_batch", "act_length", "act_embed"))
+        return constrain(out_BTD, ("act_batch", "act_length", "act_embed")), kv

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxlm import sharding
 from jaxlm.configs.model import ModelConfig
+from jaxlm.model import kv_cache
 from jaxlm.model.attention import Attention, attention_mask, segment_positions, softcap
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
 from jaxlm.model.mlp import MLP
@@ -32,15 +33,21 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_BTS: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+        """(x, (aux, updated cache layer or None))."""
         cfg = self.config
         h = make_norm(cfg, "attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, name="attn")(h, positions_BT, mask_BTS)
+        attn_BTD, kv = Attention(cfg, name="attn")(h, positions_BT, mask_BTS, kv)
+        x_BTD = x_BTD + attn_BTD
         h = make_norm(cfg, "mlp_norm")(x_BTD)
         x_BTD = x_BTD + MLP(cfg, name="mlp")(h)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
-        return x_BTD, {}
+        return x_BTD, ({}, kv)
 
 
 class Transformer(nn.Module):
@@ -48,7 +55,12 @@ class Transformer(nn.Module):
 
     `segment_ids` (default all ones) separate packed sequences; id 0 marks padding. Positions
     default to restarting at 0 in each segment. `aux` holds auxiliary per-layer outputs (e.g. MoE
-    losses), empty for dense models. `cache` is reserved for KV-cache decoding and must be None.
+    losses), empty for dense models.
+
+    With a `KVCache`, the T tokens of row b are the ones at positions cache.lengths[b] ..
+    cache.lengths[b] + T - 1 (unless `positions` says otherwise); their keys and values are
+    written to the cache, they attend causally to everything before them in the row, and the
+    returned cache has `lengths` = last position + 1. `segment_ids` must be None then.
     """
 
     config: ModelConfig
@@ -62,21 +74,33 @@ class Transformer(nn.Module):
         cache: Any = None,
     ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         cfg = self.config
-        if cache is not None:
-            raise NotImplementedError("KV-cache decoding is not available in this version of jaxlm")
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
         b, t = tokens_BT.shape
         if t > cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={cfg.max_seq_len}")
-        if segment_ids_BT is None:
-            segment_ids_BT = jnp.ones((b, t), jnp.int32)
-        if positions_BT is None:
-            positions_BT = segment_positions(segment_ids_BT)
-        index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_BTS = attention_mask(
-            index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window
-        )
+        if cache is not None:
+            if segment_ids_BT is not None:
+                raise ValueError("segment_ids cannot be combined with a KV cache")
+            if t > cache.max_length:
+                raise ValueError(f"{t} tokens do not fit a cache of length {cache.max_length}")
+            if positions_BT is None:
+                positions_BT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            # Keys are cache slots; slot s holds position s of the row.
+            slots_BS = jnp.broadcast_to(
+                jnp.arange(cache.max_length, dtype=jnp.int32), (b, cache.max_length)
+            )
+            ones = jnp.ones((b, 1), jnp.int32)
+            mask_BTS = attention_mask(positions_BT, slots_BS, ones, ones, cfg.sliding_window)
+        else:
+            if segment_ids_BT is None:
+                segment_ids_BT = jnp.ones((b, t), jnp.int32)
+            if positions_BT is None:
+                positions_BT = segment_positions(segment_ids_BT)
+            index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask_BTS = attention_mask(
+                index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window
+            )
 
         embed = Embed(
             cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"
@@ -94,22 +118,32 @@ class Transformer(nn.Module):
             block = nn.remat(
                 Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
             )
+        kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x_BTD, aux = layers(x_BTD, positions_BT, mask_BTS)
+            x_BTD, (aux, kv) = layers(x_BTD, positions_BT, mask_BTS, kv)
         else:
-            per_layer = []
+            per_layer, new_kv = [], []
             for i in range(cfg.num_layers):
-                x_BTD, aux_i = block(cfg, name=f"layers_{i}")(x_BTD, positions_BT, mask_BTS)
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BTD, (aux_i, kv_i) = block(cfg, name=f"layers_{i}")(
+                    x_BTD, positions_BT, mask_BTS, layer_kv
+                )
                 per_layer.append(aux_i)
+                new_kv.append(kv_i)
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+            if kv is not None:
+                kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+        if cache is not None:
+            k, v = (sharding.constrain(x, kv_cache.KV_AXES) for x in kv)
+            cache = kv_cache.KVCache(k=k, v=v, lengths=positions_BT[:, -1] + 1)
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         if cfg.tie_embeddings:
@@ -126,7 +160,7 @@ class Transformer(nn.Module):
             logits_BTV = unembed("BTD,DV->BTV", x_BTD)
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
-        return logits_BTV, None, aux
+        return logits_BTV, cache, aux
 
 
 def abstract_params(config: ModelConfig) -> Any:

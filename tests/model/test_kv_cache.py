@@ -1,0 +1,91 @@
+"""Prefill + cached decoding against the full forward pass on the whole sequence."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.model.kv_cache import init_cache
+from jaxlm.model.transformer import Transformer
+from jaxlm.sample import decode_step, prefill
+from tests.model.test_transformer import GPT2, LLAMA, VARIANTS
+from tests.random_params import random_params
+
+CASES = {
+    "mha_learned_gpt2": GPT2,
+    "gqa_rope_llama": LLAMA,
+    "mqa_window_softcaps": VARIANTS["mqa_qknorm_softcap_window_llama3rope"],
+    "sinusoidal": VARIANTS["sinusoidal_gelu_explicit_head_dim"],
+    "gqa_rope_scanned": dataclasses.replace(LLAMA, scan_layers=True),
+    "mha_learned_scanned": dataclasses.replace(GPT2, scan_layers=True),
+}
+
+B, T, PROMPT = 2, 14, 5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prefill_then_decode_equals_the_full_forward_at_every_step(name):
+    cfg = CASES[name]
+    params = random_params(cfg, seed=1)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    full = np.asarray(Transformer(cfg).apply({"params": params}, tokens)[0])
+
+    run = jax.jit(
+        lambda p, t, n, c: prefill(cfg, p, t, n, c),
+    )
+    step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c))
+    cache = init_cache(cfg, B, 20)
+    logits, cache = run(params, tokens[:, :PROMPT], jnp.full((B,), PROMPT), cache)
+    np.testing.assert_allclose(logits, full[:, PROMPT - 1], atol=1e-5, rtol=1e-5)
+    for i in range(PROMPT, T):
+        logits, cache = step(params, tokens[:, i], cache)
+        np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=1e-5, err_msg=f"pos {i}")
+    assert cache.lengths.tolist() == [T, T]
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_rows_of_different_lengths_each_see_their_own_positions(padding):
+    cfg = LLAMA
+    params = random_params(cfg, seed=4)
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 7, 1)]
+    t = 8
+    padded = np.zeros((3, t), np.int32)
+    for i, r in enumerate(rows):
+        if padding == "right":
+            padded[i, : len(r)] = r
+        else:
+            padded[i, t - len(r) :] = r
+    lengths = jnp.asarray([len(r) for r in rows])
+    cache = init_cache(cfg, 3, 16)
+    logits, cache = prefill(cfg, params, jnp.asarray(padded), lengths, cache, padding)
+    nxt = jnp.asarray([7, 8, 9])
+    logits2, _ = decode_step(cfg, params, nxt, cache)
+    for i, r in enumerate(rows):  # each row alone, no padding, whole forward
+        alone = Transformer(cfg).apply({"params": params}, jnp.asarray([[*r, 7 + i]]))[0]
+        np.testing.assert_allclose(logits[i], alone[0, len(r) - 1], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(logits2[i], alone[0, len(r)], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_cache_tracks_the_bfloat16_forward():
+    cfg = dataclasses.replace(LLAMA, dtype="bfloat16")
+    params = random_params(cfg, seed=1)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 10)), jnp.int32)
+    full = np.asarray(Transformer(cfg).apply({"params": params}, tokens)[0], np.float32)
+    cache = init_cache(cfg, 1, 16)
+    assert cache.k.dtype == jnp.bfloat16
+    logits, cache = prefill(cfg, params, tokens[:, :4], jnp.asarray([4]), cache)
+    got = [logits[0]]
+    for i in range(4, 10):
+        logits, cache = decode_step(cfg, params, tokens[:, i], cache)
+        got.append(logits[0])
+    # bf16 rounding differs between one long pass and step-by-step: compare at bf16 precision.
+    np.testing.assert_allclose(np.stack(got), full[0, 3:10], atol=0.1, rtol=0.05)
+    assert (np.argmax(np.stack(got), -1) == np.argmax(full[0, 3:10], -1)).mean() >= 0.8
+
+
+def test_cache_length_is_checked():
+    with pytest.raises(ValueError, match=r"cache length 40 must be in \[1, model.max_seq_len=32\]"):
+        init_cache(LLAMA, 1, 40)
