@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -186,23 +186,22 @@ def decode_step(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingState:
-    """The while-loop carry: everything `generate` needs to take the next step."""
+    """The while-loop carry: everything the loop needs to take the next step."""
 
     step: jax.Array  # scalar: tokens generated so far (max over rows)
     tokens_BN: jax.Array  # generated tokens, pad_id after a row stops
     next_B: jax.Array  # the token to feed next (the last one generated)
     done_B: jax.Array  # row finished (stop token or its max_new_tokens)
     num_B: jax.Array  # tokens generated per row (a stop token counts)
-    cache: KVCache
+    carry: Any  # the decode function's state (the KV cache)
 
 
 def _emit(state: SamplingState, token_B, max_new_B, stop_BS, pad_id) -> SamplingState:
     live_B = ~state.done_B
     token_B = jnp.where(live_B, token_B, pad_id)
-    tokens_BN = jax.vmap(lambda row, tok, i: row.at[i].set(tok))(
-        state.tokens_BN, token_B, jnp.minimum(state.num_B, state.tokens_BN.shape[1] - 1)
-    )
-    tokens_BN = jnp.where(live_B[:, None], tokens_BN, state.tokens_BN)
+    slot_B = jnp.minimum(state.num_B, state.tokens_BN.shape[1] - 1)
+    written_BN = jax.vmap(lambda row, tok, i: row.at[i].set(tok))(state.tokens_BN, token_B, slot_B)
+    tokens_BN = jnp.where(live_B[:, None], written_BN, state.tokens_BN)
     num_B = state.num_B + live_B.astype(jnp.int32)
     stopped_B = jnp.any(token_B[:, None] == stop_BS, axis=-1)
     done_B = state.done_B | (live_B & stopped_B) | (num_B >= max_new_B)
@@ -211,34 +210,71 @@ def _emit(state: SamplingState, token_B, max_new_B, stop_BS, pad_id) -> Sampling
     )
 
 
-def _start(config, params, prompt_BT, lengths_B, cache, key, chain, max_new_B, stop_BS, pad_id, n):
-    logits_BV, cache = prefill(config, params, prompt_BT, lengths_B, cache)
-    token_B = sample_logits(logits_BV, jax.random.fold_in(key, 0), chain)
-    b = prompt_BT.shape[0]
+def start_loop(
+    first_logits_BV: jax.Array,
+    carry: Any,
+    key: jax.Array,
+    chain: Sequence[Strategy],
+    max_new_B: jax.Array,
+    stop_BS: jax.Array,
+    pad_id: int,
+    buffer: int,
+) -> SamplingState:
+    """The loop state after sampling the first token from the prompt's last logits."""
+    b = first_logits_BV.shape[0]
     state = SamplingState(
         step=jnp.zeros((), jnp.int32),
-        tokens_BN=jnp.full((b, n), pad_id, jnp.int32),
-        next_B=token_B,
+        tokens_BN=jnp.full((b, buffer), pad_id, jnp.int32),
+        next_B=jnp.zeros((b,), jnp.int32),
         done_B=max_new_B <= 0,
         num_B=jnp.zeros((b,), jnp.int32),
-        cache=cache,
+        carry=carry,
     )
+    token_B = sample_logits(first_logits_BV, jax.random.fold_in(key, 0), chain)
     return _emit(state, token_B, max_new_B, stop_BS, pad_id)
 
 
-def _continue(config, params, state, key, chain, max_new_B, stop_BS, pad_id, until):
+def continue_loop(
+    decode_fn: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    state: SamplingState,
+    key: jax.Array,
+    chain: Sequence[Strategy],
+    max_new_B: jax.Array,
+    stop_BS: jax.Array,
+    pad_id: int,
+    until: jax.Array | int,
+) -> SamplingState:
+    """Decode (`decode_fn(tokens_B, carry) -> (logits_BV, carry)`) inside one `lax.while_loop`
+    until `until` tokens are generated or every row is done. Step s samples with
+    `fold_in(key, s)`, so splitting the loop into pieces does not change the tokens."""
+
     def cond(s: SamplingState) -> jax.Array:
         return (s.step < until) & ~jnp.all(s.done_B)
 
     def body(s: SamplingState) -> SamplingState:
-        logits_BV, cache = decode_step(config, params, s.next_B, s.cache)
+        logits_BV, carry = decode_fn(s.next_B, s.carry)
         token_B = sample_logits(logits_BV, jax.random.fold_in(key, s.step), chain)
-        return _emit(dataclasses.replace(s, cache=cache), token_B, max_new_B, stop_BS, pad_id)
+        return _emit(dataclasses.replace(s, carry=carry), token_B, max_new_B, stop_BS, pad_id)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-_STATIC = ("config", "chain", "max_new", "cache_len", "pad_id")
+def _model_start(
+    params, prompt_BT, lengths_B, key, max_new_B, stop_BS, config, chain, buffer, cache_len, pad_id
+):
+    cache = init_cache(config, prompt_BT.shape[0], cache_len)
+    logits_BV, cache = prefill(config, params, prompt_BT, lengths_B, cache)
+    return start_loop(logits_BV, cache, key, chain, max_new_B, stop_BS, pad_id, buffer)
+
+
+def _model_continue(params, state, key, max_new_B, stop_BS, until, config, chain, pad_id):
+    def decode_fn(tokens_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        return decode_step(config, params, tokens_B, cache)
+
+    return continue_loop(decode_fn, state, key, chain, max_new_B, stop_BS, pad_id, until)
+
+
+_STATIC = ("config", "chain", "buffer", "cache_len", "pad_id")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -252,42 +288,29 @@ def _generate(
     *,
     config,
     chain,
-    max_new,
+    buffer,
     cache_len,
     pad_id,
 ):
-    cache = init_cache(config, prompt_BT.shape[0], cache_len)
-    state = _start(
-        config, params, prompt_BT, lengths_B, cache, key, chain, max_new_B, stop_BS, pad_id, max_new
+    state = _model_start(
+        params,
+        prompt_BT,
+        lengths_B,
+        key,
+        max_new_B,
+        stop_BS,
+        config,
+        chain,
+        buffer,
+        cache_len,
+        pad_id,
     )
-    state = _continue(config, params, state, key, chain, max_new_B, stop_BS, pad_id, max_new)
+    state = _model_continue(params, state, key, max_new_B, stop_BS, buffer, config, chain, pad_id)
     return state.tokens_BN, state.num_B
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _stream_start(
-    params,
-    prompt_BT,
-    lengths_B,
-    key,
-    max_new_B,
-    stop_BS,
-    *,
-    config,
-    chain,
-    max_new,
-    cache_len,
-    pad_id,
-):
-    cache = init_cache(config, prompt_BT.shape[0], cache_len)
-    return _start(
-        config, params, prompt_BT, lengths_B, cache, key, chain, max_new_B, stop_BS, pad_id, max_new
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("config", "chain", "pad_id"), donate_argnums=1)
-def _stream_chunk(params, state, key, max_new_B, stop_BS, until, *, config, chain, pad_id):
-    return _continue(config, params, state, key, chain, max_new_B, stop_BS, pad_id, until)
+_stream_start = jax.jit(_model_start, static_argnums=range(6, 11))
+_stream_chunk = jax.jit(_model_continue, static_argnums=(6, 7, 8), donate_argnums=1)
 
 
 # --- the Python entry points -------------------------------------------------------------------
@@ -405,7 +428,7 @@ def generate(
         batch.stop,
         config=config,
         chain=chain,
-        max_new=batch.buffer,
+        buffer=batch.buffer,
         cache_len=batch.cache_len,
         pad_id=pad_id,
     )
@@ -438,11 +461,11 @@ def generate_stream(
         batch.lengths,
         key,
         *args,
-        config=config,
-        chain=chain,
-        max_new=batch.buffer,
-        cache_len=batch.cache_len,
-        pad_id=pad_id,
+        config,
+        chain,
+        batch.buffer,
+        batch.cache_len,
+        pad_id,
     )
     sent = np.zeros(len(prompts), np.int64)
     while True:
@@ -454,9 +477,7 @@ def generate_stream(
         if done.all() or int(state.step) >= batch.buffer:
             return
         until = jnp.asarray(min(int(state.step) + chunk, batch.buffer), jnp.int32)
-        state = _stream_chunk(
-            params, state, key, *args, until, config=config, chain=chain, pad_id=pad_id
-        )
+        state = _stream_chunk(params, state, key, *args, until, config, chain, pad_id)
 
 
 def greedy_without_cache(

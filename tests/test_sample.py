@@ -1,32 +1,242 @@
-"""Greedy decoding (no KV cache) against a step-by-step Python reference."""
+"""Generation: against a no-cache argmax loop, a fake model, NumPy filters and a chi-square test."""
 
+import dataclasses
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.configs import get_preset
-from jaxlm.model.transformer import Transformer
-from jaxlm.sample import greedy_without_cache
+from jaxlm import sample, sharding
+from jaxlm.configs import MeshConfig, get_preset
+from jaxlm.model.transformer import Transformer, param_shardings
+from jaxlm.sample import Greedy, MinP, Temperature, TopK, TopP, generate, generate_stream
 from tests.random_params import random_params
 
-CFG = get_preset("tiny-llama")
+LLAMA = dataclasses.replace(get_preset("tiny-llama"), max_seq_len=64)
+GPT2 = dataclasses.replace(get_preset("tiny"), max_seq_len=64, scan_layers=True)
 
 
-def test_greedy_matches_rerunning_the_model_on_the_growing_sequence():
-    params = random_params(CFG, seed=3)
+@pytest.fixture(scope="module")
+def llama_params():
+    return random_params(LLAMA, seed=3)
+
+
+def _argmax_loop(cfg, params, prompt, n):
+    """Reference: a fresh full forward pass on exactly the tokens so far, argmax, repeat."""
+    length = cfg.max_seq_len
+    # One compiled forward over a fixed length; the tail is segment 0 (padding), which causal
+    # attention never lets the real tokens see.
+    forward = jax.jit(
+        lambda p, t, seg: Transformer(cfg).apply({"params": p}, t, segment_ids_BT=seg)[0]
+    )
+    seq = list(prompt)
+    for _ in range(n):
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, : len(seq)] = seq
+        segments = (np.arange(length) < len(seq)).astype(np.int32)[None]
+        logits = forward(params, tokens, segments)
+        seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama_unrolled", "gpt2_scanned"])
+def test_greedy_generation_equals_an_argmax_loop_without_cache(cfg):
+    params = random_params(cfg, seed=3)
+    prompt = [1, 40, 41, 42, 43]
+    assert generate(cfg, params, [prompt], 8) == [_argmax_loop(cfg, params, prompt, 8)]
+
+
+def test_mixed_prompt_lengths_give_each_row_what_it_gets_alone(llama_params):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (1, 9, 4, 17)]
+    together = generate(LLAMA, llama_params, prompts, 6)
+    for p, got in zip(prompts, together, strict=True):
+        assert got == generate(LLAMA, llama_params, [p], 6)[0]
+    assert together[1] == _argmax_loop(LLAMA, llama_params, prompts[1], 6)
+
+
+def test_decode_loop_logic_with_a_fake_model():
+    """'Always predict token + 1': rows stop at their stop token (included) or their budget."""
+    v = 50
+
+    def fake(tokens_B, calls):
+        return jax.nn.one_hot((tokens_B + 1) % v, v) * 10.0, calls + 1
+
+    @jax.jit
+    def run(first_B, max_new_B, stop_BS):
+        state = sample.start_loop(
+            jax.nn.one_hot(first_B, v) * 10.0,
+            jnp.zeros((), jnp.int32),
+            jax.random.key(0),
+            (Greedy(),),
+            max_new_B,
+            stop_BS,
+            pad_id=0,
+            buffer=8,
+        )
+        state = sample.continue_loop(
+            fake, state, jax.random.key(0), (Greedy(),), max_new_B, stop_BS, 0, 8
+        )
+        return state.tokens_BN, state.num_B, state.carry
+
+    tokens, num, calls = run(
+        jnp.asarray([10, 20, 30, 45]),
+        jnp.asarray([8, 3, 8, 8]),
+        jnp.asarray([[13, -1], [-1, -1], [99, 33], [2, -1]]),
+    )
+    assert np.asarray(tokens).tolist() == [
+        [10, 11, 12, 13, 0, 0, 0, 0],  # stop token 13 ends the row, and is kept
+        [20, 21, 22, 0, 0, 0, 0, 0],  # its budget of 3
+        [30, 31, 32, 33, 0, 0, 0, 0],  # the second of its stop tokens
+        [45, 46, 47, 48, 49, 0, 1, 2],  # wraps around the vocabulary, stops at 2
+    ]
+    assert np.asarray(num).tolist() == [4, 3, 4, 8]
+    assert int(calls) == 7  # the loop ran until the longest row was done, not longer
+
+
+# --- strategies against NumPy ----------------------------------------------------------------
+
+LOGITS = np.log(np.asarray([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02]))
+
+
+def _allowed(strategy, probs):
+    order = np.argsort(-probs)
+    if isinstance(strategy, TopK):
+        return set(order[: strategy.k].tolist())
+    if isinstance(strategy, TopP):
+        mass, keep = 0.0, set()
+        for i in order:
+            keep.add(int(i))
+            mass += probs[i]
+            if mass >= strategy.p - 1e-9:
+                break
+        return keep
+    if isinstance(strategy, MinP):
+        return set(np.nonzero(probs >= strategy.p * probs.max())[0].tolist())
+    raise AssertionError(strategy)
+
+
+def _chi_square_critical(df, z=3.09):
+    """Wilson–Hilferty approximation of the chi-square quantile at z (3.09: p = 0.001)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize(
+    "strategy", [TopK(3), TopP(0.6), TopP(0.9), MinP(0.25)], ids=["k3", "p0.6", "p0.9", "min0.25"]
+)
+def test_filters_sample_only_allowed_tokens_with_renormalised_probabilities(strategy):
+    n = 40_000
+    probs = np.exp(LOGITS)
+    allowed = sorted(_allowed(strategy, probs))
+    draws = np.asarray(
+        jax.jit(lambda x, k: sample.sample_logits(x, k, (Temperature(1.0), strategy)))(
+            jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS))),
+            jax.random.key(7),
+        )
+    )
+    assert set(np.unique(draws).tolist()) == set(allowed)
+    expected = probs[allowed] / probs[allowed].sum() * n
+    observed = np.bincount(draws, minlength=len(LOGITS))[allowed]
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    df = len(allowed) - 1
+    if df:
+        assert chi2 < _chi_square_critical(df), (chi2, observed, expected)
+
+
+def test_temperature_sharpens_like_numpy():
+    n = 40_000
+    draws = np.asarray(
+        sample.sample_logits(
+            jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, 8)),
+            jax.random.key(1),
+            (Temperature(0.5),),
+        )
+    )
+    p = np.exp(LOGITS / 0.5) / np.exp(LOGITS / 0.5).sum()
+    expected = p * n
+    chi2 = float(((np.bincount(draws, minlength=8) - expected) ** 2 / expected).sum())
+    assert chi2 < _chi_square_critical(7)
+
+
+# --- the loop as users call it ----------------------------------------------------------------
+
+
+def test_same_key_same_tokens_and_streaming_equals_one_shot(llama_params):
+    chain = sample.strategies(temperature=0.9, top_k=50, top_p=0.95)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 100, 101, 102, 103, 104]]
+    kwargs = dict(max_new_tokens=[12, 7, 10], key=42, chain=chain, stop_tokens=[[2], [], [2, 3]])
+    a = generate(LLAMA, llama_params, prompts, **kwargs)
+    assert a == generate(LLAMA, llama_params, prompts, **kwargs)
+    assert a != generate(LLAMA, llama_params, prompts, **{**kwargs, "key": 43})
+    chunks = list(generate_stream(LLAMA, llama_params, prompts, **kwargs, chunk=3))
+    assert len(chunks) >= 3
+    joined = [[t for c in chunks for t in c[i]] for i in range(3)]
+    assert joined == a
+    assert [len(x) for x in a] == [12, 7, 10] or any(x[-1] in (2, 3) for x in a)
+
+
+def test_generate_compiles_once_per_bucket(llama_params):
+    sample._generate.clear_cache()
+    generate(LLAMA, llama_params, [[1, 2, 3]], 5)
+    generate(LLAMA, llama_params, [[1, 2, 3, 4, 5, 6, 7]], 5, key=3)  # same buckets (16, 16)
+    generate(LLAMA, llama_params, [[4] * 12], 9)
+    assert sample._generate._cache_size() == 1
+    generate(LLAMA, llama_params, [[4] * 20], 9)  # prompt bucket 32: a second program
+    assert sample._generate._cache_size() == 2
+
+
+@pytest.mark.parametrize(
+    "mesh_config",
+    [
+        MeshConfig(data=2, fsdp=1, tensor=4, rules="fsdp_tp"),
+        MeshConfig(data=1, fsdp=8, tensor=1, rules="fsdp"),
+    ],
+    ids=["data2_tensor4", "fsdp8"],
+)
+def test_sharded_sampling_gives_the_same_tokens_as_one_device(llama_params, mesh_config):
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 100, 101], [1, 8, 8, 8, 8]]
+    chain = sample.strategies(temperature=0.7, top_k=20)
+    want_greedy = generate(LLAMA, llama_params, prompts, 10)
+    want_sampled = generate(LLAMA, llama_params, prompts, 10, key=5, chain=chain)
+    mesh = sharding.make_mesh(mesh_config)
+    params = jax.device_put(llama_params, param_shardings(LLAMA, mesh, mesh_config.rules))
+    with sharding.use_mesh(mesh, mesh_config.rules):
+        assert generate(LLAMA, params, prompts, 10) == want_greedy
+        assert generate(LLAMA, params, prompts, 10, key=5, chain=chain) == want_sampled
+
+
+def test_bad_requests_are_refused_before_compiling(llama_params):
+    cases = [
+        (dict(prompts=[[]]), "prompt 0 is empty"),
+        (
+            dict(prompts=[[1, 320]]),
+            r"prompt 0 has token ids \[320\] outside the vocabulary \[0, 320\)",
+        ),
+        (dict(prompts=[[1, -1]]), r"token ids \[-1\]"),
+        (
+            dict(prompts=[[1] * 60], max_new_tokens=5),
+            "60 tokens \\+ max_new_tokens=5 = 65, more than",
+        ),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(prompts=[]), "no prompts given"),
+    ]
+    for kwargs, message in cases:
+        args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
+        with pytest.raises(ValueError, match=message):
+            generate(LLAMA, llama_params, args["prompts"], args["max_new_tokens"])
+    with pytest.raises(ValueError, match=r"temperature=-0.5 must be >= 0"):
+        sample.strategies(temperature=-0.5)
+    with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
+        sample.strategies(top_p=1.5)
+    with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
+        sample.strategies(top_p=0)
+    with pytest.raises(ValueError, match="top_k=0 must be an integer >= 1"):
+        sample.strategies(top_k=0)
+
+
+def test_greedy_without_cache_is_the_argmax_loop(llama_params):
     prompt = [1, 40, 41, 42]
-    want = list(prompt)
-    for _ in range(6):  # reference: a fresh forward pass on exactly the tokens so far
-        logits = Transformer(CFG).apply({"params": params}, jnp.asarray([want]))[0]
-        want.append(int(np.argmax(np.asarray(logits[0, -1]))))
-    assert greedy_without_cache(CFG, params, prompt, 6) == want
-
-
-def test_generation_stops_at_max_seq_len_and_bad_prompts_are_refused():
-    params = random_params(CFG, seed=3)
-    out = greedy_without_cache(CFG, params, [5] * (CFG.max_seq_len - 2), 10)
-    assert len(out) == CFG.max_seq_len
-    with pytest.raises(ValueError, match="the prompt is empty"):
-        greedy_without_cache(CFG, params, [], 4)
-    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 320\)"):
-        greedy_without_cache(CFG, params, [1, 320], 4)
+    got = sample.greedy_without_cache(LLAMA, llama_params, prompt, 6)
+    assert got == prompt + _argmax_loop(LLAMA, llama_params, prompt, 6)
