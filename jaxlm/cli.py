@@ -128,6 +128,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    # Bytes that are not valid UTF-8 (possible from a byte-level model) print as U+FFFD.
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from jaxlm import sample
+
+    texts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        texts.append(Path(path).read_text())
+    if not texts:
+        raise ValueError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples} must be >= 1")
+    if args.stream and len(texts) * args.num_samples != 1:
+        raise ValueError("--stream prints one completion: use one prompt and --num-samples 1")
+    chain = sample.strategies(args.temperature, args.top_k, args.top_p, args.min_p)
+    for i, text in enumerate(texts):
+        if not text:
+            raise ValueError(f"prompt {i} is empty")
+
+    from jaxlm.loop import load_for_eval
+    from jaxlm.sharding import use_mesh
+
+    config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
+    bos = [tokenizer.bos_id] if config.data.add_bos else []
+    prompts = [bos + tokenizer.encode(t) for t in texts for _ in range(args.num_samples)]
+    stop = [tokenizer.eos_id] if config.data.add_eos else []
+    kwargs = dict(key=args.seed, chain=chain, stop_tokens=stop, pad_id=tokenizer.pad_id)
+    print(
+        f"jaxlm sample: {args.workdir} ({len(prompts)} completion(s), up to "
+        f"{args.max_new_tokens} new tokens, {chain})",
+        file=sys.stderr,
+    )
+    with use_mesh(mesh, config.mesh.rules):
+        if args.stream:
+            sys.stdout.write(texts[0])
+            ids: list[int] = []
+            shown = ""
+            for chunk in sample.generate_stream(
+                config.model, params, prompts, args.max_new_tokens, **kwargs
+            ):
+                ids += chunk[0]
+                text = _printable(tokenizer.decode(ids)).rstrip("\ufffd")  # wait for whole chars
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
+            sys.stdout.write(_printable(tokenizer.decode(ids))[len(shown) :] + "\n")
+            return 0
+        outs = sample.generate(config.model, params, prompts, args.max_new_tokens, **kwargs)
+    for j, ids in enumerate(outs):
+        if len(outs) > 1:
+            print(f"=== prompt {j // args.num_samples + 1}, sample {j % args.num_samples + 1} ===")
+        print(texts[j // args.num_samples] + _printable(tokenizer.decode(ids)))
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxlm.data import HFTokenizer, SentencePieceTokenizer, stdlib_files
 
@@ -163,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--batches", type=int, default=0, help="0 = the whole eval split")
     evaluate.set_defaults(func=cmd_eval)
+
+    smp = sub.add_parser("sample", help="generate text from a trained run's newest checkpoint")
+    smp.add_argument("--workdir", required=True)
+    smp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    smp.add_argument("--prompt-file", action="append", help="a file whose text is one prompt")
+    smp.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    smp.add_argument("--max-new-tokens", type=int, default=128)
+    smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--min-p", type=float, default=None)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    smp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    smp.set_defaults(func=cmd_sample)
 
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)

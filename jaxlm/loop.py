@@ -334,6 +334,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     if config.train.sample_tokens and jax.process_index() == 0:
         prompt = tokenizer.encode(config.train.sample_prompt) or [tokenizer.bos_id]
         prompt = [tokenizer.bos_id, *prompt] if config.data.add_bos else prompt
+        prompt = prompt[: config.model.max_seq_len - 1]
         budget = min(config.train.sample_tokens, config.model.max_seq_len - len(prompt))
         with use_mesh(mesh, config.mesh.rules):
             new = generate(config.model, state.params, [prompt], budget, pad_id=tokenizer.pad_id)

@@ -129,3 +129,49 @@ def test_bad_run_configs_fail_before_training(tmp_path):
     assert out.returncode == 2
     assert "model.vocab_size=200 is smaller than the tokenizer's 259 ids" in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_sample_cli_reproduces_the_training_sample_and_is_seeded(run):
+    root, workdir, first, _ = run
+
+    def sample(*args):
+        out = _jaxlm("sample", "--workdir", str(workdir), *args, cache=root / "cache")
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    # Greedy from the step-40 checkpoint = the greedy sample the training run printed at step 40.
+    greedy = sample(
+        "--step", "40", "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "16"
+    )
+    assert greedy == first.stdout
+    args = (
+        "--prompt",
+        "import ",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+    )
+    a = sample(*args, "--seed", "1")
+    assert a.startswith("import ") and a == sample(*args, "--seed", "1", "--stream")
+    many = sample(*args, "--seed", "1", "--num-samples", "2", "--prompt", "class ")
+    assert many.count("=== prompt") == 4 and "=== prompt 2, sample 2 ===\nclass " in many
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--prompt", "x", "--top-p", "1.5"), r"top_p=1.5 must be in (0, 1]"),
+        (("--prompt", "x", "--top-k", "0"), "top_k=0 must be an integer >= 1"),
+        (("--prompt", "x", "--temperature", "-1"), "temperature=-1.0 must be >= 0"),
+        (("--prompt", ""), "prompt 0 is empty"),
+        (("--prompt", "x" * 200, "--max-new-tokens", "100"), "more than model.max_seq_len=256"),
+    ],
+    ids=["top_p", "top_k", "temperature", "empty", "too_long"],
+)
+def test_sample_cli_refuses_bad_requests(run, args, message):
+    root, workdir, _, _ = run
+    out = _jaxlm("sample", "--workdir", str(workdir), *args, cache=root / "cache")
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
