@@ -170,21 +170,35 @@ class Checkpointer:
     def restore_latest(
         self, restore_fn: Callable[[int], Any], log: Callable[[str], None]
     ) -> tuple[int, Any] | None:
-        """(step, restore_fn(step)) for the newest checkpoint that restores, or None if none does.
+        """(step, restore_fn(step)) for the newest checkpoint that restores; None if there is none.
 
-        A checkpoint that fails to restore (truncated or corrupted files) is moved to
-        `<workdir>/corrupt_checkpoints/` (kept for inspection, out of the way of new saves) and the
-        next older one is tried.
+        Checkpoints newer than the one that restores (truncated or corrupted files) are moved to
+        `<workdir>/corrupt_checkpoints/` (kept for inspection, out of the way of new saves), with
+        a message. If none restores, nothing is moved and the newest one's error is raised: that
+        is a mismatch (e.g. another model or jaxlm version), not damage, and must not silently
+        restart training.
         """
+        failed: list[tuple[int, Exception]] = []
         for step in reversed(self.all_steps()):
             try:
-                return step, restore_fn(step)
+                restored = restore_fn(step)
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
                 log(
-                    f"checkpoint at step {step} cannot be restored ({type(e).__name__}: "
-                    f"{str(e)[:300]}); moving it to {QUARANTINE_DIR}/ and trying an older one"
+                    f"checkpoint at step {bad} cannot be restored ({type(e).__name__}: "
+                    f"{str(e)[:300]}); moved it to {QUARANTINE_DIR}/ and resumed from step {step}"
                 )
-                self.quarantine(step)
+                self.quarantine(bad)
+            return step, restored
+        if failed:
+            step, e = failed[0]
+            raise RuntimeError(
+                f"no checkpoint in {self.directory} can be restored (steps "
+                f"{[s for s, _ in failed]}); the newest, step {step}, fails with "
+                f"{type(e).__name__}: {str(e)[:500]}"
+            ) from e
         return None
 
     def quarantine(self, step: int) -> None:

@@ -117,6 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"jaxlm train: stopped: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # e.g. no checkpoint in the workdir can be restored
+        print(f"jaxlm train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

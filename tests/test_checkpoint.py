@@ -165,6 +165,13 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt.save(2, restored, {"i": 2}, cfg, FILES)
     ckpt.wait()
     assert ckpt.all_steps() == [1, 2]
+
+    # When nothing restores (here: another model's shapes), that is a mismatch, not damage:
+    # an error, and every checkpoint stays where it is.
+    other = abstract_train_state(_config("mesh.fsdp=8", "model.d_model=48"), mesh)
+    with pytest.raises(RuntimeError, match=r"no checkpoint .* can be restored \(steps \[2, 1\]\)"):
+        ckpt.restore_latest(lambda s: ckpt.restore(s, other), messages.append)
+    assert ckpt.all_steps() == [1, 2] and len(messages) == 1
     ckpt.close()
 
 
