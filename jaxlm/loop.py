@@ -364,7 +364,9 @@ def load_for_eval(
             files = ckpt.restore_json(step, "tokenizer")
             tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
         # Use whatever devices this machine has: fsdp over all of them.
-        flat = dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        flat = dict(
+            data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
+        )
         mesh = make_mesh(dataclasses.replace(config.mesh, **flat))
         params = ckpt.restore_params(step, abstract_train_state(config, mesh).params)
     finally:

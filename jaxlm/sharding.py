@@ -20,12 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.configs.run import RULE_SET_NAMES, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-_BATCH = ("data", "fsdp")
+# The batch is split over every axis but `tensor`: outside MoE layers, `expert` is data parallel.
+BATCH_AXES = ("data", "fsdp", "expert")
+_BATCH = BATCH_AXES
 
 # Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers.
 # Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
@@ -49,7 +51,23 @@ RULES_FSDP_TP: Rules = (
     ("act_vocab", "tensor"),
 )
 
-RULE_SETS: dict[str, Rules] = {"dp": RULES_DP, "fsdp": RULES_FSDP, "fsdp_tp": RULES_FSDP_TP}
+# Expert parallelism: experts (weights and dispatched tokens) over `expert`.
+RULES_FSDP_EP: Rules = (*RULES_FSDP, ("expert", "expert"), ("act_expert", "expert"))
+
+RULES_FSDP_TP_EP: Rules = (
+    *RULES_FSDP_TP,
+    ("expert", "expert"),
+    ("act_expert", "expert"),
+    ("expert_mlp", "tensor"),
+)
+
+RULE_SETS: dict[str, Rules] = {
+    "dp": RULES_DP,
+    "fsdp": RULES_FSDP,
+    "fsdp_tp": RULES_FSDP_TP,
+    "fsdp_ep": RULES_FSDP_EP,
+    "fsdp_tp_ep": RULES_FSDP_TP_EP,
+}
 assert tuple(RULE_SETS) == RULE_SET_NAMES, "keep configs.run.RULE_SET_NAMES in sync"
 
 
@@ -81,7 +99,7 @@ def _resolve(sizes: Sequence[int], total: int, what: str) -> list[int]:
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A `Mesh` with axes `MESH_AXES` from `config`, over `devices` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
-    dcn = [config.dcn_data, config.dcn_fsdp, config.dcn_tensor]
+    dcn = [config.dcn_data, config.dcn_fsdp, config.dcn_expert, config.dcn_tensor]
     if -1 in dcn:
         num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     else:
@@ -91,12 +109,14 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
             f"MeshConfig DCN axes {dcn} ask for {num_slices} slices, "
             f"which does not divide the {len(devices)} devices"
         )
-    dcn = _resolve(dcn, num_slices, "MeshConfig DCN axes (dcn_data, dcn_fsdp, dcn_tensor)")
+    dcn = _resolve(
+        dcn, num_slices, "MeshConfig DCN axes (dcn_data, dcn_fsdp, dcn_expert, dcn_tensor)"
+    )
     per_slice = len(devices) // num_slices
     ici = _resolve(
-        [config.data, config.fsdp, config.tensor],
+        [config.data, config.fsdp, config.expert, config.tensor],
         per_slice,
-        "MeshConfig ICI axes (data, fsdp, tensor)",
+        "MeshConfig ICI axes (data, fsdp, expert, tensor)",
     )
     if devices and devices[0].platform == "tpu":
         if num_slices > 1:
@@ -107,7 +127,8 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
         # Off TPU there is no torus to respect: devices in the given order, slices outermost
         # (each mesh axis is dcn_size x ici_size, the DCN part varying slowest).
         grid = np.asarray(devices, dtype=object).reshape(dcn + ici)
-        grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape(
+        n = len(MESH_AXES)
+        grid = grid.transpose([a for i in range(n) for a in (i, n + i)]).reshape(
             [d * i for d, i in zip(dcn, ici, strict=True)]
         )
     return Mesh(grid, MESH_AXES)

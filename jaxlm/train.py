@@ -17,8 +17,9 @@ from jaxlm import losses, sharding
 from jaxlm.configs.run import RunConfig
 from jaxlm.model.transformer import Transformer
 from jaxlm.optim import make_optimizer, schedule
+from jaxlm.sharding import BATCH_AXES
 
-BATCH_SPEC = PartitionSpec(("data", "fsdp"))
+BATCH_SPEC = PartitionSpec(BATCH_AXES)
 
 
 @struct.dataclass
@@ -108,12 +109,43 @@ def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     return jax.tree.map(split, batch)
 
 
-def _loss_terms(config: RunConfig, params: Any, batch: dict[str, jax.Array]) -> dict[str, Any]:
+MOE_METRICS = (
+    "moe_lb_loss",
+    "moe_z_loss",
+    "moe_dropped_fraction",
+    "moe_router_entropy",
+    "moe_load_max",
+    "moe_load_min",
+)
+
+
+def moe_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-step MoE statistics over all MoE layers: the (weighted) aux losses summed, the dropped
+    fraction and router entropy averaged, and the most / least loaded expert's share of the
+    assignments times E (1 = perfectly balanced)."""
+    if "moe_expert_load" not in aux:
+        return {}
+    load_E = jnp.mean(aux["moe_expert_load"], axis=0)
+    e = load_E.shape[-1]
+    return {
+        "moe_lb_loss": jnp.sum(aux["moe_lb_loss"]),
+        "moe_z_loss": jnp.sum(aux["moe_z_loss"]),
+        "moe_dropped_fraction": jnp.mean(aux["moe_dropped_fraction"]),
+        "moe_router_entropy": jnp.mean(aux["moe_router_entropy"]),
+        "moe_load_max": jnp.max(load_E) * e,
+        "moe_load_min": jnp.min(load_E) * e,
+    }
+
+
+def _loss_terms(
+    config: RunConfig, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+) -> dict[str, Any]:
+    rngs = {"router": rng} if rng is not None and config.model.moe.router_jitter > 0 else {}
     logits, _, aux = Transformer(config.model).apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
     )
     sums = losses.cross_entropy_sums(logits, batch["targets"], batch["mask"])
-    return {**sums, "aux": losses.aux_loss(aux)}
+    return {**sums, "aux": losses.aux_loss(aux), **moe_metrics(aux)}
 
 
 def train_step(
@@ -135,27 +167,32 @@ def train_step(
     total = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
     model_batch = {key: v for key, v in batch.items() if key != "target_bytes"}
 
-    def loss_fn(params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        terms = _loss_terms(config, params, mb)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(
+        params: Any, mb: dict[str, jax.Array], i: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        terms = _loss_terms(config, params, mb, jax.random.fold_in(rng, i))
         loss = (terms["nll"] + config.train.z_loss * terms["z"]) / total + terms["aux"] / k
         return loss, terms
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
-        (_, terms), grads = grad_fn(state.params, model_batch)
+        (_, terms), grads = grad_fn(state.params, model_batch, 0)
     else:
 
-        def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+        def accumulate(carry: Any, xs: Any) -> tuple[Any, None]:
             grads, sums = carry
-            (_, terms), g = grad_fn(state.params, mb)
+            (_, terms), g = grad_fn(state.params, *xs)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, terms)), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        zero_terms = {n: jnp.zeros((), jnp.float32) for n in ("nll", "z", "count", "aux")}
+        names = ("nll", "z", "count", "aux") + (MOE_METRICS if config.model.moe.enabled else ())
+        zero_terms = {n: jnp.zeros((), jnp.float32) for n in names}
         (grads, terms), _ = jax.lax.scan(
-            accumulate, (zero_grads, zero_terms), _microbatches(model_batch, k)
+            accumulate, (zero_grads, zero_terms), (_microbatches(model_batch, k), jnp.arange(k))
         )
-        terms = {**terms, "aux": terms["aux"] / k}
+        terms = {n: v / k if n == "aux" or n.startswith("moe_") else v for n, v in terms.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss = terms["nll"] / total
@@ -185,6 +222,7 @@ def train_step(
         "nonfinite_total": nonfinite_total.astype(jnp.float32),
         "lr": schedule(config.optim, config.train.steps)(state.step),
         "tokens": terms["count"],
+        **{n: terms[n] for n in MOE_METRICS if n in terms},
         "bits_per_byte": terms["nll"]
         / math.log(2)
         / jnp.maximum(jnp.sum(batch["target_bytes"]), 1),

@@ -30,6 +30,71 @@ def check_positive_ints(config: object, *names: str) -> None:
             raise ValueError(f"{type(config).__name__}.{name}={value!r} must be an integer >= 1")
 
 
+RouterScore = Literal["softmax", "sigmoid"]
+Dispatch = Literal["dropless", "capacity"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (see `jaxlm.model.moe`); num_experts=0 = dense.
+
+    Layer i is an MoE layer when i >= first_dense and (i - first_dense + 1) % every == 0
+    (every=1, first_dense=0: all layers; every=2: layers 1, 3, 5, ...).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    # Hidden size of each expert (None = ModelConfig.mlp_dim); smaller for fine-grained experts.
+    expert_mlp_dim: int | None = None
+    num_shared_experts: int = 0  # dense experts every token uses, hidden = this * expert size
+    shared_expert_gate: bool = False  # scale the shared output by sigmoid(x w) (Qwen2-MoE)
+    score: RouterScore = "softmax"
+    renormalize: bool = True  # top-k weights rescaled to sum to 1 (Mixtral: yes, Qwen2-MoE: no)
+    router_jitter: float = 0.0  # multiplicative input noise U(1 - j, 1 + j), training only
+    dispatch: Dispatch = "dropless"
+    capacity_factor: float = 1.25  # capacity dispatch: C = ceil(factor * tokens * top_k / E)
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+    every: int = 1
+    first_dense: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"MoEConfig.num_experts={self.num_experts!r} must be >= 0 (0 = dense)")
+        check_positive_ints(self, "every")
+        if self.first_dense < 0:
+            raise ValueError(f"MoEConfig.first_dense={self.first_dense!r} must be >= 0")
+        if self.num_experts:
+            check_positive_ints(self, "top_k")
+            if self.top_k > self.num_experts:
+                raise ValueError(
+                    f"MoEConfig.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]"
+                )
+            if self.expert_mlp_dim is not None:
+                check_positive_ints(self, "expert_mlp_dim")
+        if self.num_shared_experts < 0:
+            raise ValueError(
+                f"MoEConfig.num_shared_experts={self.num_shared_experts!r} must be >= 0"
+            )
+        for name, literal in (("score", RouterScore), ("dispatch", Dispatch)):
+            value, valid = getattr(self, name), get_args(literal)
+            if value not in valid:
+                raise ValueError(
+                    f"MoEConfig.{name}={value!r} is not valid; choose one of {list(valid)}"
+                )
+        if not 0 <= self.router_jitter < 1:
+            raise ValueError(f"MoEConfig.router_jitter={self.router_jitter!r} must be in [0, 1)")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"MoEConfig.capacity_factor={self.capacity_factor!r} must be > 0")
+        for name in ("load_balance_weight", "router_z_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r} must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only Transformer.
@@ -76,6 +141,7 @@ class ModelConfig:
     param_dtype: DType = "float32"
     scan_layers: bool = True
     remat: RematPolicy = "none"
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     # Which of num_kv_heads/head_dim/mlp_dim were derived (given as None): overrides re-derive them.
     derived_fields: tuple[str, ...] = dataclasses.field(
         default=(), init=False, repr=False, compare=False
@@ -145,6 +211,22 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={value!r} must be > 0 or None (no cap)")
         if self.sliding_window is not None:
             check_positive_ints(self, "sliding_window")
+        if self.moe.enabled and self.scan_layers:
+            m = self.moe
+            if m.first_dense or self.num_layers % m.every:
+                raise ValueError(
+                    f"scanned layers must repeat one pattern: with moe.every={m.every} and "
+                    f"moe.first_dense={m.first_dense}, num_layers={self.num_layers} needs "
+                    "first_dense=0 and num_layers divisible by every (or scan_layers=False)"
+                )
+
+    def is_moe_layer(self, i: int) -> bool:
+        m = self.moe
+        return m.enabled and i >= m.first_dense and (i - m.first_dense + 1) % m.every == 0
+
+    @property
+    def expert_mlp_dim(self) -> int:
+        return self.moe.expert_mlp_dim or self.mlp_dim
 
     @property
     def gated(self) -> bool:

@@ -7,7 +7,7 @@ import dataclasses
 from jaxlm.configs.model import ModelConfig, check_positive_ints
 
 # Names of the rule sets in jaxlm.sharding.RULE_SETS (kept here so configs import nothing heavy).
-RULE_SET_NAMES = ("dp", "fsdp", "fsdp_tp")
+RULE_SET_NAMES = ("dp", "fsdp", "fsdp_tp", "fsdp_ep", "fsdp_tp_ep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,9 +17,11 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    expert: int = 1  # expert parallelism (MoE); data parallel for everything else
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
+    dcn_expert: int = 1
     rules: str = "fsdp"
 
     def __post_init__(self) -> None:
@@ -27,7 +29,10 @@ class MeshConfig:
             raise ValueError(
                 f"MeshConfig.rules={self.rules!r} is not a rule set; choose one of {RULE_SET_NAMES}"
             )
-        for group in (("data", "fsdp", "tensor"), ("dcn_data", "dcn_fsdp", "dcn_tensor")):
+        for group in (
+            ("data", "fsdp", "expert", "tensor"),
+            ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_tensor"),
+        ):
             values = [getattr(self, n) for n in group]
             for n, v in zip(group, values, strict=True):
                 if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):

@@ -20,6 +20,7 @@ from grain import experimental as grain_experimental
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
+from jaxlm.sharding import BATCH_AXES
 
 BATCH_KEYS = ("tokens", "targets", "mask", "segment_ids", "positions")
 
@@ -158,7 +159,7 @@ def check_batch_size(global_batch: int, mesh: Mesh | None, process_count: int) -
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays split over the mesh's batch axes."""
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 

@@ -14,6 +14,7 @@ from jaxlm.model import kv_cache
 from jaxlm.model.attention import Attention, attention_mask, segment_positions, softcap
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
 from jaxlm.model.mlp import MLP
+from jaxlm.model.moe import MoE
 from jaxlm.model.positions import LearnedPositions, sinusoidal
 
 REMAT_POLICIES = {
@@ -30,6 +31,7 @@ class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, aux) so it can be scanned."""
 
     config: ModelConfig
+    moe: bool = False  # a Mixture-of-Experts feed-forward instead of the dense MLP
 
     @nn.compact
     def __call__(
@@ -45,9 +47,40 @@ class Block(nn.Module):
         attn_BTD, kv = Attention(cfg, name="attn")(h, positions_BT, mask_BTS, kv)
         x_BTD = x_BTD + attn_BTD
         h = make_norm(cfg, "mlp_norm")(x_BTD)
-        x_BTD = x_BTD + MLP(cfg, name="mlp")(h)
-        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
-        return x_BTD, ({}, kv)
+        aux: dict[str, jax.Array] = {}
+        if self.moe:
+            ff_BTD, aux = MoE(cfg, name="moe")(h)
+        else:
+            ff_BTD = MLP(cfg, name="mlp")(h)
+        x_BTD = sharding.constrain(x_BTD + ff_BTD, ("act_batch", "act_length", "act_embed"))
+        return x_BTD, (aux, kv)
+
+
+class BlockGroup(nn.Module):
+    """`every` consecutive blocks, the last one MoE: the unit scanned when MoE layers are sparse."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_BTS: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+        every = self.config.moe.every
+        new_kv, aux = [], {}
+        for j in range(every):
+            layer_kv = None if kv is None else (kv[0][j], kv[1][j])
+            x_BTD, (aux_j, kv_j) = Block(self.config, moe=j == every - 1, name=f"block_{j}")(
+                x_BTD, positions_BT, mask_BTS, layer_kv
+            )
+            aux = aux_j or aux
+            new_kv.append(kv_j)
+        if kv is not None:
+            kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+        return x_BTD, (aux, kv)
 
 
 class Transformer(nn.Module):
@@ -112,33 +145,42 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + sinusoidal(positions_BT, cfg.d_model, cfg.dtype)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
-        block = Block
+        grouped = cfg.moe.enabled and cfg.moe.every > 1 and cfg.scan_layers
+        unit = BlockGroup if grouped else Block
         if cfg.remat != "none":
             # Under scan, XLA cannot CSE across iterations, so prevent_cse is unnecessary there.
-            block = nn.remat(
-                Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
-            )
+            unit = nn.remat(unit, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
+            every = cfg.moe.every if grouped else 1
+            length = cfg.num_layers // every
+            if kv is not None and grouped:  # [L, ...] -> [L / every, every, ...]
+                kv = tuple(x.reshape(length, every, *x.shape[1:]) for x in kv)
             layers = nn.scan(
-                block,
+                unit,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "router": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0),
-                length=cfg.num_layers,
+                length=length,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
-            x_BTD, (aux, kv) = layers(x_BTD, positions_BT, mask_BTS, kv)
+            )
+            kwargs = {} if grouped else {"moe": cfg.moe.enabled}
+            x_BTD, (aux, kv) = layers(cfg, name="layers", **kwargs)(
+                x_BTD, positions_BT, mask_BTS, kv
+            )
+            if kv is not None and grouped:
+                kv = tuple(x.reshape(cfg.num_layers, *x.shape[2:]) for x in kv)
         else:
             per_layer, new_kv = [], []
             for i in range(cfg.num_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BTD, (aux_i, kv_i) = block(cfg, name=f"layers_{i}")(
+                x_BTD, (aux_i, kv_i) = unit(cfg, moe=cfg.is_moe_layer(i), name=f"layers_{i}")(
                     x_BTD, positions_BT, mask_BTS, layer_kv
                 )
-                per_layer.append(aux_i)
+                if aux_i:
+                    per_layer.append(aux_i)
                 new_kv.append(kv_i)
-            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
             if kv is not None:
                 kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
         if cache is not None:
