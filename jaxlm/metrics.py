@@ -19,10 +19,27 @@ class ParamCount:
 
     total: int
     embedding: int
+    active: int = 0  # used per token (MoE: only the top-k routed experts); = total when dense
+
+    def __post_init__(self) -> None:
+        if not self.active:
+            object.__setattr__(self, "active", self.total)
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding
+
+
+def _moe_layer_params(c: ModelConfig) -> tuple[int, int]:
+    """(all, active per token) parameters of one MoE feed-forward block."""
+    m, d = c.moe, c.d_model
+    f = c.expert_mlp_dim
+    expert = (3 if c.gated else 2) * d * f
+    shared = (3 if c.gated else 2) * d * f * m.num_shared_experts
+    if m.num_shared_experts and m.shared_expert_gate:
+        shared += d
+    router = d * m.num_experts
+    return router + m.num_experts * expert + shared, router + m.top_k * expert + shared
 
 
 def param_count(config: ModelConfig) -> ParamCount:
@@ -38,13 +55,19 @@ def param_count(config: ModelConfig) -> ParamCount:
     mlp = (3 if c.gated else 2) * d * f
     if c.mlp_bias:
         mlp += (2 if c.gated else 1) * f + d
-    per_layer = 2 * norm + attn + mlp
+    num_moe = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    moe_all, moe_active = _moe_layer_params(c) if num_moe else (0, 0)
+    dense_layers = (2 * norm + attn + mlp) * (c.num_layers - num_moe)
+    moe_layers = (2 * norm + attn) * num_moe
     embedding = c.vocab_size * d
     if c.position == "learned":
         embedding += c.max_seq_len * d
     if not c.tie_embeddings:
         embedding += d * c.vocab_size
-    return ParamCount(total=c.num_layers * per_layer + norm + embedding, embedding=embedding)
+    base = dense_layers + moe_layers + norm + embedding
+    return ParamCount(
+        total=base + num_moe * moe_all, embedding=embedding, active=base + num_moe * moe_active
+    )
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -55,12 +78,19 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     matrix product, i.e. all non-embedding weights plus the output projection (the tied or
     untied [D, V] logits matmul); embedding lookups and norms/biases cost no matmul FLOPs. The
     attention term counts the full T x T score and value products, as XLA computes them (no
-    causal halving, and a sliding window still computes every score before masking).
+    causal halving, and a sliding window still computes every score before masking). MoE layers
+    count their active parameters: the router, top_k experts and the shared experts.
     """
     c = config
     d, n, k, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
-    matmul_per_layer = d * n * h + 2 * d * k * h + n * h * d + (3 if c.gated else 2) * d * f
-    matmul = c.num_layers * matmul_per_layer + d * c.vocab_size
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    num_moe = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    moe_active = _moe_layer_params(c)[1] if num_moe else 0
+    matmul = (
+        (c.num_layers - num_moe) * (attn + (3 if c.gated else 2) * d * f)
+        + num_moe * (attn + moe_active)
+        + d * c.vocab_size
+    )
     attention = 2 * c.num_layers * n * h * seq_len
     return float(6 * matmul + 6 * attention)
 

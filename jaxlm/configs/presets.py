@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.model import ModelConfig, MoEConfig
 
 _GPT2 = dict(
     vocab_size=50257,
@@ -67,6 +67,53 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=False,
     ),
     # The default `jaxlm train` model: Llama-style, byte vocabulary, trains on a 2-core CPU.
+    # Mixture-of-Experts: a toy for tests, a Mixtral-style model (8 experts, top-2, renormalised,
+    # every layer) and a DeepSeek/Qwen-MoE-style fine-grained one (16 small experts, top-4 not
+    # renormalised, plus 2 shared experts behind a sigmoid gate).
+    "tiny-moe": ModelConfig(
+        **_LLAMA,
+        vocab_size=320,
+        max_seq_len=128,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=128,
+        tie_embeddings=False,
+        moe=MoEConfig(num_experts=4, top_k=2),
+    ),
+    "mixtral-small": ModelConfig(
+        **_LLAMA,
+        vocab_size=32000,
+        max_seq_len=4096,
+        d_model=1024,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=4,
+        mlp_dim=3584,
+        tie_embeddings=False,
+        rope_theta=1e6,
+        moe=MoEConfig(num_experts=8, top_k=2),
+    ),
+    "fine-grained-moe": ModelConfig(
+        **_LLAMA,
+        vocab_size=32000,
+        max_seq_len=4096,
+        d_model=1024,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=4,
+        mlp_dim=2816,
+        tie_embeddings=False,
+        moe=MoEConfig(
+            num_experts=16,
+            top_k=4,
+            expert_mlp_dim=704,
+            num_shared_experts=2,
+            shared_expert_gate=True,
+            renormalize=False,
+        ),
+    ),
     "small": ModelConfig(
         **_LLAMA,
         vocab_size=320,
