@@ -190,3 +190,14 @@ def test_moe_config_errors():
         MoEConfig(num_experts=4, dispatch="sorted")
     with pytest.raises(ValueError, match="needs first_dense=0 and num_layers divisible by every"):
         dataclasses.replace(BASE, num_layers=3, moe=MoEConfig(num_experts=4, every=2))
+
+
+def test_router_jitter_only_with_a_router_rng():
+    cfg = _cfg(router_jitter=0.5, top_k=1, num_experts=4, renormalize=False)
+    params, x = _params(cfg), _x(cfg)
+    plain, _ = MoE(cfg).apply(params, x)  # evaluation and sampling: no rng, deterministic
+    np.testing.assert_array_equal(plain, MoE(cfg).apply(params, x)[0])
+    np.testing.assert_allclose(plain, _reference(cfg, params, x), atol=1e-5)
+    a, _ = MoE(cfg).apply(params, x, rngs={"router": jax.random.key(1)})
+    b, _ = MoE(cfg).apply(params, x, rngs={"router": jax.random.key(2)})
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
