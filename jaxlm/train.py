@@ -134,6 +134,7 @@ def moe_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
         "moe_router_entropy": jnp.mean(aux["moe_router_entropy"]),
         "moe_load_max": jnp.max(load_E) * e,
         "moe_load_min": jnp.min(load_E) * e,
+        "moe_expert_load": load_E,  # [E]: share of the assignments per expert (sums to 1)
     }
 
 
@@ -189,6 +190,8 @@ def train_step(
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
         names = ("nll", "z", "count", "aux") + (MOE_METRICS if config.model.moe.enabled else ())
         zero_terms = {n: jnp.zeros((), jnp.float32) for n in names}
+        if config.model.moe.enabled:
+            zero_terms["moe_expert_load"] = jnp.zeros((config.model.moe.num_experts,))
         (grads, terms), _ = jax.lax.scan(
             accumulate, (zero_grads, zero_terms), (_microbatches(model_batch, k), jnp.arange(k))
         )
@@ -223,6 +226,10 @@ def train_step(
         "lr": schedule(config.optim, config.train.steps)(state.step),
         "tokens": terms["count"],
         **{n: terms[n] for n in MOE_METRICS if n in terms},
+        **{
+            f"moe_expert_load_{i}": terms["moe_expert_load"][i]
+            for i in range(config.model.moe.num_experts if "moe_expert_load" in terms else 0)
+        },
         "bits_per_byte": terms["nll"]
         / math.log(2)
         / jnp.maximum(jnp.sum(batch["target_bytes"]), 1),

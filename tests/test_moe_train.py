@@ -93,3 +93,7 @@ def test_tiny_moe_learns_the_default_corpus_with_balanced_experts(tmp_path, stdl
     assert np.mean([r["moe_load_min"] for r in train]) > 0.4, train
     assert train[-1]["moe_load_min"] > 0.5 and train[-1]["moe_load_max"] < 1.5
     assert all(r["moe_dropped_fraction"] == 0.0 and r["moe_lb_loss"] > 0 for r in train)
+    for r in train:  # per-expert shares, consistent with the max/min summaries
+        loads = [r[f"moe_expert_load_{i}"] for i in range(4)]
+        assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+        assert max(loads) * 4 == pytest.approx(r["moe_load_max"], rel=1e-5)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.configs import MoEConfig
 from jaxlm.model.kv_cache import init_cache
 from jaxlm.model.transformer import Transformer
 from jaxlm.sample import decode_step, prefill
@@ -20,6 +21,14 @@ CASES = {
     "sinusoidal": VARIANTS["sinusoidal_gelu_explicit_head_dim"],
     "gqa_rope_scanned": dataclasses.replace(LLAMA, scan_layers=True),
     "mha_learned_scanned": dataclasses.replace(GPT2, scan_layers=True),
+    # Dropless MoE routes each token on its own, so cached decoding matches exactly.
+    "moe_every_2nd_scanned": dataclasses.replace(
+        LLAMA,
+        scan_layers=True,
+        num_layers=4,
+        moe=MoEConfig(num_experts=4, top_k=2, every=2, num_shared_experts=1),
+    ),
+    "moe_unrolled": dataclasses.replace(LLAMA, moe=MoEConfig(num_experts=4, top_k=1)),
 }
 
 B, T, PROMPT = 2, 14, 5
