@@ -76,6 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {
         "params": counts.total,
         "params_non_embedding": counts.non_embedding,
+        "params_active": counts.active,
         "seq_len": seq_len,
         "flops_per_token": flops_per_token(model, seq_len),
         "params_bytes": state["params"],
@@ -89,6 +90,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     gib = 2.0**30
     print(f"config:                     {args.config or 'tiny (default)'}")
     print(f"parameters:                 {counts.total:,} ({counts.non_embedding:,} non-embedding)")
+    if counts.active != counts.total:
+        print(f"active per token:           {counts.active:,} (MoE: top-k of the experts)")
     print(f"training FLOPs per token:   {info['flops_per_token']:.4g} (seq_len {seq_len})")
     print(f"params:                     {state['params'] / gib:.3f} GiB ({model.param_dtype})")
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")

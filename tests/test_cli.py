@@ -27,6 +27,17 @@ def test_info_json_reports_the_published_gpt2_size():
     assert info["params_non_embedding"] == 85_056_000
     assert info["flops_per_token"] == flops_per_token(get_preset("gpt2-124m"), 1024)
     assert info["params_and_adam_bytes"] == 124_439_808 * 12
+    assert info["params_active"] == info["params"]  # dense: every parameter is used
+
+
+def test_info_reports_moe_active_parameters():
+    out = _run("info", "--config", "mixtral-small", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    cfg = get_preset("mixtral-small")
+    # 6 of the 8 experts (3 weight matrices each) in each of the 16 layers are not used per token.
+    unused = 16 * 6 * 3 * cfg.d_model * cfg.mlp_dim
+    assert info["params"] - info["params_active"] == unused
 
 
 def test_console_script_is_installed():
