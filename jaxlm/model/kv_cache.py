@@ -36,7 +36,9 @@ class KVCache:
         return self.k[i], self.v[i]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: jnp.dtype | None = None):
+def init_cache(
+    config: ModelConfig, batch: int, max_length: int, dtype: jnp.dtype | str | None = None
+) -> KVCache:
     """An empty cache for `batch` rows of up to `max_length` tokens, in the model's compute dtype
     (or `dtype`), constrained to the active mesh's shardings when there is one."""
     if not 1 <= max_length <= config.max_seq_len:
@@ -51,7 +53,11 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: jnp.dtyp
 
 
 def update(
-    k_BSKH: jax.Array, v_BSKH: jax.Array, k_new_BTKH: jax.Array, v_new_BTKH: jax.Array, start_B
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    k_new_BTKH: jax.Array,
+    v_new_BTKH: jax.Array,
+    start_B: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """One layer's cache with T new keys/values written at slots start[b] .. start[b]+T-1."""
 
