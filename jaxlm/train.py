@@ -188,13 +188,13 @@ def train_step(
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, terms)), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        names = ("nll", "z", "count", "aux") + (MOE_METRICS if config.model.moe.enabled else ())
-        zero_terms = {n: jnp.zeros((), jnp.float32) for n in names}
-        if config.model.moe.enabled:
-            zero_terms["moe_expert_load"] = jnp.zeros((config.model.moe.num_experts,))
-        (grads, terms), _ = jax.lax.scan(
-            accumulate, (zero_grads, zero_terms), (_microbatches(model_batch, k), jnp.arange(k))
+        mbs = _microbatches(model_batch, k)
+        # The accumulator has the structure of one microbatch's terms (incl. MoE statistics).
+        one = jax.eval_shape(
+            lambda mb: _loss_terms(config, state.params, mb, rng), jax.tree.map(lambda x: x[0], mbs)
         )
+        zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), one)
+        (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (mbs, jnp.arange(k)))
         terms = {n: v / k if n == "aux" or n.startswith("moe_") else v for n, v in terms.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

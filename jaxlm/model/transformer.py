@@ -56,6 +56,29 @@ class Block(nn.Module):
         return x_BTD, (aux, kv)
 
 
+def _run_blocks(
+    blocks: list[nn.Module],
+    x_BTD: jax.Array,
+    positions_BT: jax.Array,
+    mask_BTS: jax.Array,
+    kv: tuple[jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, list[dict[str, jax.Array]], tuple[jax.Array, jax.Array] | None]:
+    """Apply `blocks` in order, block j on cache layer j of `kv` ([L, ...] arrays).
+
+    Returns (x, the non-empty aux dicts in layer order, the updated cache restacked or None).
+    """
+    auxes, new_kv = [], []
+    for j, block in enumerate(blocks):
+        layer_kv = None if kv is None else (kv[0][j], kv[1][j])
+        x_BTD, (aux_j, kv_j) = block(x_BTD, positions_BT, mask_BTS, layer_kv)
+        if aux_j:
+            auxes.append(aux_j)
+        new_kv.append(kv_j)
+    if kv is not None:
+        kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+    return x_BTD, auxes, kv
+
+
 class BlockGroup(nn.Module):
     """`every` consecutive blocks, the last one MoE: the unit scanned when MoE layers are sparse."""
 
@@ -70,17 +93,9 @@ class BlockGroup(nn.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
         every = self.config.moe.every
-        new_kv, aux = [], {}
-        for j in range(every):
-            layer_kv = None if kv is None else (kv[0][j], kv[1][j])
-            x_BTD, (aux_j, kv_j) = Block(self.config, moe=j == every - 1, name=f"block_{j}")(
-                x_BTD, positions_BT, mask_BTS, layer_kv
-            )
-            aux = aux_j or aux
-            new_kv.append(kv_j)
-        if kv is not None:
-            kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
-        return x_BTD, (aux, kv)
+        blocks = [Block(self.config, moe=j == every - 1, name=f"block_{j}") for j in range(every)]
+        x_BTD, auxes, kv = _run_blocks(blocks, x_BTD, positions_BT, mask_BTS, kv)
+        return x_BTD, (auxes[0], kv)  # the group's one MoE block
 
 
 class Transformer(nn.Module):
@@ -171,18 +186,12 @@ class Transformer(nn.Module):
             if kv is not None and grouped:
                 kv = tuple(x.reshape(cfg.num_layers, *x.shape[2:]) for x in kv)
         else:
-            per_layer, new_kv = [], []
-            for i in range(cfg.num_layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BTD, (aux_i, kv_i) = unit(cfg, moe=cfg.is_moe_layer(i), name=f"layers_{i}")(
-                    x_BTD, positions_BT, mask_BTS, layer_kv
-                )
-                if aux_i:
-                    per_layer.append(aux_i)
-                new_kv.append(kv_i)
+            blocks = [
+                unit(cfg, moe=cfg.is_moe_layer(i), name=f"layers_{i}")
+                for i in range(cfg.num_layers)
+            ]
+            x_BTD, per_layer, kv = _run_blocks(blocks, x_BTD, positions_BT, mask_BTS, kv)
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
-            if kv is not None:
-                kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
         if cache is not None:
             k, v = (sharding.constrain(x, kv_cache.KV_AXES) for x in kv)
             cache = kv_cache.KVCache(k=k, v=v, lengths=positions_BT[:, -1] + 1)
