@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm import distributed
 from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import CheckpointConfig, RunConfig
 
@@ -208,6 +209,7 @@ class Checkpointer:
                 shutil.rmtree(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(target))
+        distributed.barrier(f"jaxlm_quarantine_{step}")  # moved before any process re-lists
         self._manager.reload()
 
     def wait(self) -> None:

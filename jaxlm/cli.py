@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -25,6 +26,53 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set model.num_layers=4 (repeatable)",
     )
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process runs (not needed on Cloud TPU VMs, SLURM or Open MPI: detected)"
+    )
+    group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        metavar="SECONDS",
+        help="fail the run this long after a process stops responding (default 100)",
+    )
+    group.add_argument(
+        "--init-timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="wait this long for every process to join (default 300)",
+    )
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    """Initialise `jax.distributed` from the arguments, environment or cluster (before any device
+    is touched)."""
+    from jaxlm import distributed
+
+    for name in ("heartbeat_timeout", "init_timeout"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(args, name)} must be >= 1 second")
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        init_timeout_s=args.init_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
@@ -113,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = apply_overrides(checkpoint.load_run_config(workdir), args.overrides)
     else:
         config = load_config(args.config, args.overrides)
+    _join_processes(args)
     from jaxlm.loop import NonFiniteError, train
 
     try:
@@ -126,11 +175,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxlm.scaling import sweep
+
+    runs = sweep.load_sweep(args.file)
+    workdir = args.workdir or os.path.join("runs", "sweeps", Path(args.file).stem)
+    _join_processes(args)
+    from jaxlm.loop import NonFiniteError
+
+    main = _is_main_process()
+    log = lambda m: print(m, file=sys.stderr, flush=True) if main else None
+    try:
+        rows = sweep.run_sweep(runs, workdir, overrides=args.overrides, log=log)
+    except (NonFiniteError, RuntimeError) as e:
+        print(f"jaxlm sweep: stopped: {e}", file=sys.stderr)
+        return 1
+    if main:
+        print(
+            f"jaxlm sweep: {len(rows)} of {len(runs)} runs finished; results in "
+            f"{Path(workdir) / sweep.RESULTS_JSON} and {sweep.RESULTS_CSV}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+N_COLUMNS = ("params", "params_non_embedding", "params_active")
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    from jaxlm import scaling
+
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap} must be >= 0")
+    rows = scaling.load_results(args.results)
+    if args.params != "params":
+        missing = [i for i, r in enumerate(rows) if args.params not in r]
+        if missing:
+            raise ValueError(f"rows {missing} of {args.results} have no {args.params!r} column")
+        rows = [dict(r, params=r[args.params]) for r in rows]
+    fits = scaling.fit_runs(rows, bootstrap=args.bootstrap, seed=args.seed)
+    print(json.dumps(fits.summary(args.target or None), indent=1))
+    if args.plot:
+        for path in scaling.plot_all(fits, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.batches < 0:
+        raise ValueError(f"--batches {args.batches} must be >= 0 (0 = the whole eval split)")
+    _join_processes(args)
+    from jaxlm import distributed
     from jaxlm.loop import eval_workdir
 
+    distributed.check_agreement({"command": "eval", **vars(args), "func": None})
     result = eval_workdir(args.workdir, args.batches)
-    print(json.dumps({k: round(v, 6) for k, v in result.items()}))
+    if _is_main_process():
+        print(json.dumps({k: round(v, 6) for k, v in result.items()}))
     return 0
 
 
@@ -156,22 +257,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not text:
             raise ValueError(f"prompt {i} is empty")
 
+    _join_processes(args)
+    from jaxlm import distributed
     from jaxlm.loop import load_for_eval
     from jaxlm.sharding import use_mesh
 
+    distributed.check_agreement({"command": "sample", **vars(args), "func": None})
     config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
+    main = _is_main_process()  # every process generates (the parameters span them); one prints
+    out = sys.stdout if main else io.StringIO()
     bos = [tokenizer.bos_id] if config.data.add_bos else []
     prompts = [bos + tokenizer.encode(t) for t in texts for _ in range(args.num_samples)]
     stop = [tokenizer.eos_id] if config.data.add_eos else []
     kwargs = dict(key=args.seed, chain=chain, stop_tokens=stop, pad_id=tokenizer.pad_id)
-    print(
-        f"jaxlm sample: {args.workdir} ({len(prompts)} completion(s), up to "
-        f"{args.max_new_tokens} new tokens, {chain})",
-        file=sys.stderr,
-    )
+    if main:
+        print(
+            f"jaxlm sample: {args.workdir} ({len(prompts)} completion(s), up to "
+            f"{args.max_new_tokens} new tokens, {chain})",
+            file=sys.stderr,
+        )
     with use_mesh(mesh, config.mesh.rules):
         if args.stream:
-            sys.stdout.write(texts[0])
+            out.write(texts[0])
             ids: list[int] = []
             shown = ""
             for chunk in sample.generate_stream(
@@ -179,16 +286,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
             ):
                 ids += chunk[0]
                 text = _printable(tokenizer.decode(ids)).rstrip("\ufffd")  # wait for whole chars
-                sys.stdout.write(text[len(shown) :])
-                sys.stdout.flush()
+                out.write(text[len(shown) :])
+                out.flush()
                 shown = text
-            sys.stdout.write(_printable(tokenizer.decode(ids))[len(shown) :] + "\n")
+            out.write(_printable(tokenizer.decode(ids))[len(shown) :] + "\n")
             return 0
         outs = sample.generate(config.model, params, prompts, args.max_new_tokens, **kwargs)
     for j, ids in enumerate(outs):
         if len(outs) > 1:
-            print(f"=== prompt {j // args.num_samples + 1}, sample {j % args.num_samples + 1} ===")
-        print(texts[j // args.num_samples] + _printable(tokenizer.decode(ids)))
+            prompt, sample_no = j // args.num_samples + 1, j % args.num_samples + 1
+            print(f"=== prompt {prompt}, sample {sample_no} ===", file=out)
+        print(texts[j // args.num_samples] + _printable(tokenizer.decode(ids)), file=out)
     return 0
 
 
@@ -221,11 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (resumes from the workdir's checkpoints)")
     _add_config_args(train)
     train.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    _add_distributed_args(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--batches", type=int, default=0, help="0 = the whole eval split")
+    _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     smp = sub.add_parser("sample", help="generate text from a trained run's newest checkpoint")
@@ -241,7 +351,40 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     smp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    _add_distributed_args(smp)
     smp.set_defaults(func=cmd_sample)
+
+    swp = sub.add_parser("sweep", help="run a sweep file's training runs, collect results")
+    swp.add_argument("file", help="a .py file defining SWEEP or get_sweep() (SweepRun list)")
+    swp.add_argument("--workdir", default=None, help="default: runs/sweeps/<file name>")
+    swp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field of every run (repeatable)",
+    )
+    _add_distributed_args(swp)
+    swp.set_defaults(func=cmd_sweep)
+
+    scl = sub.add_parser("scaling", help="scaling-law fits of a sweep's results")
+    scl_sub = scl.add_subparsers(dest="scaling_command", required=True)
+    fit = scl_sub.add_parser("fit", help="approach 3, approach 2 and L(C) fits; JSON to stdout")
+    fit.add_argument("results", help="results.json / results.csv, or a sweep directory")
+    fit.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
+    fit.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--params", choices=N_COLUMNS, default="params", help="the column used as N")
+    fit.add_argument(
+        "--target",
+        type=float,
+        action="append",
+        default=[],
+        metavar="FLOPS",
+        help="compute budget for a compute-optimal recommendation (repeatable)",
+    )
+    fit.set_defaults(func=cmd_scaling_fit)
 
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import os
 import signal
@@ -16,12 +17,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxlm import checkpoint, metrics
-from jaxlm.configs.overrides import from_dict
+from jaxlm import checkpoint, distributed, metrics
+from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
-from jaxlm.data import make_iterator, make_tokenizer, pad_batch, to_global
+from jaxlm.data import (
+    as_stream_state,
+    make_iterator,
+    make_tokenizer,
+    merge_stream_states,
+    to_global,
+)
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.sample import generate
 from jaxlm.sharding import make_mesh, use_mesh
@@ -70,14 +76,16 @@ def evaluate(
     it = make_iterator(
         config.data, tokenizer, split=config.data.eval_split, mesh=mesh, num_epochs=1
     )
-    per_process = config.data.batch_size // jax.process_count()
     nll = count = num_bytes = 0.0
-    for i, batch in enumerate(it):
-        if max_batches and i >= max_batches:
+    i = 0
+    while not max_batches or i < max_batches:
+        batch = next(it, None)
+        # Processes may run out of rows at different batches: all go on while any has some.
+        if not any(distributed.allgather_json(batch is not None)):
             break
-        sums = jax.device_get(
-            eval_step(params, to_global(pad_batch(batch, per_process, tokenizer.pad_id), mesh))
-        )
+        batch = it.empty_batch() if batch is None else batch
+        sums = jax.device_get(eval_step(params, to_global(batch, mesh, it.rows, it.global_batch)))
+        i += 1
         nll, count, num_bytes = (
             nll + float(sums["nll"]),
             count + float(sums["count"]),
@@ -121,6 +129,7 @@ class _StopRequests:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._agreement = distributed.StopAgreement()
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -141,13 +150,8 @@ class _StopRequests:
         _log(f"{name}: finishing this step, then saving a checkpoint and exiting (again = abort)")
 
     def requested(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self.signal is not None
-        # Every process must stop at the same step: agree on it (cheap: one scalar per process).
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-        return bool(np.any(flags))
+        # Every process must stop at the same step (a signal may reach only some of them).
+        return self._agreement.should_stop(step, self.signal is not None)
 
 
 def _state_bytes(abstract_state: Any) -> int:
@@ -157,6 +161,24 @@ def _state_bytes(abstract_state: Any) -> int:
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _run_facts(config: RunConfig, workdir: Path) -> dict[str, Any]:
+    """What every process of one run must share (compared before anything else happens)."""
+    return {
+        "config": distributed.fingerprint(to_dict(config)),
+        "workdir": str(workdir.absolute()),
+        "jaxlm": _version(),
+        "local_devices": jax.local_device_count(),
+        "platform": jax.devices()[0].platform,
+    }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("jaxlm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _check_resume(config: RunConfig, workdir: Path) -> None:
@@ -192,6 +214,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     `NonFiniteError` is raised after `train.max_nonfinite_steps` consecutive skipped steps.
     """
     workdir = Path(workdir)
+    distributed.check_agreement(_run_facts(config, workdir))
     tokenizer = make_tokenizer(config.data.tokenizer)
     check_run(config, tokenizer)
     _check_resume(config, workdir)
@@ -212,6 +235,17 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     resumed = ckpt.restore_latest(lambda step: ckpt.restore(step, abstract_state), _log)
     if resumed:
         start, (state, data_state) = resumed
+        data_state = as_stream_state(data_state)
+        if data_state["num_streams"] != train_it.num_streams and not config.data.streams:
+            # Resumed on another process count: keep the saved streams, so the data continues
+            # exactly where it stopped.
+            train_it = make_iterator(
+                config.data,
+                tokenizer,
+                seed=config.seed,
+                mesh=mesh,
+                num_streams=data_state["num_streams"],
+            )
         train_it.set_state(data_state)
         _log(f"resumed from step {start} in {ckpt.directory}")
         if int(state.step) != start:
@@ -275,8 +309,9 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     def save(step: int) -> None:
         if not bool(_all_finite(state.params)):  # cannot happen (bad updates are skipped)
             raise NonFiniteError(f"parameters at step {step} are not finite; not saving them")
+        data_state = merge_stream_states(distributed.allgather_json(train_it.get_state()))
         try:
-            ckpt.save(step, state, train_it.get_state(), config, tokenizer_files)
+            ckpt.save(step, state, data_state, config, tokenizer_files)
         except OSError as e:
             raise OSError(f"writing the checkpoint of step {step} failed: {e}") from e
 
@@ -285,7 +320,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     with _StopRequests() as stop:
         try:
             for step in range(start + 1, total + 1):
-                batch = to_global(next(train_it), mesh)
+                batch = to_global(next(train_it), mesh, train_it.rows, train_it.global_batch)
                 state, step_metrics = train_step(state, batch)
                 if pending is not None:
                     finish(*pending)
@@ -331,7 +366,8 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
         }
 
     sample = ""
-    if config.train.sample_tokens and jax.process_index() == 0:
+    if config.train.sample_tokens:
+        # Every process takes part (the parameters are spread over all of them); one prints.
         prompt = tokenizer.encode(config.train.sample_prompt) or [tokenizer.bos_id]
         prompt = [tokenizer.bos_id, *prompt] if config.data.add_bos else prompt
         prompt = prompt[: config.model.max_seq_len - 1]
@@ -341,7 +377,8 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
         ids = prompt + new[0]
         # Bytes that are not valid UTF-8 (possible mid-training) print as U+FFFD.
         sample = tokenizer.decode(ids).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        print(sample, flush=True)
+        if jax.process_index() == 0:
+            print(sample, flush=True)
     return {"history": history, "sample": sample, "state": state, "step": step, "stopped_by": None}
 
 

@@ -228,11 +228,8 @@ class _Poison:
             batch["tokens"][0, 0] = self._vocab
         return batch
 
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
+    def __getattr__(self, name):  # rows, global_batch, get_state, set_state, ...
+        return getattr(self._it, name)
 
 
 def _loop_config(*overrides):

@@ -65,11 +65,22 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     worker_count: int = 0
+    # Independent record streams whose rows make up each global batch (None = one per process,
+    # or the saved number when resuming). Fix it (e.g. to the largest process count you will
+    # use) to get the same batches whatever the number of processes.
+    streams: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "seq_len", "batch_size")
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count={self.worker_count!r} must be >= 0")
+        if self.streams is not None:
+            check_positive_ints(self, "streams")
+            if self.batch_size % self.streams:
+                raise ValueError(
+                    f"DataConfig.batch_size={self.batch_size} is not divisible by "
+                    f"streams={self.streams}; use a divisor of the batch size"
+                )
 
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")

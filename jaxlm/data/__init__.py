@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grain
 import jax
 from jax.sharding import Mesh
 
@@ -9,9 +10,13 @@ from jaxlm.configs.run import DataConfig
 from jaxlm.data.pipeline import (
     BATCH_KEYS,
     DataIterator,
+    StreamIterator,
+    as_stream_state,
     build_dataset,
     check_batch_size,
+    merge_stream_states,
     pad_batch,
+    process_rows,
     to_global,
     token_bytes,
 )
@@ -31,16 +36,20 @@ __all__ = [
     "DataIterator",
     "HFTokenizer",
     "SentencePieceTokenizer",
+    "StreamIterator",
     "TextSource",
     "Tokenizer",
+    "as_stream_state",
     "build_dataset",
     "check_batch_size",
     "check_corpus",
     "load_tokenizer",
     "make_iterator",
     "make_tokenizer",
+    "merge_stream_states",
     "open_source",
     "pad_batch",
+    "process_rows",
     "stdlib_files",
     "to_global",
     "token_bytes",
@@ -70,16 +79,27 @@ def make_iterator(
     seed: int = 0,
     mesh: Mesh | None = None,
     num_epochs: int | None = None,
-) -> DataIterator:
+    num_streams: int | None = None,
+) -> StreamIterator:
     """This process's batch iterator for `config` (train split, endless, shuffled, by default).
 
+    The global batch is made of `num_streams` streams (default `config.streams`, else one per
+    process; see `StreamIterator`); this process builds only the rows its devices hold, in
+    `process_rows(mesh, config.batch_size)` order (pass `it.rows` to `to_global`).
+
     With `num_epochs=1` the records are still shuffled (with `seed`), so the first N batches of
-    an evaluation are a fixed random sample of the split rather than its first documents.
+    an evaluation are a fixed random sample of the split rather than its first documents; short
+    and exhausted streams are filled with empty rows.
 
     Everything is checked before any batch is made: the dataset exists, it is not empty and holds
-    at least one sequence, and the batch splits over processes and the mesh's batch axes.
+    at least one sequence, and the batch splits over processes, streams and the mesh's batch axes.
     """
-    per_process = check_batch_size(config.batch_size, mesh, jax.process_count())
+    check_batch_size(config.batch_size, mesh, jax.process_count())
+    num_streams = num_streams or config.streams or jax.process_count()
+    if config.batch_size % num_streams:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not divisible by data.streams={num_streams}"
+        )
     split = split or config.train_split
     source = open_source(
         config.dataset,
@@ -90,19 +110,34 @@ def make_iterator(
         download=config.download,
     )
     check_corpus(source, tokenizer, config.seq_len)
-    dataset = build_dataset(
-        source,
-        tokenizer,
-        seq_len=config.seq_len,
-        batch_size=per_process,
-        seed=seed,
-        shuffle=config.shuffle,
-        num_epochs=num_epochs,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        add_bos=config.add_bos,
-        add_eos=config.add_eos,
-        worker_count=config.worker_count,
-        drop_remainder=num_epochs is None,
+    if num_streams > len(source):
+        raise ValueError(
+            f"data.streams={num_streams} exceeds the {len(source)} records of {source!r}; "
+            "use fewer streams"
+        )
+
+    def stream(index: int) -> grain.IterDataset:
+        return build_dataset(
+            source,
+            tokenizer,
+            seq_len=config.seq_len,
+            batch_size=config.batch_size // num_streams,
+            seed=seed,
+            shuffle=config.shuffle,
+            num_epochs=num_epochs,
+            shard=index,
+            num_shards=num_streams,
+            add_bos=config.add_bos,
+            add_eos=config.add_eos,
+            worker_count=config.worker_count,
+            drop_remainder=num_epochs is None,
+        )
+
+    return StreamIterator(
+        stream,
+        num_streams,
+        config.batch_size,
+        process_rows(mesh, config.batch_size),
+        config.seq_len,
+        pad_id=None if num_epochs is None else tokenizer.pad_id,
     )
-    return DataIterator(dataset)

@@ -9,7 +9,7 @@ the masked-in targets, for bits per byte). Iterator state is a JSON-serialisable
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -106,24 +106,29 @@ def build_dataset(
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+    shard: int = 0,
+    num_shards: int = 1,
     add_bos: bool = True,
     add_eos: bool = True,
     worker_count: int = 0,
     drop_remainder: bool = True,
 ) -> grain.IterDataset:
-    """This process's stream of packed batches of `batch_size` rows (per process).
+    """One stream of packed batches of `batch_size` rows.
 
-    Records are split between processes first (process i reads records i, i + n, ...), then
+    Records are split into `num_shards` streams first (stream i reads records i, i + n, ...), then
     shuffled with `seed` (differently each epoch), tokenized, concatenated and split into rows of
     `seq_len` tokens (no token dropped or repeated), and batched.
     """
     if len(source) == 0:
         raise ValueError(f"the corpus {source!r} is empty")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard} must be in [0, {num_shards})")
+    if num_shards > len(source):
+        raise ValueError(
+            f"{num_shards} data streams need at least as many records, but the corpus "
+            f"{source!r} holds {len(source)}; lower data.streams"
+        )
+    ds = grain.MapDataset.source(source)[shard::num_shards]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
@@ -157,10 +162,42 @@ def check_batch_size(global_batch: int, mesh: Mesh | None, process_count: int) -
     return global_batch // process_count
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays split over the mesh's batch axes."""
+def process_rows(mesh: Mesh | None, global_batch: int) -> np.ndarray:
+    """The rows of the global batch that this process's devices hold (sorted)."""
+    if mesh is None:
+        per, p = global_batch // jax.process_count(), jax.process_index()
+        return np.arange(p * per, (p + 1) * per)
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+        rows.update(range(global_batch)[index[0]])
+    return np.asarray(sorted(rows))
+
+
+def to_global(
+    batch: dict[str, np.ndarray],
+    mesh: Mesh,
+    rows: np.ndarray | None = None,
+    global_batch: int | None = None,
+) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays split over the mesh's batch axes.
+
+    `rows`: the global row index of each local row (`process_rows(mesh, global_batch)`); None =
+    this process's rows are one contiguous block, in process order.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    if rows is None:
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    if global_batch is None:
+        raise ValueError("to_global: pass global_batch together with rows")
+
+    def place(v: np.ndarray) -> jax.Array:
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            return v[np.searchsorted(rows, np.arange(global_batch)[index[0]])]
+
+        return jax.make_array_from_callback((global_batch, *v.shape[1:]), sharding, shard)
+
+    return {k: place(v) for k, v in batch.items()}
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -173,6 +210,115 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dic
         fill = pad_id if k in ("tokens", "targets") else 0
         out[k] = np.concatenate([v, np.full((missing, *v.shape[1:]), fill, v.dtype)])
     return out
+
+
+def empty_rows(n: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """`n` rows that hold nothing (mask 0, segment 0): what an exhausted stream contributes."""
+    tokens = np.full((n, seq_len), pad_id, np.int32)
+    zeros = np.zeros((n, seq_len), np.int32)
+    return {
+        "tokens": tokens,
+        "targets": tokens.copy(),
+        "mask": np.zeros((n, seq_len), bool),
+        "segment_ids": zeros,
+        "positions": zeros.copy(),
+        "target_bytes": np.zeros((n,), np.int32),
+    }
+
+
+class StreamIterator:
+    """This process's rows of global batches made of `num_streams` independent streams.
+
+    The global batch is the concatenation of one batch of `global_batch / num_streams` rows from
+    each stream (stream s reads records s, s + num_streams, ...), so its contents depend only on
+    the number of streams, never on how many processes share the work: a process builds just the
+    streams its rows come from (several, one, or a part of one shared with other processes).
+
+    With `pad_id` set (evaluation, one epoch), an exhausted stream contributes empty rows and
+    iteration stops when all of this process's streams are exhausted.
+    """
+
+    def __init__(
+        self,
+        make_stream: Callable[[int], grain.IterDataset],
+        num_streams: int,
+        global_batch: int,
+        rows: np.ndarray,
+        seq_len: int,
+        pad_id: int | None = None,
+    ) -> None:
+        if global_batch % num_streams:
+            raise ValueError(
+                f"batch_size={global_batch} is not divisible by data.streams={num_streams}"
+            )
+        self.num_streams, self.global_batch, self.rows = num_streams, global_batch, rows
+        self._per_stream, self._seq_len, self._pad_id = global_batch // num_streams, seq_len, pad_id
+        self.streams = sorted({int(r) // self._per_stream for r in rows})
+        self._its = {s: iter(make_stream(s)) for s in self.streams}
+        self._exhausted: set[int] = set()
+        first = {s: i * self._per_stream for i, s in enumerate(self.streams)}
+        self._take = np.asarray(
+            [first[int(r) // self._per_stream] + int(r) % self._per_stream for r in rows]
+        )
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        return empty_rows(len(self.rows), self._seq_len, self._pad_id or 0)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = []
+        for s in self.streams:
+            if s not in self._exhausted:
+                try:
+                    batch = next(self._its[s])
+                except StopIteration:
+                    if self._pad_id is None:
+                        raise
+                    self._exhausted.add(s)
+            if s in self._exhausted:
+                batch = empty_rows(self._per_stream, self._seq_len, self._pad_id or 0)
+            elif self._pad_id is not None:
+                batch = pad_batch(batch, self._per_stream, self._pad_id)
+            parts.append(batch)
+        if len(self._exhausted) == len(self.streams):
+            raise StopIteration
+        return {k: np.concatenate([p[k] for p in parts])[self._take] for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        """{"num_streams": S, "streams": {"s": Grain state}} for this process's streams."""
+        states = {str(s): it.get_state() for s, it in self._its.items()}
+        return {"num_streams": self.num_streams, "streams": states}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        state = as_stream_state(state)
+        if state["num_streams"] != self.num_streams:
+            raise ValueError(
+                f"the saved data position is for {state['num_streams']} data streams, this "
+                f"iterator has {self.num_streams}; set data.streams={state['num_streams']}"
+            )
+        missing = [s for s in self.streams if str(s) not in state["streams"]]
+        if missing:
+            raise ValueError(f"the saved data position lacks streams {missing}")
+        for s, it in self._its.items():
+            it.set_state(state["streams"][str(s)])
+
+
+def as_stream_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved iterator state in `StreamIterator`'s form (older checkpoints hold one plain
+    Grain state: one stream)."""
+    if "streams" in state:
+        return state
+    return {"num_streams": 1, "streams": {"0": state}}
+
+
+def merge_stream_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state holding every stream, from the processes' `get_state()`s."""
+    merged: dict[str, Any] = {}
+    for state in states:
+        merged.update(state["streams"])
+    return {"num_streams": states[0]["num_streams"], "streams": merged}
 
 
 class DataIterator:

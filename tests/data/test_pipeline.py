@@ -11,9 +11,11 @@ from jaxlm.configs import DataConfig, MeshConfig
 from jaxlm.data import (
     ByteTokenizer,
     DataIterator,
+    StreamIterator,
     build_dataset,
     check_batch_size,
     make_iterator,
+    merge_stream_states,
     pad_batch,
     to_global,
 )
@@ -132,11 +134,68 @@ def test_two_processes_read_disjoint_shards_that_cover_the_corpus():
     """Process p reads exactly the documents p, p + 2, ...: together all of them, once."""
     for process in range(2):
         got = collections.Counter()
-        for row in _rows(_all_batches(DOCS, process_index=process, process_count=2)):
+        for row in _rows(_all_batches(DOCS, shard=process, num_shards=2)):
             for seg in _segments(row):
                 got.update(seg.tolist())
         assert got == _token_counts(DOCS[process::2])
     assert _token_counts(DOCS[0::2]) + _token_counts(DOCS[1::2]) == _token_counts(DOCS)
+
+
+@pytest.mark.parametrize("num_streams", [1, 2, 4])
+def test_stream_batches_do_not_depend_on_how_processes_split_the_rows(num_streams):
+    """The global batch is one batch of each stream (stream s = records s::S), concatenated;
+    a process holding any subset of rows (contiguous, interleaved, sharing a stream with another
+    process) gets exactly those rows, and the processes' merged states resume the full batch."""
+    batch = 8
+
+    def stream(s):
+        return build_dataset(
+            DOCS, TOK, seq_len=64, batch_size=batch // num_streams, seed=2, shard=s,
+            num_shards=num_streams,
+        )  # fmt: skip
+
+    alone = [DataIterator(stream(s)) for s in range(num_streams)]
+    expected = []
+    for _ in range(5):
+        parts = [next(it) for it in alone]
+        expected.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+    def iterator(rows):
+        return StreamIterator(stream, num_streams, batch, np.asarray(rows), 64)
+
+    for split in ([range(0, 4), range(4, 8)], [range(0, 8, 2), range(1, 8, 2)]):
+        its = [iterator(list(rows)) for rows in split]
+        for step in range(3):
+            for rows, it in zip(split, its, strict=True):
+                got = next(it)
+                for k in expected[step]:
+                    np.testing.assert_array_equal(got[k], expected[step][k][list(rows)])
+        resumed = iterator(range(batch))
+        resumed.set_state(merge_stream_states([it.get_state() for it in its]))
+        for step in (3, 4):
+            got = next(resumed)
+            for k in expected[step]:
+                np.testing.assert_array_equal(got[k], expected[step][k])
+    with pytest.raises(ValueError, match=r"saved data position is for 3 data streams"):
+        iterator(range(batch)).set_state({"num_streams": 3, "streams": {}})
+
+
+def test_an_evaluation_epoch_over_streams_holds_every_token_once():
+    """Streams of different lengths: exhausted ones give empty rows until all are done."""
+
+    def stream(s):
+        return build_dataset(
+            DOCS, TOK, seq_len=64, batch_size=2, seed=1, num_epochs=1, drop_remainder=False,
+            shard=s, num_shards=3,
+        )  # fmt: skip
+
+    got = collections.Counter()
+    for batch in StreamIterator(stream, 3, 6, np.arange(6), 64, pad_id=TOK.pad_id):
+        assert batch["tokens"].shape == (6, 64)
+        for row in _rows([batch]):
+            for seg in _segments(row):
+                got.update(seg.tolist())
+    assert got == _token_counts(DOCS)
 
 
 def test_global_arrays_split_the_batch_over_the_mesh():

@@ -1,0 +1,265 @@
+"""Multi-process runs with real processes on loopback (CPU collectives through gloo).
+
+Each run is `python -m jaxlm train` in 2 processes of 4 fake CPU devices each (8 global devices),
+compared with the same config in 1 process of 8 devices. Every wait is bounded: a hang fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint
+from jaxlm.configs.overrides import load_config
+from jaxlm.sharding import make_mesh
+from jaxlm.train import abstract_train_state
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [
+    "--config",
+    "tiny",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "data.batch_size=8",
+    "--set",
+    "optim.schedule_steps=12",
+    "--set",
+    "checkpoint.every=4",
+    "--set",
+    "train.eval_every=1000",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.log_every=1",
+]
+TIMEOUT = 240  # seconds for any one run; a run that takes longer is a hang
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _start(workdir: Path, args: list[str], process: int | None, port: int = 0, devices: int = 4):
+    """One `jaxlm train` process (process=None: a single-process run on 8 devices)."""
+    cmd = [sys.executable, "-m", "jaxlm", "train", "--workdir", str(workdir), *args]
+    if process is not None:
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        cmd += ["--process-id", str(process), "--heartbeat-timeout", "10", "--init-timeout", "60"]
+    log = workdir.parent / f"{workdir.name}.{'single' if process is None else process}.log"
+    return subprocess.Popen(
+        cmd,
+        env=_env(8 if process is None else devices),
+        stdout=subprocess.PIPE,
+        stderr=open(log, "a"),
+        text=True,
+    )
+
+
+def _finish(procs, timeout=TIMEOUT):
+    """(exit code, stdout) of each process, killing all of them if any overruns `timeout`."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a process did not finish within {timeout} s (hang)")
+        results.append((p.returncode, out))
+    return results
+
+
+def _without_gloo(text: str) -> str:
+    # Gloo (the CPU collectives library) prints its connection setup to stdout.
+    return "\n".join(x for x in text.splitlines() if not x.startswith("[Gloo]")).strip()
+
+
+def _log(workdir: Path, process) -> str:
+    return (workdir.parent / f"{workdir.name}.{process}.log").read_text()
+
+
+def run_two(workdir: Path, *overrides: str, **kw):
+    port = _free_port()
+    args = [*RUN, *[x for o in overrides for x in ("--set", o)]]
+    return _finish([_start(workdir, args, i, port, **kw) for i in range(2)])
+
+
+def run_one(workdir: Path, *overrides: str):
+    args = [*RUN, *[x for o in overrides for x in ("--set", o)]]
+    return _finish([_start(workdir, args, None)])[0]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _params(workdir: Path, step: int):
+    cfg = load_config("tiny", ["data.seq_len=32", "data.batch_size=8"])
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        params = ckpt.restore_params(step, abstract_train_state(cfg, make_mesh(cfg.mesh)).params)
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, params)
+
+
+def _assert_params_equal(a, b, rtol=1e-5, atol=1e-6):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """1 process, 8 devices, 12 steps, 2 data streams: the run everything else must equal."""
+    workdir = tmp_path_factory.mktemp("multihost") / "reference"
+    rc, _ = run_one(workdir, "train.steps=12", "data.streams=2")
+    assert rc == 0, _log(workdir, "single")
+    return workdir
+
+
+def test_two_processes_train_like_one_and_restore_on_either_count(reference, tmp_path):
+    """2 processes == 1 process (losses and params); a 2-process checkpoint resumes in 1 process
+    and a 1-process checkpoint in 2, both continuing exactly like the uninterrupted run."""
+    expected = _losses(reference)
+
+    # 2 processes for 8 steps (default data.streams: one per process, so 2 as the reference),
+    # then 1 process to step 12 (which keeps the 2 saved streams).
+    two = tmp_path / "two_then_one"
+    results = run_two(two, "train.steps=8", "train.sample_tokens=8")
+    assert [rc for rc, _ in results] == [0, 0], _log(two, 0) + _log(two, 1)
+    losses = _losses(two)
+    np.testing.assert_allclose(
+        [losses[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5
+    )
+    # Written once: process 0 prints the progress and the sample, process 1 stays quiet.
+    assert "step 8/8" in _log(two, 0) and "step 8/8" not in _log(two, 1)
+    printed = [_without_gloo(out) for _, out in results]
+    assert printed[0].startswith("def") and printed[1] == "", printed
+    _assert_params_equal(_params(two, 8), _params(reference, 8))
+    rc, _ = run_one(two, "train.steps=12")
+    assert rc == 0, _log(two, "single")
+    assert "resumed from step 8" in _log(two, "single")
+
+    # 1 process for 8 steps (data.streams=2 as the reference), then 2 processes to step 12.
+    one = tmp_path / "one_then_two"
+    rc, _ = run_one(one, "train.steps=8", "data.streams=2")
+    assert rc == 0, _log(one, "single")
+    # ... on a mesh whose DCN axis spans the processes (fsdp = 2 processes x 4 devices).
+    results = run_two(one, "train.steps=12", "data.streams=2", "mesh.dcn_fsdp=2")
+    assert [rc for rc, _ in results] == [0, 0], _log(one, 0) + _log(one, 1)
+
+    for workdir in (two, one):
+        losses = _losses(workdir)
+        assert sorted(losses) == list(range(1, 13))
+        np.testing.assert_allclose(
+            [losses[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5
+        )
+        _assert_params_equal(_params(workdir, 12), _params(reference, 12))
+
+
+def _wait_for_checkpoint(workdir: Path, procs, after: int = 0, timeout: float = TIMEOUT):
+    """Wait until a complete checkpoint of a step > `after` exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = checkpoint.complete_steps(workdir)
+        if steps and steps[-1] > after:
+            return steps
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("a process exited before the first checkpoint")
+        time.sleep(0.2)
+    for p in procs:
+        p.kill()
+    pytest.fail(f"no checkpoint after {timeout} s")
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_kill_fails_fast(tmp_path):
+    workdir = tmp_path / "run"
+    args = [*RUN, "--set", "train.steps=2000", "--set", "train.sample_tokens=0"]
+
+    # SIGTERM reaches only process 1: both save the same step and exit 0.
+    port = _free_port()
+    procs = [_start(workdir, args, i, port) for i in range(2)]
+    _wait_for_checkpoint(workdir, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    assert [rc for rc, _ in _finish(procs, timeout=120)] == [0, 0], _log(workdir, 0)
+    stopped = checkpoint.complete_steps(workdir)[-1]
+    assert f"SIGTERM: saved step {stopped}" in _log(workdir, 0)
+
+    # kill -9 of process 1: process 0 fails within the heartbeat timeout (10 s) plus slack.
+    port = _free_port()
+    procs = [_start(workdir, args, i, port) for i in range(2)]
+    _wait_for_checkpoint(workdir, procs, after=stopped)
+    procs[1].kill()
+    killed_at = time.monotonic()
+    try:
+        procs[0].wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("process 0 still runs 90 s after process 1 was killed")
+    assert procs[0].returncode != 0
+    assert time.monotonic() - killed_at < 90
+    for p in procs:
+        p.communicate()
+
+    # Both restarted: resume from the newest complete checkpoint and finish.
+    last = checkpoint.complete_steps(workdir)[-1]
+    results = run_two(workdir, f"train.steps={last + 3}", "train.sample_tokens=0")
+    assert [rc for rc, _ in results] == [0, 0], _log(workdir, 0)
+    assert f"resumed from step {last}" in _log(workdir, 0).split("SIGTERM")[-1]
+    assert checkpoint.complete_steps(workdir)[-1] == last + 3
+
+
+@pytest.mark.parametrize(
+    "what, expected",
+    [("config", "(config: process 0 '"), ("devices", "(local_devices: process 0 4, process 1 3)")],
+)
+def test_processes_that_disagree_fail_with_a_clear_error(tmp_path, what, expected):
+    port = _free_port()
+    workdir = tmp_path / "run"
+    procs = [
+        _start(
+            workdir,
+            [*RUN, "--set", f"train.steps={4 + i * (what == 'config')}"],
+            i,
+            port,
+            devices=4 - i * (what == "devices"),
+        )
+        for i in range(2)
+    ]
+    results = _finish(procs, timeout=120)
+    assert [rc for rc, _ in results] == [2, 2]
+    for i in range(2):
+        log = _log(workdir, i)
+        assert f"the 2 processes of this run disagree {expected}" in log, log
+    assert not checkpoint.complete_steps(workdir)
