@@ -221,6 +221,39 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ValueError(
+            "give one direction: --from-hf HF_DIR --to WORKDIR, or --to-hf WORKDIR --out DIR"
+        )
+    from jaxlm.interop import hf
+
+    if args.from_hf:
+        if not args.to:
+            raise ValueError("--from-hf needs --to WORKDIR (the jaxlm run directory to create)")
+        run_config = (
+            load_config(args.config, args.overrides) if args.config or args.overrides else None
+        )
+        path = hf.import_checkpoint(
+            args.from_hf,
+            args.to,
+            run_config=run_config,
+            dtype=args.dtype,
+            scan_layers=False if args.no_scan else None,
+            tokenizer=args.tokenizer,
+        )
+        print(f"jaxlm convert: wrote the jaxlm run {path}", file=sys.stderr)
+        print(f"sample with: jaxlm sample --workdir {path} --prompt ...", file=sys.stderr)
+        return 0
+    if not args.out:
+        raise ValueError("--to-hf needs --out DIR (the Hugging Face directory to write)")
+    path = hf.export_checkpoint(
+        args.to_hf, args.out, step=args.step, model_type=args.model_type, dtype=args.dtype
+    )
+    print(f"jaxlm convert: wrote {path} (transformers.AutoModelForCausalLM loads it)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.batches < 0:
         raise ValueError(f"--batches {args.batches} must be >= 0 (0 = the whole eval split)")
@@ -353,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     _add_distributed_args(smp)
     smp.set_defaults(func=cmd_sample)
+
+    conv = sub.add_parser("convert", help="Hugging Face safetensors <-> jaxlm checkpoints")
+    conv.add_argument("--from-hf", default=None, metavar="HF_DIR", help="import this model dir")
+    conv.add_argument("--to", default=None, metavar="WORKDIR", help="the jaxlm run to create")
+    conv.add_argument("--to-hf", default=None, metavar="WORKDIR", help="export this jaxlm run")
+    conv.add_argument("--out", default=None, metavar="DIR", help="the HF directory to write")
+    conv.add_argument("--step", type=int, default=None, help="checkpoint to export (newest)")
+    conv.add_argument("--model-type", default=None, help="HF model_type to export as")
+    conv.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights"
+    )
+    conv.add_argument("--no-scan", action="store_true", help="import with unrolled layers")
+    conv.add_argument("--tokenizer", default=None, help="tokenizer spec to use instead")
+    _add_config_args(conv)
+    conv.set_defaults(func=cmd_convert)
 
     swp = sub.add_parser("sweep", help="run a sweep file's training runs, collect results")
     swp.add_argument("file", help="a .py file defining SWEEP or get_sweep() (SweepRun list)")

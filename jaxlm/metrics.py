@@ -49,7 +49,9 @@ def param_count(config: ModelConfig) -> ParamCount:
     norm = d * (2 if c.norm_bias else 1)
     attn = d * n * h + 2 * d * k * h + n * h * d
     if c.attn_bias:
-        attn += n * h + 2 * k * h + d
+        attn += n * h + 2 * k * h
+    if c.use_attn_out_bias:
+        attn += d
     if c.qk_norm:
         attn += 2 * h * (2 if c.norm_bias else 1)
     mlp = (3 if c.gated else 2) * d * f

@@ -114,7 +114,7 @@ def _attention(x_TD, p, pos_T, seg_T, cfg):
         w = np.exp(scores - scores.max(-1, keepdims=True))
         heads.append((w / w.sum(-1, keepdims=True)) @ vn)
     out = np.einsum("tnh,nhd->td", np.stack(heads, axis=1), p["out"]["w"])
-    return out + p["out"]["b"] if cfg.attn_bias else out
+    return out + p["out"]["b"] if cfg.use_attn_out_bias else out
 
 
 def _mlp(x_TD, p, cfg):

@@ -131,6 +131,9 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     sliding_window: int | None = None
     attn_bias: bool = True
+    # Bias on the attention output projection; None = same as attn_bias. False with attn_bias=True
+    # puts biases on the query/key/value projections only (Qwen2).
+    attn_out_bias: bool | None = None
     mlp_bias: bool = True
     init: InitKind = "normal"
     init_std: float = 0.02
@@ -227,6 +230,10 @@ class ModelConfig:
     @property
     def expert_mlp_dim(self) -> int:
         return self.moe.expert_mlp_dim or self.mlp_dim
+
+    @property
+    def use_attn_out_bias(self) -> bool:
+        return self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
 
     @property
     def gated(self) -> bool:

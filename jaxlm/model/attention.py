@@ -127,7 +127,7 @@ class Attention(nn.Module):
             (n, h, d),
             ("heads", "head_dim", "embed"),
             kernel_init(cfg, (0, 1), 2, output_projection=True),
-            cfg.attn_bias,
+            cfg.use_attn_out_bias,
             name="out",
             **dt,
         )

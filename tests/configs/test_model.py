@@ -72,6 +72,13 @@ def test_param_count_equals_the_initialised_tree(name):
     assert param_count(get_preset(name)).total == sum(math.prod(x.shape) for x in leaves)
 
 
+def test_param_count_with_qkv_bias_but_no_output_bias():
+    """Qwen2-style attention (bias on q/k/v only) counted like the initialised tree."""
+    cfg = dataclasses.replace(get_preset("tiny-llama"), attn_bias=True, attn_out_bias=False)
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(cfg)))
+    assert param_count(cfg).total == sum(math.prod(x.shape) for x in leaves)
+
+
 @pytest.mark.parametrize(
     "name, published",
     [

@@ -220,3 +220,32 @@ def test_longer_than_max_seq_len_is_refused():
     params = _params(cfg)
     with pytest.raises(ValueError, match="sequence length 33 exceeds max_seq_len=32"):
         Transformer(cfg).apply({"params": params}, jnp.zeros((1, 33), jnp.int32))
+
+
+@pytest.mark.parametrize(("attn_bias", "out_bias"), [(True, False), (False, True)])
+def test_attention_output_bias_separate_from_qkv_biases(attn_bias, out_bias):
+    """attn_out_bias decouples the output projection's bias (Qwen2: q/k/v biases only); the
+    model equals one with every bias where the biases it lacks are zero."""
+    cfg = dataclasses.replace(LLAMA, attn_bias=attn_bias, attn_out_bias=out_bias)
+    full = dataclasses.replace(LLAMA, attn_bias=True)
+    full_params = _params(full)
+    params = jax.tree.map(lambda x: x, full_params)
+    for i in range(cfg.num_layers):
+        for name in ("query", "key", "value", "out"):
+            keep = out_bias if name == "out" else attn_bias
+            if not keep:
+                b = full_params[f"layers_{i}"]["attn"][name]["b"]
+                full_params[f"layers_{i}"]["attn"][name]["b"] = jnp.zeros_like(b)
+                del params[f"layers_{i}"]["attn"][name]["b"]
+    assert jax.tree.structure(params) == jax.tree.structure(_params(cfg))
+    tokens = _tokens(cfg.vocab_size)
+    np.testing.assert_allclose(
+        _logits(cfg, params, tokens), _logits(full, full_params, tokens), atol=1e-6, rtol=0
+    )
+
+
+def test_attention_output_bias_follows_attn_bias_by_default():
+    for attn_bias in (True, False):
+        cfg = dataclasses.replace(LLAMA, attn_bias=attn_bias)
+        assert cfg.attn_out_bias is None and cfg.use_attn_out_bias == attn_bias
+        assert ("b" in _params(cfg)["layers_0"]["attn"]["out"]) == attn_bias

@@ -1,0 +1,119 @@
+"""A new jaxlm workdir around imported parameters: a complete, resumable step-0 checkpoint.
+
+The checkpoint holds everything `jaxlm train` writes (parameters, a fresh optimizer state at
+step 0, the data iterator's starting position, the run config and the tokenizer), so
+`jaxlm sample`, `jaxlm eval` and `jaxlm train --workdir` (fine-tuning, "resuming" from step 0)
+work on it unchanged. The data and optimizer settings of that fine-tune are the run config's:
+choose them at import time (`run_config`), since a resumed run may not change the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import checkpoint, distributed
+from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.run import RunConfig
+from jaxlm.sharding import make_mesh, use_mesh
+
+
+def fresh_train_state(run: RunConfig, mesh: jax.sharding.Mesh, params: Any) -> Any:
+    """A step-0 `TrainState` around `params`: optimizer state as `init_train_state` makes it,
+    every array created in its sharding (`params` are donated)."""
+    from jaxlm.optim import make_optimizer
+    from jaxlm.train import TrainState, state_shardings
+
+    tx = make_optimizer(run.optim, run.train.steps)
+
+    def build(params: Any) -> TrainState:
+        # The RNG stream `init_train_state` would give a run with this seed.
+        _, state_rng = jax.random.split(jax.random.key(run.seed))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero,
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(state_rng),
+            nonfinite_streak=zero,
+            nonfinite_total=zero,
+        )
+
+    with use_mesh(mesh, run.mesh.rules):
+        init = jax.jit(build, out_shardings=state_shardings(run, mesh), donate_argnums=0)
+        return init(params)
+
+
+def _state_bytes(run: RunConfig, mesh: jax.sharding.Mesh) -> int:
+    from jaxlm.train import abstract_train_state
+
+    state = abstract_train_state(run, mesh)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def write_workdir(
+    workdir: str | Path,
+    config: ModelConfig,
+    make_params: Callable[[jax.sharding.Mesh, str], Any],
+    *,
+    run_config: RunConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: str | None = None,
+    tokenizer: Any = None,
+    tokenizer_spec: str | None = None,
+) -> Path:
+    """Write a jaxlm workdir whose step-0 checkpoint holds `make_params(mesh, rules)`.
+
+    `run_config` supplies everything but the model (default `RunConfig()`, with `data.seq_len`
+    capped at the model's length); its `data.tokenizer` is replaced by the imported tokenizer
+    (`tokenizer`, or `tokenizer_spec` for `make_tokenizer`, else the byte tokenizer), which is
+    saved in the workdir. `mesh` defaults to `run_config.mesh` over all devices.
+    """
+    from jaxlm.data import ByteTokenizer, make_iterator, make_tokenizer, merge_stream_states
+    from jaxlm.loop import check_run
+
+    workdir = Path(workdir).absolute()
+    if checkpoint.complete_steps(workdir) or (workdir / checkpoint.CONFIG_FILE).exists():
+        raise ValueError(f"{str(workdir)!r} already holds a jaxlm run; import into a new workdir")
+    if tokenizer_spec is not None:
+        tokenizer = make_tokenizer(tokenizer_spec)
+    elif tokenizer is None:
+        print(
+            "note: no tokenizer.json or tokenizer.model found; using jaxlm's byte tokenizer",
+            file=sys.stderr,
+        )
+        tokenizer = ByteTokenizer()
+    spec = (
+        "byte" if isinstance(tokenizer, ByteTokenizer) else str(workdir / checkpoint.TOKENIZER_DIR)
+    )
+    run = run_config or RunConfig()
+    seq_len = run.data.seq_len if run_config else min(run.data.seq_len, config.max_seq_len)
+    run = dataclasses.replace(
+        run,
+        model=config,
+        data=dataclasses.replace(run.data, tokenizer=spec, seq_len=seq_len),
+        mesh=dataclasses.replace(run.mesh, rules=rules or run.mesh.rules),
+    )
+    check_run(run, tokenizer)
+    mesh = mesh or make_mesh(run.mesh)
+    if jax.process_index() == 0:
+        checkpoint.check_workdir(workdir, _state_bytes(run, mesh))
+    # The data position first: a dataset that cannot be read fails before the weights are read.
+    it = make_iterator(run.data, tokenizer, seed=run.seed, mesh=mesh)
+    data_state = merge_stream_states(distributed.allgather_json(it.get_state()))
+    state = fresh_train_state(run, mesh, make_params(mesh, run.mesh.rules))
+    ckpt = checkpoint.Checkpointer(workdir, run.checkpoint)
+    try:
+        ckpt.save(0, state, data_state, run, checkpoint.tokenizer_files(tokenizer))
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    if jax.process_index() == 0:
+        checkpoint.save_run_files(workdir, run, tokenizer)
+    return workdir
