@@ -3,8 +3,19 @@
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.configs import PRESETS, MeshConfig, ModelConfig, RunConfig, get_preset
 from jaxlm.configs.overrides import apply_overrides, load_config
+from jaxlm.loop import eval_workdir, evaluate, load_for_eval, train
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 from jaxlm.model.transformer import Transformer, abstract_params, init_params, param_shardings
+from jaxlm.sample import (
+    Greedy,
+    MinP,
+    Temperature,
+    TopK,
+    TopP,
+    generate,
+    generate_stream,
+    strategies,
+)
 from jaxlm.sharding import make_mesh, use_mesh
 from jaxlm.train import (
     TrainState,
@@ -18,24 +29,36 @@ from jaxlm.train import (
 __all__ = [
     "PRESETS",
     "Checkpointer",
+    "Greedy",
     "MeshConfig",
+    "MinP",
     "ModelConfig",
     "RunConfig",
+    "Temperature",
+    "TopK",
+    "TopP",
     "TrainState",
     "Transformer",
     "abstract_params",
     "abstract_train_state",
     "apply_overrides",
+    "eval_workdir",
+    "evaluate",
     "flops_per_token",
+    "generate",
+    "generate_stream",
     "get_preset",
     "init_params",
     "init_train_state",
     "load_config",
+    "load_for_eval",
     "make_eval_step",
     "make_mesh",
     "make_train_step",
     "param_count",
     "param_shardings",
+    "strategies",
+    "train",
     "train_step",
     "training_state_bytes",
     "use_mesh",

@@ -1,0 +1,61 @@
+"""Scaling-law studies: sweeps of training runs, Chinchilla-style fits with intervals, plots."""
+
+from jaxlm.scaling.fits import (
+    CHINCHILLA_INIT_GRID,
+    ChinchillaFit,
+    IsoFlopCurve,
+    IsoFlopFit,
+    PowerLawFit,
+    RunFits,
+    compute_frontier,
+    compute_optimal,
+    fit_chinchilla,
+    fit_isoflop,
+    fit_power_law,
+    fit_results,
+    fit_runs,
+)
+from jaxlm.scaling.plots import (
+    plot_all,
+    plot_isoflops,
+    plot_loss_vs_compute,
+    plot_optimal_allocation,
+)
+from jaxlm.scaling.sweep import (
+    SweepRun,
+    isoflop_grid,
+    load_results,
+    load_sweep,
+    run_size,
+    run_sweep,
+    token_grid,
+    write_results,
+)
+
+__all__ = [
+    "CHINCHILLA_INIT_GRID",
+    "ChinchillaFit",
+    "IsoFlopCurve",
+    "IsoFlopFit",
+    "PowerLawFit",
+    "RunFits",
+    "SweepRun",
+    "compute_frontier",
+    "compute_optimal",
+    "fit_chinchilla",
+    "fit_isoflop",
+    "fit_power_law",
+    "fit_results",
+    "fit_runs",
+    "isoflop_grid",
+    "load_results",
+    "load_sweep",
+    "plot_all",
+    "plot_isoflops",
+    "plot_loss_vs_compute",
+    "plot_optimal_allocation",
+    "run_size",
+    "run_sweep",
+    "token_grid",
+    "write_results",
+]

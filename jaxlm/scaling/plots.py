@@ -1,0 +1,168 @@
+"""Scaling-law plots: loss against compute, IsoFLOP curves, and compute-optimal N and D against C.
+
+Each function returns a `matplotlib.figure.Figure` built directly (no pyplot, so no global state
+and no GUI backend) and saves a PNG when given a `path`. matplotlib is imported only when a plot is
+made, so the fits work without it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from jaxlm.scaling.fits import (
+    ArrayLike,
+    ChinchillaFit,
+    IsoFlopFit,
+    PowerLawFit,
+    RunFits,
+    compute_optimal,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PathLike = str | os.PathLike
+
+
+def _figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5 * ncols, 4.2), layout="constrained")
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
+
+
+def _save(fig: Figure, path: PathLike | None) -> Figure:
+    if path is not None:
+        # A bare Figure has no pyplot canvas; savefig falls back to Agg for PNG.
+        fig.savefig(os.fspath(path), dpi=120)
+    return fig
+
+
+def _compute_grid(lo: float, hi: float) -> np.ndarray:
+    # A decade past the largest run: the frontier is mostly read as an extrapolation.
+    return np.geomspace(lo / 2, hi * 10, 200)
+
+
+def plot_loss_vs_compute(
+    C: ArrayLike,
+    L: ArrayLike,
+    N: ArrayLike,
+    *,
+    power_law: PowerLawFit | None = None,
+    chinchilla: ChinchillaFit | None = None,
+    path: PathLike | None = None,
+) -> Figure:
+    """Runs' loss against FLOPs coloured by model size, with the fitted compute frontiers."""
+    C, L, N = (np.asarray(v, np.float64) for v in (C, L, N))
+    if not C.shape == L.shape == N.shape:
+        raise ValueError(f"C, L, N must have one shape; got {C.shape}, {L.shape}, {N.shape}")
+    fig, (ax,) = _figure()
+    points = ax.scatter(C, L, c=np.log10(N), cmap="viridis", s=18, zorder=3)
+    fig.colorbar(points, ax=ax, label="log10 parameters")
+    grid = _compute_grid(C.min(), C.max())
+    if power_law is not None:
+        p = power_law
+        label = f"L = {p.E:.3g} + {p.k:.3g}·C^-{p.gamma:.3g}"
+        ax.plot(grid, p.loss(grid), color="black", label=label)
+    if chinchilla is not None:
+        N_opt, D_opt = compute_optimal(grid, chinchilla)
+        label = f"approach 3 frontier (a={chinchilla.a:.2f}, b={chinchilla.b:.2f})"
+        ax.plot(grid, chinchilla.loss(N_opt, D_opt), color="tab:red", ls="--", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs C")
+    ax.set_ylabel("eval loss")
+    ax.set_title("Loss against compute")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_isoflops(fit: IsoFlopFit, *, path: PathLike | None = None) -> Figure:
+    """Loss against N for each FLOP budget with its parabola and the parabola's minimum."""
+    from matplotlib import colormaps
+
+    fig, (ax,) = _figure()
+    cmap = colormaps["plasma"]
+    for i, curve in enumerate(fit.curves):
+        # Budgets ordered by C get colours from dark (small) to light (large).
+        color = cmap(0.85 * i / max(len(fit.curves) - 1, 1))
+        N = np.asarray(curve.N)
+        ax.scatter(N, curve.L, color=color, s=18, zorder=3)
+        span = np.geomspace(N.min() / 1.25, N.max() * 1.25, 100)
+        ax.plot(span, curve.loss(span), color=color, label=f"C = {curve.C:.2g}")
+        ax.plot([curve.N_opt], [curve.L_opt], marker="*", ms=12, ls="", color=color, mec="black")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("eval loss")
+    ax.set_title(f"IsoFLOP curves (N_opt ∝ C^{fit.a:.2f})")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_optimal_allocation(
+    *,
+    isoflop: IsoFlopFit | None = None,
+    chinchilla: ChinchillaFit | None = None,
+    C_range: tuple[float, float] | None = None,
+    path: PathLike | None = None,
+) -> Figure:
+    """N_opt (left) and D_opt (right) against C: approach 2 minima and both fitted power laws."""
+    if isoflop is None and chinchilla is None:
+        raise ValueError("plot_optimal_allocation needs an isoflop fit, a chinchilla fit or both")
+    if C_range is None:
+        if isoflop is None:
+            raise ValueError("C_range=(lo, hi) FLOPs is needed when there is no isoflop fit")
+        C_range = (isoflop.curves[0].C, isoflop.curves[-1].C)
+    lo, hi = C_range
+    if not 0 < lo < hi:
+        raise ValueError(f"C_range must satisfy 0 < lo < hi; got {C_range}")
+    grid = _compute_grid(lo, hi)
+    fig, (ax_n, ax_d) = _figure(ncols=2)
+    if isoflop is not None:
+        C = [c.C for c in isoflop.curves]
+        ax_n.scatter(C, [c.N_opt for c in isoflop.curves], color="tab:blue", zorder=3)
+        ax_d.scatter(C, [c.D_opt for c in isoflop.curves], color="tab:blue", zorder=3)
+        N_opt, D_opt = compute_optimal(grid, isoflop)
+        ax_n.plot(grid, N_opt, color="tab:blue", label=f"approach 2: C^{isoflop.a:.3f}")
+        ax_d.plot(grid, D_opt, color="tab:blue", label=f"approach 2: C^{isoflop.b:.3f}")
+    if chinchilla is not None:
+        N_opt, D_opt = compute_optimal(grid, chinchilla)
+        ax_n.plot(grid, N_opt, color="tab:red", ls="--", label=f"approach 3: C^{chinchilla.a:.3f}")
+        ax_d.plot(grid, D_opt, color="tab:red", ls="--", label=f"approach 3: C^{chinchilla.b:.3f}")
+    for ax, name in ((ax_n, "parameters N_opt"), (ax_d, "tokens D_opt")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training FLOPs C")
+        ax.set_ylabel(name)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_all(fits: RunFits, out_dir: PathLike) -> list[pathlib.Path]:
+    """Every plot the fits allow, as PNGs in `out_dir`; returns the paths written."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "loss_vs_compute.png"]
+    plot_loss_vs_compute(
+        fits.C,
+        fits.L,
+        fits.N,
+        power_law=fits.power_law,
+        chinchilla=fits.chinchilla,
+        path=written[0],
+    )
+    if fits.isoflop is not None:
+        written.append(out / "isoflops.png")
+        plot_isoflops(fits.isoflop, path=written[-1])
+    if fits.isoflop is not None or fits.chinchilla is not None:
+        written.append(out / "optimal_allocation.png")
+        C_range = (float(fits.C.min()), float(fits.C.max()))
+        plot_optimal_allocation(
+            isoflop=fits.isoflop, chinchilla=fits.chinchilla, C_range=C_range, path=written[-1]
+        )
+    return written

@@ -1,0 +1,250 @@
+"""Sweeps: named training runs (model sizes x token or FLOP budgets) run in sequence, resumably,
+with one results table (N, D, C, final eval loss) for the scaling-law fits."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxlm import checkpoint
+from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.overrides import apply_overrides
+from jaxlm.configs.run import RunConfig
+from jaxlm.metrics import flops_per_token, param_count
+
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """One training run of a sweep; `budget` labels the IsoFLOP budget (FLOPs) it belongs to."""
+
+    name: str
+    config: RunConfig
+    budget: float | None = None
+
+
+def tokens_per_step(config: RunConfig) -> int:
+    return config.data.batch_size * config.data.seq_len
+
+
+def run_size(config: RunConfig) -> dict[str, Any]:
+    """N (parameters, with and without embeddings), D (training tokens) and C of a run.
+
+    `flops` is the scaling-law convention C = 6 N D (N = all parameters, as in Hoffmann et al.;
+    for MoE the active ones), which the fits assume; `flops_model` is jaxlm's fuller count
+    (attention scores included, embedding lookups not), the one MFU uses.
+    """
+    counts = param_count(config.model)
+    tokens = config.train.steps * tokens_per_step(config)
+    return {
+        "params": counts.total,
+        "params_non_embedding": counts.non_embedding,
+        "params_active": counts.active,
+        "tokens": tokens,
+        "flops": 6.0 * counts.active * tokens,
+        "flops_model": flops_per_token(config.model, config.data.seq_len) * tokens,
+    }
+
+
+def _with_steps(base: RunConfig, model: ModelConfig, steps: int) -> RunConfig:
+    return dataclasses.replace(
+        base, model=model, train=dataclasses.replace(base.train, steps=steps)
+    )
+
+
+def token_grid(
+    base: RunConfig, models: Mapping[str, ModelConfig], tokens: Sequence[float]
+) -> list[SweepRun]:
+    """Every model trained on every token budget (steps rounded up to whole batches)."""
+    runs = []
+    for d in tokens:
+        if not d > 0:
+            raise ValueError(f"token budget {d!r} must be > 0")
+        steps = max(1, math.ceil(d / tokens_per_step(base)))
+        for name, model in models.items():
+            runs.append(SweepRun(f"{name}_D{d:.3g}", _with_steps(base, model, steps)))
+    return runs
+
+
+def isoflop_grid(
+    base: RunConfig,
+    models: Mapping[str, ModelConfig],
+    budgets: Sequence[float],
+    *,
+    min_steps: int = 10,
+) -> list[SweepRun]:
+    """For each FLOP budget C, every model trained for C / (6 N) tokens (Chinchilla approach 2;
+    N = active parameters).
+
+    Models that would train fewer than `min_steps` steps at a budget are left out of it (too big
+    for that budget to say anything).
+    """
+    runs = []
+    per_step = tokens_per_step(base)
+    for c in budgets:
+        if not c > 0:
+            raise ValueError(f"FLOP budget {c!r} must be > 0")
+        for name, model in models.items():
+            n = param_count(model).active
+            steps = round(c / (6 * n * per_step))
+            if steps >= min_steps:
+                runs.append(SweepRun(f"C{c:.3g}_{name}", _with_steps(base, model, steps), c))
+    if not runs:
+        raise ValueError(
+            f"no model trains >= {min_steps} steps within budgets {list(budgets)}; "
+            "raise the budgets or use smaller models"
+        )
+    return runs
+
+
+def load_sweep(path: str | Path) -> list[SweepRun]:
+    """The runs a sweep file defines: `SWEEP` (a list) or `get_sweep()` returning one."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise FileNotFoundError(f"sweep file {str(path)!r} is not an existing .py file")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if hasattr(module, "get_sweep"):
+        runs = module.get_sweep()
+    elif hasattr(module, "SWEEP"):
+        runs = module.SWEEP
+    else:
+        raise ValueError(f"sweep file {str(path)!r} must define get_sweep() or SWEEP")
+    return check_runs(runs)
+
+
+def check_runs(runs: Iterable[SweepRun]) -> list[SweepRun]:
+    """The runs as a list, refusing non-`SweepRun`s, unusable or repeated names."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("the sweep has no runs")
+    seen: set[str] = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, SweepRun):
+            raise TypeError(f"sweep entry {i} is a {type(run).__name__}, expected SweepRun")
+        if not _NAME.match(run.name):
+            raise ValueError(
+                f"run name {run.name!r} must be letters, digits, '.', '_', '+' or '-' (it names a "
+                "directory)"
+            )
+        if run.name in seen:
+            raise ValueError(f"run name {run.name!r} appears twice in the sweep")
+        seen.add(run.name)
+    return runs
+
+
+def _final_eval(workdir: Path, steps: int) -> dict[str, float] | None:
+    """The eval record at the last step, if the run finished (its final checkpoint exists)."""
+    if steps not in checkpoint.complete_steps(workdir):
+        return None
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        record = json.loads(line)
+        if record.get("step") == steps and "eval_loss" in record:
+            return record
+    return None
+
+
+def _row(run: SweepRun, record: Mapping[str, Any]) -> dict[str, Any]:
+    c = run.config
+    return {
+        "name": run.name,
+        "budget": run.budget,
+        **run_size(c),
+        "eval_loss": record["eval_loss"],
+        "eval_bits_per_byte": record.get("eval_bits_per_byte"),
+        "steps": c.train.steps,
+        "seq_len": c.data.seq_len,
+        "batch_size": c.data.batch_size,
+        "d_model": c.model.d_model,
+        "num_layers": c.model.num_layers,
+    }
+
+
+def write_results(workdir: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """`results.json` and `results.csv` in `workdir` (each written atomically)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / (RESULTS_JSON + ".tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1) + "\n")
+    tmp.replace(workdir / RESULTS_JSON)
+    if rows:
+        tmp = workdir / (RESULTS_CSV + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(workdir / RESULTS_CSV)
+    return workdir / RESULTS_JSON
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results table (`results.json`, `results.csv`, or a sweep directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no results table at {str(path)!r}")
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [
+            {k: (None if v == "" else v if k == "name" else float(v)) for k, v in r.items()}
+            for r in rows
+        ]
+    return json.loads(path.read_text())
+
+
+def run_sweep(
+    runs: Iterable[SweepRun],
+    workdir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+    train_fn: Callable[[RunConfig, Path], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every run in `workdir/<name>` in order and return (and write) the results table.
+
+    Finished runs are skipped, unfinished ones resume from their newest checkpoint, so rerunning
+    a sweep after a crash or kill continues it. `overrides` (`key=value`) apply to every run.
+    """
+    runs = [
+        dataclasses.replace(r, config=apply_overrides(r.config, overrides))
+        for r in check_runs(runs)
+    ]
+    if train_fn is None:
+        from jaxlm.loop import train as train_fn
+    workdir = Path(workdir)
+    rows: list[dict[str, Any]] = []
+    for i, run in enumerate(runs):
+        run_dir = workdir / run.name
+        size = run_size(run.config)
+        record = _final_eval(run_dir, run.config.train.steps)
+        if record is None:
+            log(
+                f"sweep {i + 1}/{len(runs)}: {run.name} (N={size['params']:,}, "
+                f"D={size['tokens']:,}, C={size['flops']:.3g})"
+            )
+            train_fn(run.config, run_dir)
+            record = _final_eval(run_dir, run.config.train.steps)
+            if record is None:  # stopped by a signal: the sweep stops too
+                log(f"sweep: {run.name} did not finish; rerun the sweep to continue it")
+                break
+        else:
+            log(f"sweep {i + 1}/{len(runs)}: {run.name} done (eval loss {record['eval_loss']:.4f})")
+        rows.append(_row(run, record))
+        write_results(workdir, rows)
+    return rows
