@@ -446,9 +446,14 @@ def fit_power_law(
         E, k, g = (float(v) for v in np.exp(p))
         return {"E": E, "k": k * math.exp(g * log_ref), "gamma": g}
 
-    def refit(rng: np.random.Generator) -> dict[str, float]:
+    def refit(rng: np.random.Generator) -> dict[str, float] | None:
         idx = rng.integers(0, n, n)
-        return to_params(_power_law_solve([p], x[idx], logL[idx]))
+        if len(np.unique(idx)) < 3:  # 3 parameters: a resample of fewer points says nothing
+            return None
+        try:
+            return to_params(_power_law_solve([p], x[idx], logL[idx]))
+        except OverflowError:  # a degenerate resample drove gamma off to infinity: skip it
+            return None
 
     ci, kept = _bootstrap(refit, bootstrap, ci_level, seed)
     fit = PowerLawFit(**to_params(p), rmse=0.0, n_runs=n, ci=ci, n_boot=kept)
