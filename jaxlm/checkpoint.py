@@ -221,6 +221,11 @@ class Checkpointer:
         self._manager.close()
 
 
+def state_bytes(tree: Any) -> int:
+    """Bytes the arrays (or `ShapeDtypeStruct`s) of `tree` take: one checkpoint's size."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def check_workdir(workdir: str | Path, needed_bytes: int) -> None:
     """Fail now, not mid-run, when `workdir` cannot be written or lacks `needed_bytes` free.
 

@@ -21,13 +21,7 @@ import jax.numpy as jnp
 from jaxlm import checkpoint, distributed, metrics
 from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
-from jaxlm.data import (
-    as_stream_state,
-    make_iterator,
-    make_tokenizer,
-    merge_stream_states,
-    to_global,
-)
+from jaxlm.data import as_stream_state, make_iterator, make_tokenizer, to_global
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.sample import generate
 from jaxlm.sharding import make_mesh, use_mesh
@@ -154,10 +148,6 @@ class _StopRequests:
         return self._agreement.should_stop(step, self.signal is not None)
 
 
-def _state_bytes(abstract_state: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-
-
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -225,7 +215,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     existing = len(checkpoint.complete_steps(workdir))
     to_write = max(config.checkpoint.keep + 1 - existing, 1)
     if jax.process_index() == 0:
-        checkpoint.check_workdir(workdir, to_write * _state_bytes(abstract_state))
+        checkpoint.check_workdir(workdir, to_write * checkpoint.state_bytes(abstract_state))
     train_it = make_iterator(config.data, tokenizer, seed=config.seed, mesh=mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     if jax.process_index() == 0:
@@ -309,7 +299,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     def save(step: int) -> None:
         if not bool(_all_finite(state.params)):  # cannot happen (bad updates are skipped)
             raise NonFiniteError(f"parameters at step {step} are not finite; not saving them")
-        data_state = merge_stream_states(distributed.allgather_json(train_it.get_state()))
+        data_state = train_it.global_state()
         try:
             ckpt.save(step, state, data_state, config, tokenizer_files)
         except OSError as e:

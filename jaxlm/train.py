@@ -34,20 +34,25 @@ class TrainState:
     nonfinite_total: jax.Array  # skipped steps over the whole run
 
 
+def _step_zero(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array) -> TrainState:
+    # Optimizer state built from boxed params inherits their logical axis names.
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(state_rng),
+        nonfinite_streak=zero,
+        nonfinite_total=zero,
+    )
+
+
 def _init_fn(config: RunConfig, tx: optax.GradientTransformation) -> Callable[[jax.Array], Any]:
     def init(rng: jax.Array) -> TrainState:
         tokens = jnp.zeros((1, 1), jnp.int32)
         params_rng, state_rng = jax.random.split(jax.random.wrap_key_data(rng))
         params = Transformer(config.model).init(params_rng, tokens)["params"]
-        # Optimizer state built from the boxed params inherits their logical axis names.
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(state_rng),
-            nonfinite_streak=jnp.zeros((), jnp.int32),
-            nonfinite_total=jnp.zeros((), jnp.int32),
-        )
+        return _step_zero(params, tx, state_rng)
 
     return init
 
@@ -93,6 +98,21 @@ def init_train_state(config: RunConfig, mesh: Mesh, rng: jax.Array | int = 0) ->
         return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
             jax.random.key_data(key)
         )
+
+
+def train_state_from_params(config: RunConfig, mesh: Mesh, params: Any) -> TrainState:
+    """A step-0 `TrainState` around given `params` (e.g. imported weights; they are donated):
+    optimizer state and RNG exactly as `init_train_state(config, mesh, config.seed)` makes them,
+    every array in its sharding."""
+    tx = make_optimizer(config.optim, config.train.steps)
+    _, state_rng = jax.random.split(jax.random.key(config.seed))
+    with sharding.use_mesh(mesh, config.mesh.rules):
+        build = jax.jit(
+            lambda p: _step_zero(p, tx, state_rng),
+            out_shardings=state_shardings(config, mesh),
+            donate_argnums=0,
+        )
+        return build(params)
 
 
 def global_norm(tree: Any) -> jax.Array:

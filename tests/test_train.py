@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.configs import get_preset
+from jaxlm.configs import MeshConfig, get_preset
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import ByteTokenizer, DataIterator, build_dataset, to_global
 from jaxlm.sharding import make_mesh
-from jaxlm.train import init_train_state, make_train_step
+from jaxlm.train import init_train_state, make_train_step, train_state_from_params
 
 TOK = ByteTokenizer()
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 5) for i in range(64)]
@@ -154,3 +154,16 @@ def test_llama_style_preset_trains_with_adafactor_and_lion():
         )
         losses, _ = _losses(cfg, _batches(cfg, 5))
         assert losses[-1] < losses[0], (opt, losses)
+
+
+def test_a_state_around_given_params_is_the_initial_state():
+    """`train_state_from_params` (imported weights) == `init_train_state` for the same params:
+    optimizer state, RNG, counters and shardings."""
+    cfg = load_config("tiny", ["optim.name=adamw", "seed=3"])
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2), jax.devices())
+    expected = init_train_state(cfg, mesh, cfg.seed)
+    params = jax.tree.map(lambda x: x.copy(), expected.params)
+    got = train_state_from_params(cfg, mesh, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

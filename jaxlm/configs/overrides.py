@@ -163,6 +163,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**{k: convert(v, hints[k], prefix + k) for k, v in data.items()})
 
 
+def load_python_file(path: str | Path) -> types.ModuleType:
+    """Run a Python config/sweep file as a module of its own and return it."""
+    path = Path(path)
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """A `RunConfig` from a preset name, a `.py` file with `get_config()`, or a `.json` file.
 
@@ -178,9 +187,7 @@ def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunCo
         if spec.endswith(".json"):
             config = from_dict(RunConfig, json.loads(path.read_text()))
         else:
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            module = load_python_file(path)
             if not hasattr(module, "get_config"):
                 raise ValueError(f"config file {spec!r} must define get_config()")
             config = module.get_config()

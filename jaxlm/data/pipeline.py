@@ -291,6 +291,13 @@ class StreamIterator:
         states = {str(s): it.get_state() for s, it in self._its.items()}
         return {"num_streams": self.num_streams, "streams": states}
 
+    def global_state(self) -> dict[str, Any]:
+        """Every stream's state, gathered from all processes (a collective: all must call it);
+        what a checkpoint saves."""
+        from jaxlm import distributed
+
+        return merge_stream_states(distributed.allgather_json(self.get_state()))
+
     def set_state(self, state: dict[str, Any]) -> None:
         state = as_stream_state(state)
         if state["num_streams"] != self.num_streams:

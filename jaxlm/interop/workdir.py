@@ -16,45 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from jaxlm import checkpoint, distributed
+from jaxlm import checkpoint
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.run import RunConfig
-from jaxlm.sharding import make_mesh, use_mesh
-
-
-def fresh_train_state(run: RunConfig, mesh: jax.sharding.Mesh, params: Any) -> Any:
-    """A step-0 `TrainState` around `params`: optimizer state as `init_train_state` makes it,
-    every array created in its sharding (`params` are donated)."""
-    from jaxlm.optim import make_optimizer
-    from jaxlm.train import TrainState, state_shardings
-
-    tx = make_optimizer(run.optim, run.train.steps)
-
-    def build(params: Any) -> TrainState:
-        # The RNG stream `init_train_state` would give a run with this seed.
-        _, state_rng = jax.random.split(jax.random.key(run.seed))
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(
-            step=zero,
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(state_rng),
-            nonfinite_streak=zero,
-            nonfinite_total=zero,
-        )
-
-    with use_mesh(mesh, run.mesh.rules):
-        init = jax.jit(build, out_shardings=state_shardings(run, mesh), donate_argnums=0)
-        return init(params)
-
-
-def _state_bytes(run: RunConfig, mesh: jax.sharding.Mesh) -> int:
-    from jaxlm.train import abstract_train_state
-
-    state = abstract_train_state(run, mesh)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+from jaxlm.sharding import make_mesh
 
 
 def write_workdir(
@@ -75,8 +41,9 @@ def write_workdir(
     (`tokenizer`, or `tokenizer_spec` for `make_tokenizer`, else the byte tokenizer), which is
     saved in the workdir. `mesh` defaults to `run_config.mesh` over all devices.
     """
-    from jaxlm.data import ByteTokenizer, make_iterator, make_tokenizer, merge_stream_states
+    from jaxlm.data import ByteTokenizer, make_iterator, make_tokenizer
     from jaxlm.loop import check_run
+    from jaxlm.train import abstract_train_state, train_state_from_params
 
     workdir = Path(workdir).absolute()
     if checkpoint.complete_steps(workdir) or (workdir / checkpoint.CONFIG_FILE).exists():
@@ -103,11 +70,11 @@ def write_workdir(
     check_run(run, tokenizer)
     mesh = mesh or make_mesh(run.mesh)
     if jax.process_index() == 0:
-        checkpoint.check_workdir(workdir, _state_bytes(run, mesh))
+        checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract_train_state(run, mesh)))
     # The data position first: a dataset that cannot be read fails before the weights are read.
     it = make_iterator(run.data, tokenizer, seed=run.seed, mesh=mesh)
-    data_state = merge_stream_states(distributed.allgather_json(it.get_state()))
-    state = fresh_train_state(run, mesh, make_params(mesh, run.mesh.rules))
+    data_state = it.global_state()
+    state = train_state_from_params(run, mesh, make_params(mesh, run.mesh.rules))
     ckpt = checkpoint.Checkpointer(workdir, run.checkpoint)
     try:
         ckpt.save(0, state, data_state, run, checkpoint.tokenizer_files(tokenizer))

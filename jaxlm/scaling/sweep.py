@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -15,7 +14,7 @@ from typing import Any
 
 from jaxlm import checkpoint
 from jaxlm.configs.model import ModelConfig
-from jaxlm.configs.overrides import apply_overrides
+from jaxlm.configs.overrides import apply_overrides, load_python_file
 from jaxlm.configs.run import RunConfig
 from jaxlm.metrics import flops_per_token, param_count
 
@@ -112,9 +111,7 @@ def load_sweep(path: str | Path) -> list[SweepRun]:
     path = Path(path)
     if not path.is_file() or path.suffix != ".py":
         raise FileNotFoundError(f"sweep file {str(path)!r} is not an existing .py file")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = load_python_file(path)
     if hasattr(module, "get_sweep"):
         runs = module.get_sweep()
     elif hasattr(module, "SWEEP"):
