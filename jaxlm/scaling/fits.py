@@ -29,6 +29,9 @@ CHINCHILLA_INIT_GRID: Mapping[str, tuple[float, ...]] = {
 }
 _THETA = ("e", "a", "b", "alpha", "beta")
 _LBFGS = {"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-10}
+# alpha, beta >= 0: a loss that grows with N or D is noise, not a scaling law (unbounded, noisy
+# small-scale data gave negative exponents with E near 0); e, a, b are free (logs).
+_BOUNDS = [(None, None)] * 3 + [(0.0, None)] * 2
 
 
 def _positive(name: str, values: Any) -> np.ndarray:
@@ -169,7 +172,9 @@ def _chinchilla_minimise(starts, logN, logD, logL, delta) -> tuple[np.ndarray, f
     best_x, best_f = None, np.inf
     for x0 in starts:
         args = (logN, logD, logL, delta)
-        res = optimize.minimize(_chinchilla_objective, x0, args, "L-BFGS-B", True, options=_LBFGS)
+        res = optimize.minimize(
+            _chinchilla_objective, x0, args, "L-BFGS-B", True, bounds=_BOUNDS, options=_LBFGS
+        )
         if np.isfinite(res.fun) and res.fun < best_f:
             best_x, best_f = res.x, float(res.fun)
     if best_x is None:

@@ -267,3 +267,14 @@ def test_isoflop_warns_when_the_minimum_is_extrapolated():
     L = np.array([3.0, 2.8, 2.9, 2.9, 2.85, 2.83])  # second budget: minimum beyond the largest N
     with pytest.warns(UserWarning, match=r"budget 'b2'.*outside the sampled sizes"):
         fit_isoflop(N, np.repeat([1e18, 1e19], 3), L, ["b1"] * 3 + ["b2"] * 3)
+
+
+def test_chinchilla_exponents_stay_non_negative_on_data_no_law_explains():
+    """Loss that grows with N at fixed D (noise at tiny scale) must not give alpha < 0."""
+    rng = np.random.default_rng(4)
+    N = np.repeat([1e4, 2e4, 4e4, 8e4], 4)
+    D = np.tile([1e5, 3e5, 1e6, 3e6], 4)
+    L = 2.0 + 0.05 * np.log(N / 1e4) + 30 / D**0.3 + rng.normal(0, 0.002, N.size)
+    fit = fit_chinchilla(N, D, L)
+    assert fit.alpha >= 0 and fit.beta >= 0
+    assert fit.beta > 0.1  # the D dependence is still found
