@@ -82,3 +82,6 @@ def test_scaling_laws_runs_a_small_study(tmp_path, stdlib_cache, name):
     rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert len(rows) == 9 and all(r["eval_loss"] > 0 for r in rows)
     assert "N_opt = " in text and "chinchilla" in text
+    # The figures render as images (a bare Figure shows only its repr without the inline backend).
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "scaling plots did not render"

@@ -1,14 +1,14 @@
-"""The CPU mini IsoFLOP study of colabs/scaling_laws.ipynb: 3 FLOP budgets x 3 tiny models.
+"""The CPU mini IsoFLOP study of colabs/scaling_laws.ipynb: 3 FLOP budgets x 5 tiny models.
 
-jaxlm sweep experiments/sweeps/cpu_isoflop.py      # ~10-20 min on 2 CPU cores
+jaxlm sweep experiments/sweeps/cpu_isoflop.py      # about 10 min on 2 CPU cores
 jaxlm scaling fit runs/sweeps/cpu_isoflop --plot runs/sweeps/cpu_isoflop/plots
 """
 
 from jaxlm.configs.overrides import apply_overrides, load_config
 from jaxlm.scaling import SweepRun, isoflop_grid
 
-BUDGETS = [5e10, 1e11, 2e11]  # training FLOPs, 6 N D
-WIDTHS = [24, 32, 48]  # d_model of 2-layer GPT-2-style models (~26k, 40k, 78k parameters)
+BUDGETS = [1e11, 2e11, 4e11]  # training FLOPs, 6 N D
+WIDTHS = [8, 12, 16, 24, 32]  # d_model of 2-layer GPT-2-style models (5k to 40k parameters)
 
 
 def get_sweep() -> list[SweepRun]:
@@ -18,7 +18,8 @@ def get_sweep() -> list[SweepRun]:
             "data.seq_len=64",
             "data.batch_size=16",
             "train.eval_every=100000",
-            "train.eval_batches=8",
+            # 200 x 1024 held-out tokens: fewer made the loss differences between sizes noise.
+            "train.eval_batches=200",
             "train.log_every=50",
             "train.sample_tokens=0",
             "checkpoint.every=500",
