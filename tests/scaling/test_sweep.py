@@ -17,6 +17,7 @@ import pytest
 from jaxlm import checkpoint, cli
 from jaxlm.configs import RunConfig
 from jaxlm.configs.overrides import load_config
+from jaxlm.metrics import param_count
 from jaxlm.scaling import isoflop_grid, load_results, load_sweep, run_sweep, token_grid
 from jaxlm.scaling.sweep import check_runs
 
@@ -194,3 +195,35 @@ def test_scaling_fit_cli_reports_the_fits_and_writes_plots(tmp_path, capsys):
     assert cli.main(["scaling", "fit", str(tmp_path / "nothing.json")]) == 2
     assert cli.main([*args[:3], "--params", "params_active"]) == 2
     assert "have no 'params_active' column" in capsys.readouterr().err
+
+
+def _notebook_runs() -> list:
+    """The runs colabs/scaling_laws.ipynb builds with its default parameters (cells executed up
+    to the grid, no training)."""
+    import nbformat
+
+    nb = nbformat.read(ROOT / "colabs" / "scaling_laws.ipynb", as_version=4)
+    (index,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    namespace: dict = {}
+    for cell in nb.cells[index : index + 2]:
+        code = "\n".join(line for line in cell.source.splitlines() if not line.startswith("%"))
+        exec(compile(code, "scaling_laws.ipynb", "exec"), namespace)
+    return namespace["runs"]
+
+
+def test_shipped_sweeps_load_and_the_cpu_sweep_is_the_colab_grid(capsys):
+    cpu = load_sweep(ROOT / "experiments" / "sweeps" / "cpu_isoflop.py")
+    notebook = _notebook_runs()
+    capsys.readouterr()
+    assert [r.name for r in cpu] == [r.name for r in notebook]
+    assert all(a.config == b.config for a, b in zip(cpu, notebook, strict=True))
+    assert len(cpu) == 15 and len({r.config.model for r in cpu}) == 5
+    tpu = load_sweep(ROOT / "experiments" / "sweeps" / "tpu_ladder.py")
+    assert {r.budget for r in tpu} == {1e17, 3e17, 1e18, 3e18}
+    for run in [*cpu, *tpu]:
+        tokens_per_step = run.config.data.seq_len * run.config.data.batch_size
+        n = param_count(run.config.model).total
+        # 6 N D within half a step of the budget (no override in the file changed the steps).
+        assert abs(6 * n * run.config.train.steps * tokens_per_step - run.budget) <= (
+            3 * n * tokens_per_step + 1
+        ), run.name
