@@ -3,9 +3,17 @@
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.configs import PRESETS, MeshConfig, ModelConfig, RunConfig, get_preset
 from jaxlm.configs.overrides import apply_overrides, load_config
-from jaxlm.loop import eval_workdir, evaluate, load_for_eval, train
+from jaxlm.loop import eval_workdir, evaluate, train
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 from jaxlm.model.transformer import Transformer, abstract_params, init_params, param_shardings
+from jaxlm.run import (
+    RunPlan,
+    abstract_train_state,
+    init_train_state,
+    load_for_eval,
+    make_eval_step,
+    make_train_step,
+)
 from jaxlm.sample import (
     Greedy,
     MinP,
@@ -17,14 +25,8 @@ from jaxlm.sample import (
     strategies,
 )
 from jaxlm.sharding import make_mesh, use_mesh
-from jaxlm.train import (
-    TrainState,
-    abstract_train_state,
-    init_train_state,
-    make_eval_step,
-    make_train_step,
-    train_step,
-)
+from jaxlm.step import TrainState, train_step
+from jaxlm.tasks import Task, get_task
 
 __all__ = [
     "PRESETS",
@@ -34,6 +36,8 @@ __all__ = [
     "MinP",
     "ModelConfig",
     "RunConfig",
+    "RunPlan",
+    "Task",
     "Temperature",
     "TopK",
     "TopP",
@@ -48,6 +52,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "get_preset",
+    "get_task",
     "init_params",
     "init_train_state",
     "load_config",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -159,8 +160,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config is None and (Path(workdir) / checkpoint.CONFIG_FILE).is_file():
         # Continue the run in `workdir` with its own config (plus any --set overrides).
         config = apply_overrides(checkpoint.load_run_config(workdir), args.overrides)
+    elif args.config is None and args.init_from:
+        # A new stage of another run: its config (model, tokenizer, data, ...) unless overridden.
+        try:
+            base = checkpoint.load_run_config(args.init_from)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"--init-from {args.init_from!r} is not a jaxlm run directory (no "
+                f"{checkpoint.CONFIG_FILE}); give a run's --workdir or an imported model"
+            ) from None
+        fresh = dataclasses.replace(base.train, init_from=None, init_from_step=None)
+        config = apply_overrides(dataclasses.replace(base, train=fresh), args.overrides)
     else:
         config = load_config(args.config, args.overrides)
+    if args.init_from:
+        train_config = dataclasses.replace(config.train, init_from=args.init_from)
+        config = dataclasses.replace(config, train=train_config)
     _join_processes(args)
     from jaxlm.loop import NonFiniteError, train
 
@@ -292,7 +307,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _join_processes(args)
     from jaxlm import distributed
-    from jaxlm.loop import load_for_eval
+    from jaxlm.run import load_for_eval
     from jaxlm.sharding import use_mesh
 
     distributed.check_agreement({"command": "sample", **vars(args), "func": None})
@@ -362,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (resumes from the workdir's checkpoints)")
     _add_config_args(train)
     train.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    train.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start a new run from this run's (or imported model's) parameters, with a fresh "
+        "optimizer; without --config its config is the starting point",
+    )
     _add_distributed_args(train)
     train.set_defaults(func=cmd_train)
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import checkpoint, distributed, metrics
-from jaxlm.configs.overrides import from_dict, to_dict
+from jaxlm.configs.overrides import to_dict
 from jaxlm.configs.run import RunConfig
-from jaxlm.data import as_stream_state, make_iterator, make_tokenizer, to_global
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data import as_stream_state, to_global
+from jaxlm.run import RunPlan, check_init_source, load_for_eval, state_from_source
 from jaxlm.sample import generate
-from jaxlm.sharding import make_mesh, use_mesh
-from jaxlm.train import (
-    abstract_train_state,
-    init_train_state,
-    make_eval_step,
-    make_train_step,
-)
+from jaxlm.sharding import use_mesh
 
 
 def _log(message: str) -> None:
@@ -38,39 +29,11 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def check_run(config: RunConfig, tokenizer: Tokenizer) -> None:
-    """Refuse configs that cannot work, before anything is compiled or written."""
-    if config.model.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} ids; set model.vocab_size >= {tokenizer.vocab_size}"
-        )
-    if config.data.seq_len > config.model.max_seq_len:
-        raise ValueError(
-            f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
-            f"{config.model.max_seq_len}"
-        )
-    per_step = config.data.batch_size // jax.process_count()
-    if per_step % config.train.microbatches:
-        raise ValueError(
-            f"the per-process batch ({per_step}) is not divisible by "
-            f"train.microbatches={config.train.microbatches}"
-        )
-
-
-def evaluate(
-    config: RunConfig,
-    mesh: jax.sharding.Mesh,
-    params: Any,
-    tokenizer: Tokenizer,
-    eval_step: Callable[..., Any],
-    max_batches: int = 0,
-) -> dict[str, float]:
-    """Loss, perplexity and bits per byte over the eval split (or its first `max_batches`)."""
-    it = make_iterator(
-        config.data, tokenizer, split=config.data.eval_split, mesh=mesh, num_epochs=1
-    )
-    nll = count = num_bytes = 0.0
+def evaluate(plan: RunPlan, params: Any, max_batches: int = 0) -> dict[str, float]:
+    """The task's eval metrics (LM: loss, perplexity, bits per byte) over the eval split (or its
+    first `max_batches` batches)."""
+    it = plan.make_iterator(split=plan.config.data.eval_split, num_epochs=1)
+    sums: dict[str, float] = {}
     i = 0
     while not max_batches or i < max_batches:
         batch = next(it, None)
@@ -78,20 +41,11 @@ def evaluate(
         if not any(distributed.allgather_json(batch is not None)):
             break
         batch = it.empty_batch() if batch is None else batch
-        sums = jax.device_get(eval_step(params, to_global(batch, mesh, it.rows, it.global_batch)))
+        out = plan.eval_step(params, to_global(batch, plan.mesh, it.rows, it.global_batch))
         i += 1
-        nll, count, num_bytes = (
-            nll + float(sums["nll"]),
-            count + float(sums["count"]),
-            num_bytes + float(sums["bytes"]),
-        )
-    loss = nll / max(count, 1.0)
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(min(loss, 80.0)),
-        "eval_bits_per_byte": nll / math.log(2) / max(num_bytes, 1.0),
-        "eval_tokens": count,
-    }
+        for k, v in jax.device_get(out).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return plan.task.eval_metrics(sums)
 
 
 class _Progress:
@@ -196,54 +150,70 @@ def _check_resume(config: RunConfig, workdir: Path) -> None:
         )
 
 
-def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
+def train(
+    config: RunConfig,
+    workdir: str | Path,
+    *,
+    init_from: str | Path | None = None,
+    init_from_step: int | None = None,
+) -> dict[str, Any]:
     """Train (resuming from the newest complete checkpoint in `workdir`), evaluate, save, sample.
+
+    `init_from` (or `config.train.init_from`): a new run starts from the parameters of that run's
+    checkpoint at `init_from_step` (default: its newest), with a fresh optimizer and schedule;
+    once `workdir` holds a checkpoint the run resumes from it instead.
 
     Returns {"history": logged train metrics, "sample": text, "state": final TrainState,
     "step": last step, "stopped_by": signal name or None}. SIGTERM/SIGINT save and return early;
     `NonFiniteError` is raised after `train.max_nonfinite_steps` consecutive skipped steps.
     """
+    if init_from is not None or init_from_step is not None:
+        config = dataclasses.replace(
+            config,
+            train=dataclasses.replace(
+                config.train,
+                init_from=config.train.init_from if init_from is None else str(init_from),
+                init_from_step=init_from_step,
+            ),
+        )
     workdir = Path(workdir)
     distributed.check_agreement(_run_facts(config, workdir))
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    check_run(config, tokenizer)
+    plan = RunPlan(config)  # the checks, mesh, task, optimizer and abstract state
+    mesh, tokenizer = plan.mesh, plan.tokenizer
     _check_resume(config, workdir)
-    mesh = make_mesh(config.mesh)
-    abstract_state = abstract_train_state(config, mesh)
+    source = None
+    if config.train.init_from is not None and not checkpoint.complete_steps(workdir):
+        source = check_init_source(plan, config.train.init_from, config.train.init_from_step)
     # Room for the checkpoints still to be written: `keep` + the one being written, less those
     # already on disk (they are replaced, not added to).
     existing = len(checkpoint.complete_steps(workdir))
     to_write = max(config.checkpoint.keep + 1 - existing, 1)
     if jax.process_index() == 0:
-        checkpoint.check_workdir(workdir, to_write * checkpoint.state_bytes(abstract_state))
-    train_it = make_iterator(config.data, tokenizer, seed=config.seed, mesh=mesh)
+        checkpoint.check_workdir(workdir, to_write * plan.checkpoint_bytes())
+    train_it = plan.make_iterator()
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     if jax.process_index() == 0:
         checkpoint.save_run_files(workdir, config, tokenizer)
     tokenizer_files = checkpoint.tokenizer_files(tokenizer)
 
-    resumed = ckpt.restore_latest(lambda step: ckpt.restore(step, abstract_state), _log)
+    resumed = ckpt.restore_latest(lambda step: ckpt.restore(step, plan.abstract_state), _log)
     if resumed:
         start, (state, data_state) = resumed
         data_state = as_stream_state(data_state)
         if data_state["num_streams"] != train_it.num_streams and not config.data.streams:
             # Resumed on another process count: keep the saved streams, so the data continues
             # exactly where it stopped.
-            train_it = make_iterator(
-                config.data,
-                tokenizer,
-                seed=config.seed,
-                mesh=mesh,
-                num_streams=data_state["num_streams"],
-            )
+            train_it = plan.make_iterator(num_streams=data_state["num_streams"])
         train_it.set_state(data_state)
         _log(f"resumed from step {start} in {ckpt.directory}")
         if int(state.step) != start:
             raise RuntimeError(f"checkpoint {start} holds state.step={int(state.step)}")
+    elif source is not None:
+        start, state = 0, state_from_source(plan, source)
+        _log(f"starting from the parameters of {source.workdir} (step {source.step})")
     else:
-        start, state = 0, init_train_state(config, mesh, config.seed)
-    train_step = make_train_step(config, mesh)
-    eval_step = make_eval_step(config, mesh)
+        start, state = 0, plan.init_state()
+    train_step = plan.train_step
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = metrics.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
@@ -321,9 +291,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
                     finish(*pending)  # a non-finite streak is caught before anything is saved
                     pending = None
                 if evaluate_now and not stop_now:
-                    result = evaluate(
-                        config, mesh, state.params, tokenizer, eval_step, config.train.eval_batches
-                    )
+                    result = evaluate(plan, state.params, config.train.eval_batches)
                     writer.write(step, result)
                     _log(
                         f"eval at step {step}: loss {result['eval_loss']:.4f}  ppl "
@@ -372,35 +340,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
     return {"history": history, "sample": sample, "state": state, "step": step, "stopped_by": None}
 
 
-def load_for_eval(
-    workdir: str | Path, step: int | None = None
-) -> tuple[RunConfig, jax.sharding.Mesh, Any, Tokenizer]:
-    """The config, a mesh over this machine's devices, the parameters (only: no optimizer state
-    is read) and the tokenizer of the checkpoint at `step` (default: the newest) in `workdir`."""
-    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; steps: {steps}")
-        config = from_dict(RunConfig, ckpt.restore_json(step, "config"))
-        with tempfile.TemporaryDirectory() as tmp:
-            files = ckpt.restore_json(step, "tokenizer")
-            tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
-        # Use whatever devices this machine has: fsdp over all of them.
-        flat = dict(
-            data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
-        )
-        mesh = make_mesh(dataclasses.replace(config.mesh, **flat))
-        params = ckpt.restore_params(step, abstract_train_state(config, mesh).params)
-    finally:
-        ckpt.close()
-    return config, mesh, params, tokenizer
-
-
 def eval_workdir(workdir: str | Path, max_batches: int = 0) -> dict[str, float]:
+    """`evaluate` on the newest checkpoint of `workdir`."""
     config, mesh, params, tokenizer = load_for_eval(workdir)
-    return evaluate(config, mesh, params, tokenizer, make_eval_step(config, mesh), max_batches)
+    return evaluate(RunPlan(config, mesh=mesh, tokenizer=tokenizer), params, max_batches)

@@ -44,3 +44,32 @@ def aux_loss(aux: dict[str, jax.Array]) -> jax.Array:
     """The sum of the model's auxiliary losses (entries named `*_loss`, e.g. MoE balancing)."""
     terms = [jnp.sum(v) for k, v in aux.items() if k.endswith("_loss")]
     return sum(terms, jnp.zeros((), jnp.float32))
+
+
+MOE_METRICS = (
+    "moe_lb_loss",
+    "moe_z_loss",
+    "moe_dropped_fraction",
+    "moe_router_entropy",
+    "moe_load_max",
+    "moe_load_min",
+)
+
+
+def moe_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-step MoE statistics over all MoE layers: the (weighted) aux losses summed, the dropped
+    fraction and router entropy averaged, and the most / least loaded expert's share of the
+    assignments times E (1 = perfectly balanced)."""
+    if "moe_expert_load" not in aux:
+        return {}
+    load_E = jnp.mean(aux["moe_expert_load"], axis=0)
+    e = load_E.shape[-1]
+    return {
+        "moe_lb_loss": jnp.sum(aux["moe_lb_loss"]),
+        "moe_z_loss": jnp.sum(aux["moe_z_loss"]),
+        "moe_dropped_fraction": jnp.mean(aux["moe_dropped_fraction"]),
+        "moe_router_entropy": jnp.mean(aux["moe_router_entropy"]),
+        "moe_load_max": jnp.max(load_E) * e,
+        "moe_load_min": jnp.min(load_E) * e,
+        "moe_expert_load": load_E,  # [E]: share of the assignments per expert (sums to 1)
+    }

@@ -84,7 +84,7 @@ def test_train_step_of_a_1b_model_compiles_for_tpu_v5e_and_fits(capsys):
 
     from jaxlm.configs.overrides import load_config
     from jaxlm.metrics import param_count
-    from jaxlm.train import abstract_batch, abstract_train_state, make_train_step
+    from jaxlm.run import abstract_batch, abstract_train_state, make_train_step
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
     cfg = load_config(
@@ -127,7 +127,7 @@ def test_expert_parallel_moe_train_step_compiles_for_tpu(dispatch):
     from jax.experimental import topologies
 
     from jaxlm.configs.overrides import load_config
-    from jaxlm.train import abstract_batch, abstract_train_state, make_train_step
+    from jaxlm.run import abstract_batch, abstract_train_state, make_train_step
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGY).devices
     cfg = load_config(

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, loop, metrics
+from jaxlm import checkpoint, loop, metrics, run
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import ByteTokenizer, DataIterator, build_dataset, to_global
+from jaxlm.run import abstract_train_state, init_train_state, make_train_step
 from jaxlm.sharding import make_mesh
-from jaxlm.train import abstract_train_state, init_train_state, make_train_step
+from jaxlm.tasks import lm as lm_task
 
 TOK = ByteTokenizer()
 DOCS = [f"def g{i}(y):\n    return y - {i} * {i % 5}\n" * (1 + i % 4) for i in range(64)]
@@ -119,7 +120,7 @@ def test_params_only_restore_reads_no_optimizer_state(saved, tmp_path):
 def test_a_checkpoint_holds_its_config_and_tokenizer(saved, tmp_path):
     workdir, host_state, _, _ = saved
     (workdir / checkpoint.CONFIG_FILE).unlink(missing_ok=True)  # only the checkpoint is left
-    config, mesh, params, tokenizer = loop.load_for_eval(workdir)
+    config, mesh, params, tokenizer = run.load_for_eval(workdir)
     assert config == SAVE_CFG
     assert tokenizer.encode("héllo") == TOK.encode("héllo")
     assert mesh.devices.size == jax.device_count()
@@ -251,13 +252,14 @@ def _loop_config(*overrides):
 
 
 def _poison_iterators(monkeypatch, steps, vocab):
-    real = loop.make_iterator
+    # The LM task builds its batches with this function (train split: no `split` argument).
+    real = lm_task.make_iterator
 
     def make(*args, **kwargs):
         it = real(*args, **kwargs)
         return it if kwargs.get("split") else _Poison(it, steps, vocab)
 
-    monkeypatch.setattr(loop, "make_iterator", make)
+    monkeypatch.setattr(lm_task, "make_iterator", make)
 
 
 def test_loop_skips_a_poisoned_batch_and_stops_on_a_streak(tmp_path, monkeypatch, stdlib_cache):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint
+from jaxlm.run import abstract_train_state
 from jaxlm.sharding import make_mesh
-from jaxlm.train import abstract_train_state
 
 STEPS = 40
 ARGS = [

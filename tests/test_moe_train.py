@@ -9,7 +9,7 @@ import pytest
 from jaxlm import loop, sharding
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import ByteTokenizer, DataIterator, build_dataset, to_global
-from jaxlm.train import init_train_state, make_train_step
+from jaxlm.run import init_train_state, make_train_step
 
 TOK = ByteTokenizer()
 DOCS = [f"def h{i}(z):\n    return z ** {i % 3} + {i}\n" * (1 + i % 3) for i in range(64)]

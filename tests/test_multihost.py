@@ -21,8 +21,8 @@ import pytest
 
 from jaxlm import checkpoint
 from jaxlm.configs.overrides import load_config
+from jaxlm.run import abstract_train_state
 from jaxlm.sharding import make_mesh
-from jaxlm.train import abstract_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [

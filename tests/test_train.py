@@ -10,8 +10,8 @@ import pytest
 from jaxlm.configs import MeshConfig, get_preset
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import ByteTokenizer, DataIterator, build_dataset, to_global
+from jaxlm.run import init_train_state, make_train_step, train_state_from_params
 from jaxlm.sharding import make_mesh
-from jaxlm.train import init_train_state, make_train_step, train_state_from_params
 
 TOK = ByteTokenizer()
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 5) for i in range(64)]

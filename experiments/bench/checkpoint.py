@@ -22,8 +22,8 @@ import jax
 from jaxlm import checkpoint
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import ByteTokenizer, DataIterator, build_dataset, to_global
+from jaxlm.run import init_train_state, make_train_step
 from jaxlm.sharding import make_mesh
-from jaxlm.train import init_train_state, make_train_step
 
 
 def _run(config, mesh, batches, mode: str, every: int) -> dict[str, float]:

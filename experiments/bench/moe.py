@@ -22,8 +22,8 @@ import jax
 from jaxlm.configs import DataConfig, ModelConfig, MoEConfig, OptimConfig, RunConfig, TrainConfig
 from jaxlm.data import ByteTokenizer, DataIterator, build_dataset, to_global
 from jaxlm.metrics import param_count
+from jaxlm.run import init_train_state, make_train_step
 from jaxlm.sharding import make_mesh
-from jaxlm.train import init_train_state, make_train_step
 
 DENSE = ModelConfig(
     vocab_size=320,

@@ -24,8 +24,8 @@ import optax
 
 from jaxlm.configs import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from jaxlm.metrics import flops_per_token, measure_matmul_flops
+from jaxlm.run import init_train_state, make_train_step
 from jaxlm.sharding import make_mesh
-from jaxlm.train import init_train_state, make_train_step
 
 VOCAB, D, LAYERS, HEADS, MLP = 1024, 256, 4, 4, 1024
 

@@ -8,6 +8,7 @@ from jaxlm.configs.run import (
     MeshConfig,
     OptimConfig,
     RunConfig,
+    TaskConfig,
     TrainConfig,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "TaskConfig",
     "TrainConfig",
     "get_preset",
 ]

@@ -137,6 +137,25 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
+TASK_KINDS = ("lm",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What the run trains for (`jaxlm.tasks`): the batch it reads, its loss, what trains.
+
+    `kind`: "lm" = causal language-model pre-training on packed text.
+    """
+
+    kind: str = "lm"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(
+                f"TaskConfig.kind={self.kind!r} is not a task; choose one of {TASK_KINDS}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop: length, batching into microbatches, losses, evaluation, logging."""
@@ -155,11 +174,20 @@ class TrainConfig:
     # A step whose loss, gradients or new parameters are not finite is skipped (state unchanged
     # but for the step counter); this many in a row stop the run with an error.
     max_nonfinite_steps: int = 10
+    # Start a new run from the parameters of another run (or an imported model) in this workdir,
+    # with a fresh optimizer and schedule; `init_from_step` picks its checkpoint (None = newest).
+    # Once this run has a checkpoint of its own it resumes from that and ignores both.
+    init_from: str | None = None
+    init_from_step: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(
             self, "steps", "microbatches", "eval_every", "log_every", "max_nonfinite_steps"
         )
+        if self.init_from_step is not None and self.init_from_step < 0:
+            raise ValueError(f"TrainConfig.init_from_step={self.init_from_step!r} must be >= 0")
+        if self.init_from == "":
+            raise ValueError("TrainConfig.init_from='' must be a run directory or None")
         if self.eval_batches < 0 or self.sample_tokens < 0:
             raise ValueError("TrainConfig.eval_batches and sample_tokens must be >= 0")
         if self.z_loss < 0:
@@ -185,9 +213,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run: model, data, optimizer, training loop, checkpoints, mesh and seed."""
+    """A whole run: model, task, data, optimizer, training loop, checkpoints, mesh and seed."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -85,7 +85,7 @@ def _checkpoint_dtype(weights: safetensors_io.SafetensorsDir) -> str:
     return _DTYPES[kind]
 
 
-def load_config(
+def load_model_config(
     hf_dir: str | Path, *, dtype: str | None = None, scan_layers: bool | None = None
 ) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face model directory.
@@ -174,12 +174,12 @@ def params_from_hf(
 ) -> Any:
     """jaxlm parameters (a plain pytree) from a Hugging Face model directory.
 
-    `config` defaults to `load_config(hf_dir, dtype=dtype)`. With a `mesh`, each tensor goes
+    `config` defaults to `load_model_config(hf_dir, dtype=dtype)`. With a `mesh`, each tensor goes
     straight onto its sharding under `rules`, each device reading only its shard from the
     memory-mapped files; without one, onto the default device.
     """
     if config is None:
-        config = load_config(hf_dir, dtype=dtype)
+        config = load_model_config(hf_dir, dtype=dtype)
     elif dtype is not None:
         config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
     views = hf_views(hf_dir, config)
@@ -284,7 +284,7 @@ def export_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Export the checkpoint at `step` (default: the newest) of a jaxlm workdir (see `save_hf`)."""
-    from jaxlm.loop import load_for_eval
+    from jaxlm.run import load_for_eval
 
     run, _, params, tokenizer = load_for_eval(workdir, step)
     return save_hf(
@@ -347,7 +347,7 @@ def import_checkpoint(
     everything but the model (that fine-tune's data, optimizer, steps, mesh); `tokenizer` (a
     `make_tokenizer` spec) replaces the directory's own tokenizer; `dtype` the checkpoint's.
     """
-    config = load_config(hf_dir, dtype=dtype, scan_layers=scan_layers)
+    config = load_model_config(hf_dir, dtype=dtype, scan_layers=scan_layers)
     hf_views(hf_dir, config)  # bad tensors fail before the workdir is touched
     tok = load_hf_tokenizer(hf_dir) if tokenizer is None else None
     return write_workdir(

@@ -20,7 +20,6 @@ import jax
 from jaxlm import checkpoint
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.run import RunConfig
-from jaxlm.sharding import make_mesh
 
 
 def write_workdir(
@@ -41,9 +40,8 @@ def write_workdir(
     (`tokenizer`, or `tokenizer_spec` for `make_tokenizer`, else the byte tokenizer), which is
     saved in the workdir. `mesh` defaults to `run_config.mesh` over all devices.
     """
-    from jaxlm.data import ByteTokenizer, make_iterator, make_tokenizer
-    from jaxlm.loop import check_run
-    from jaxlm.train import abstract_train_state, train_state_from_params
+    from jaxlm.data import ByteTokenizer, make_tokenizer
+    from jaxlm.run import RunPlan
 
     workdir = Path(workdir).absolute()
     if checkpoint.complete_steps(workdir) or (workdir / checkpoint.CONFIG_FILE).exists():
@@ -67,14 +65,12 @@ def write_workdir(
         data=dataclasses.replace(run.data, tokenizer=spec, seq_len=seq_len),
         mesh=dataclasses.replace(run.mesh, rules=rules or run.mesh.rules),
     )
-    check_run(run, tokenizer)
-    mesh = mesh or make_mesh(run.mesh)
+    plan = RunPlan(run, mesh=mesh, tokenizer=tokenizer)
     if jax.process_index() == 0:
-        checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract_train_state(run, mesh)))
+        checkpoint.check_workdir(workdir, plan.checkpoint_bytes())
     # The data position first: a dataset that cannot be read fails before the weights are read.
-    it = make_iterator(run.data, tokenizer, seed=run.seed, mesh=mesh)
-    data_state = it.global_state()
-    state = train_state_from_params(run, mesh, make_params(mesh, run.mesh.rules))
+    data_state = plan.make_iterator().global_state()
+    state = plan.state_from_params(make_params(plan.mesh, run.mesh.rules))
     ckpt = checkpoint.Checkpointer(workdir, run.checkpoint)
     try:
         ckpt.save(0, state, data_state, run, checkpoint.tokenizer_files(tokenizer))

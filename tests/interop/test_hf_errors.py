@@ -54,7 +54,7 @@ def test_unknown_model_type_lists_the_supported_ones(copy):
     directory = copy("llama3")
     _edit_config(directory, model_type="bert")
     with pytest.raises(ValueError, match=r"model_type='bert'.*supported: \['gpt2', 'llama'"):
-        hf.load_config(directory)
+        hf.load_model_config(directory)
 
 
 def test_pickle_only_directory_is_refused(tmp_path, copy):
@@ -67,7 +67,7 @@ def test_pickle_only_directory_is_refused(tmp_path, copy):
 
 def test_missing_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
-        hf.load_config(tmp_path)
+        hf.load_model_config(tmp_path)
 
 
 def test_missing_tensor_is_named(copy):
@@ -119,14 +119,14 @@ def test_unrepresentable_config_names_the_field(copy, family, changes, field):
         (directory / "config.json").write_text(json.dumps(config))
         field = "max_window_layers"
     with pytest.raises(ValueError, match=field):
-        hf.load_config(directory)
+        hf.load_model_config(directory)
 
 
 def test_moe_layer_pattern_jaxlm_cannot_represent_is_refused(tmp_path):
     hf_models.build("qwen2_moe", tmp_path)
     _edit_config(tmp_path, mlp_only_layers=[1])  # MoE at layers 0 and 2: no k-th pattern
     with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\].*MoE layers \[0, 2\]"):
-        hf.load_config(tmp_path)
+        hf.load_model_config(tmp_path)
 
 
 def test_tied_output_copy_is_accepted_but_a_different_one_is_refused(copy):
@@ -177,7 +177,7 @@ def test_bfloat16_checkpoint_keeps_its_dtype_unless_overridden(tmp_path):
 
     model = hf_models.build("llama3", tmp_path / "f32")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    config = hf.load_config(tmp_path / "bf16")
+    config = hf.load_model_config(tmp_path / "bf16")
     assert (config.param_dtype, config.dtype) == ("bfloat16", "bfloat16")
     params = hf.params_from_hf(tmp_path / "bf16")
     embed = model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()

@@ -43,7 +43,7 @@ def converted(request, tmp_path_factory):
         # The pre-5.x config.json form (top-level rope_theta) must read the same way.
         hf_models.legacy_rope_config(hf_dir, theta=20_000.0)
         model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    config = hf.load_config(hf_dir, scan_layers=SCAN.get(family))
+    config = hf.load_model_config(hf_dir, scan_layers=SCAN.get(family))
     return Converted(hf_dir, model, config, hf.params_from_hf(hf_dir, config))
 
 

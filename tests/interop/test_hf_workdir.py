@@ -28,6 +28,7 @@ from jaxlm.configs.run import (  # noqa: E402
 from jaxlm.data import HFTokenizer  # noqa: E402
 from jaxlm.interop import hf  # noqa: E402
 from jaxlm.model.transformer import Transformer, param_shardings  # noqa: E402
+from jaxlm.run import load_for_eval  # noqa: E402
 from jaxlm.sharding import make_mesh  # noqa: E402
 from tests.interop import hf_models  # noqa: E402
 from tests.random_params import random_params  # noqa: E402
@@ -78,8 +79,8 @@ def workdir(llama_dir, tmp_path_factory, _session_cache):
 
 def test_imported_workdir_holds_the_model_and_tokenizer(llama_dir, workdir):
     assert checkpoint.complete_steps(workdir) == [0]
-    run, _, params, tokenizer = loop.load_for_eval(workdir)
-    assert run.model == hf.load_config(llama_dir)
+    run, _, params, tokenizer = load_for_eval(workdir)
+    assert run.model == hf.load_model_config(llama_dir)
     assert run.data.tokenizer == str(workdir / "tokenizer")
     assert isinstance(tokenizer, HFTokenizer) and tokenizer.encode("def x") == (
         HFTokenizer.load(llama_dir / "tokenizer.json").encode("def x")
@@ -110,19 +111,19 @@ def test_fine_tuning_resumes_from_the_imported_step(workdir, tmp_path, stdlib_ca
 
     run_dir = tmp_path / "finetune"
     shutil.copytree(workdir, run_dir)
-    before = loop.load_for_eval(run_dir)[2]
+    before = load_for_eval(run_dir)[2]
     result = loop.train(checkpoint.load_run_config(run_dir), run_dir)
     assert result["step"] == 2 and checkpoint.complete_steps(run_dir) == [0, 2]
     assert [h["step"] for h in result["history"]] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in result["history"])
-    after = loop.load_for_eval(run_dir)[2]
+    after = load_for_eval(run_dir)[2]
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
     assert all(jax.tree.leaves(changed))
 
 
 def test_export_checkpoint_loads_in_transformers(workdir, tmp_path):
     out = hf.export_checkpoint(workdir, tmp_path / "hf")
-    run, _, params, tokenizer = loop.load_for_eval(workdir)
+    run, _, params, tokenizer = load_for_eval(workdir)
     tokens = np.random.default_rng(0).integers(0, 300, (2, 10))
     np.testing.assert_allclose(
         _hf_logits(out, tokens), _logits(run.model, params, tokens), atol=1e-4, rtol=0
@@ -227,7 +228,7 @@ def test_forced_model_type_names_the_differing_fields(tmp_path):
 def test_sharded_import_equals_single_device(family, tmp_path):
     """On 8 devices (fsdp 4 x tensor 2) each tensor lands in its sharding with the same values."""
     hf_models.build(family, tmp_path)
-    config = hf.load_config(tmp_path)
+    config = hf.load_model_config(tmp_path)
     mesh = make_mesh(MeshConfig(fsdp=4, tensor=2, rules="fsdp_tp"))
     sharded = hf.params_from_hf(tmp_path, config, mesh=mesh, rules="fsdp_tp")
     single = hf.params_from_hf(tmp_path, config)

@@ -1,0 +1,340 @@
+"""The one run setup: from a `RunConfig` to the mesh, task, optimizer, abstract state, state and
+batch shardings, all checked before anything is compiled or written.
+
+`RunPlan` is built once per run and shared by the training loop, Hugging Face import, sweeps,
+evaluation and the CLI; its methods give the jitted, sharded pieces (init, train and eval steps)
+that the loop drives. `load_for_eval` restores only what sampling and evaluation need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import checkpoint, sharding
+from jaxlm.configs.overrides import from_dict, to_dict
+from jaxlm.configs.run import RunConfig
+from jaxlm.data.pipeline import StreamIterator
+from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
+from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
+from jaxlm.optim import make_optimizer
+from jaxlm.sharding import BATCH_AXES
+from jaxlm.step import TrainState, eval_step, step_zero, train_step
+from jaxlm.tasks import Task, get_task, param_names
+
+BATCH_SPEC = PartitionSpec(BATCH_AXES)
+
+
+def check_run(config: RunConfig, tokenizer: Tokenizer) -> None:
+    """Refuse configs that cannot work, before anything is compiled or written."""
+    if config.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ids; set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+    if config.data.seq_len > config.model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+            f"{config.model.max_seq_len}"
+        )
+    per_step = config.data.batch_size // jax.process_count()
+    if per_step % config.train.microbatches:
+        raise ValueError(
+            f"the per-process batch ({per_step}) is not divisible by "
+            f"train.microbatches={config.train.microbatches}"
+        )
+    get_task(config).check(tokenizer)
+
+
+class RunPlan:
+    """Everything about a run that follows from its config, derived once.
+
+    `tokenizer` (default: the one `config.data.tokenizer` names) is checked against the config;
+    `mesh` defaults to `config.mesh` over all devices.
+    """
+
+    def __init__(
+        self, config: RunConfig, *, mesh: Mesh | None = None, tokenizer: Tokenizer | None = None
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
+        check_run(config, self.tokenizer)
+        self.mesh = mesh or sharding.make_mesh(config.mesh)
+        self.rules = sharding.get_rules(config.mesh.rules)
+        self.task: Task = get_task(config)
+        self.optimizer: optax.GradientTransformation = make_optimizer(
+            config.optim, config.train.steps
+        )
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        boxed = jax.eval_shape(self._init_boxed, rng)
+        self.state_shardings: Any = sharding.logical_to_sharding(boxed, self.mesh, self.rules)
+        self.abstract_state: TrainState = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.meta.unbox(boxed),
+            self.state_shardings,
+        )
+        self.batch_shardings: dict[str, NamedSharding] = {
+            k: NamedSharding(self.mesh, BATCH_SPEC) for k in self.task.batch_spec()
+        }
+
+    def _init_boxed(self, rng: jax.Array) -> TrainState:
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        params_rng, state_rng = jax.random.split(jax.random.wrap_key_data(rng))
+        params = Transformer(self.config.model).init(params_rng, tokens)["params"]
+        return step_zero(params, self.optimizer, self.task, state_rng)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """A global batch as `ShapeDtypeStruct`s with the batch sharding (for AOT compiles)."""
+        return {
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
+            for k, (shape, dtype) in self.task.batch_spec().items()
+        }
+
+    def trainable_names(self) -> list[str]:
+        """The '/'-joined paths of the parameters this run trains."""
+        return [n for n in param_names(self.abstract_state.params) if self.task.trainable(n)]
+
+    def init_state(self, rng: jax.Array | int | None = None) -> TrainState:
+        """A fresh `TrainState`, each array created in its sharding (never whole on one device);
+        `rng` defaults to `config.seed`."""
+        rng = self.config.seed if rng is None else rng
+        key = jax.random.key(rng) if isinstance(rng, int) else rng
+        with sharding.use_mesh(self.mesh, self.rules):
+            init = jax.jit(
+                lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.state_shardings
+            )
+            return init(jax.random.key_data(key))
+
+    def state_from_params(self, params: Any) -> TrainState:
+        """A step-0 `TrainState` around given `params` (e.g. imported or another run's weights;
+        they are donated): optimizer state and RNG exactly as `init_state()` makes them."""
+        _, state_rng = jax.random.split(jax.random.key(self.config.seed))
+        with sharding.use_mesh(self.mesh, self.rules):
+            build = jax.jit(
+                lambda p: step_zero(p, self.optimizer, self.task, state_rng),
+                out_shardings=self.state_shardings,
+                donate_argnums=0,
+            )
+            return build(params)
+
+    def _in_mesh(self, jitted: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            with sharding.use_mesh(self.mesh, self.rules):
+                return jitted(*args)
+
+        call.jitted = jitted  # for ahead-of-time lowering
+        return call
+
+    @functools.cached_property
+    def train_step(self) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
+        """`train_step` jitted once with the state and batch shardings, the old state donated."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        step = functools.partial(train_step, config=self.config, task=self.task, tx=self.optimizer)
+        return self._in_mesh(
+            jax.jit(
+                step,
+                in_shardings=(self.state_shardings, self.batch_shardings),
+                out_shardings=(self.state_shardings, replicated),
+                donate_argnums=0,
+            )
+        )
+
+    @functools.cached_property
+    def eval_step(self) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+        """`eval_step` jitted with the parameter and batch shardings; returns replicated sums."""
+        step = functools.partial(eval_step, config=self.config, task=self.task)
+        return self._in_mesh(
+            jax.jit(
+                step,
+                in_shardings=(self.state_shardings.params, self.batch_shardings),
+                out_shardings=NamedSharding(self.mesh, PartitionSpec()),
+            )
+        )
+
+    def make_iterator(
+        self,
+        *,
+        split: str | None = None,
+        num_epochs: int | None = None,
+        num_streams: int | None = None,
+    ) -> StreamIterator:
+        """This process's batches of the task's data (train split, endless, by default)."""
+        return self.task.make_iterator(
+            self.tokenizer,
+            split=split,
+            seed=self.config.seed,
+            mesh=self.mesh,
+            num_epochs=num_epochs,
+            num_streams=num_streams,
+        )
+
+    def checkpoint_bytes(self) -> int:
+        """One checkpoint's size (the whole train state)."""
+        return checkpoint.state_bytes(self.abstract_state)
+
+
+# --- starting from another run's parameters -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """A checkpoint another run starts from: its workdir, step and config."""
+
+    workdir: Path
+    step: int
+    config: RunConfig
+
+
+def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in leaves}
+
+
+def _abstract_params(config: RunConfig) -> Any:
+    return nn.meta.unbox(abstract_params(config.model))
+
+
+def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = None) -> InitSource:
+    """The checkpoint of `workdir` (at `step`, default the newest) that `plan`'s run can start
+    from; a clear error if `workdir` is not a run, has no such checkpoint, holds a model of
+    another architecture or used another tokenizer."""
+    workdir = Path(workdir)
+    flag = f"train.init_from={str(workdir)!r}"
+    steps = checkpoint.complete_steps(workdir)
+    if not (workdir / checkpoint.CONFIG_FILE).is_file() and not steps:
+        raise FileNotFoundError(
+            f"{flag}: not a jaxlm run directory (no {checkpoint.CONFIG_FILE} or checkpoints); "
+            "give a run's --workdir or a model imported with `jaxlm convert --from-hf`"
+        )
+    if not steps:
+        raise FileNotFoundError(f"{flag}: the run holds no complete checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"train.init_from_step={step}: no such checkpoint; steps: {steps}")
+    source = checkpoint.saved_config(workdir, step)
+    theirs = _shapes(_abstract_params(source))
+    ours = _shapes(plan.abstract_state.params)
+    if theirs != ours:
+        a, b = to_dict(source.model), to_dict(plan.config.model)
+        fields = [f"model.{k}: {a[k]!r} there, {b.get(k)!r} here" for k in a if a[k] != b.get(k)]
+        first = next(
+            f"{n}: {theirs.get(n)} there, {ours.get(n)} here"
+            for n in sorted(set(theirs) | set(ours))
+            if theirs.get(n) != ours.get(n)
+        )
+        raise ValueError(
+            f"{flag} holds a model of another architecture ({'; '.join(fields) or first}; first "
+            f"parameter that differs: {first}); use that run's model config"
+        )
+    saved = workdir / checkpoint.CHECKPOINT_DIR / str(step) / "tokenizer" / "metadata"
+    if saved.is_file() and json.loads(saved.read_text()) != checkpoint.tokenizer_files(
+        plan.tokenizer
+    ):
+        raise ValueError(
+            f"{flag} was trained with another tokenizer than data.tokenizer="
+            f"{plan.config.data.tokenizer!r}; use its tokenizer "
+            f"(--set data.tokenizer={workdir / checkpoint.TOKENIZER_DIR})"
+        )
+    return InitSource(workdir, step, source)
+
+
+def state_from_source(plan: RunPlan, source: InitSource) -> TrainState:
+    """A step-0 state of `plan`'s run holding `source`'s parameters (cast to this run's dtypes,
+    placed on its shardings) and a fresh optimizer state."""
+    ckpt = checkpoint.Checkpointer(source.workdir, read_only=True)
+    try:
+        params = ckpt.restore_params(source.step, plan.abstract_state.params)
+    finally:
+        ckpt.close()
+    return plan.state_from_params(params)
+
+
+# --- restoring for sampling and evaluation ---------------------------------------------------
+
+
+def load_for_eval(
+    workdir: str | Path, step: int | None = None
+) -> tuple[RunConfig, Mesh, Any, Tokenizer]:
+    """The config, a mesh over this machine's devices, the parameters (only: no optimizer state
+    is read or built) and the tokenizer of the checkpoint at `step` (default: the newest)."""
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; steps: {steps}")
+        config = from_dict(RunConfig, ckpt.restore_json(step, "config"))
+        with tempfile.TemporaryDirectory() as tmp:
+            files = ckpt.restore_json(step, "tokenizer")
+            tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
+        # Use whatever devices this machine has: fsdp over all of them.
+        flat = dict(
+            data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
+        )
+        mesh = sharding.make_mesh(dataclasses.replace(config.mesh, **flat))
+        shardings = param_shardings(config.model, mesh, config.mesh.rules)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            _abstract_params(config),
+            shardings,
+        )
+        params = ckpt.restore_params(step, abstract)
+    finally:
+        ckpt.close()
+    return config, mesh, params, tokenizer
+
+
+# --- the same pieces as functions of (config, mesh) -------------------------------------------
+
+
+def init_train_state(config: RunConfig, mesh: Mesh, rng: jax.Array | int = 0) -> TrainState:
+    """A fresh `TrainState` of `config` on `mesh` (see `RunPlan.init_state`)."""
+    return _plan(config, mesh).init_state(rng)
+
+
+def train_state_from_params(config: RunConfig, mesh: Mesh, params: Any) -> TrainState:
+    """A step-0 `TrainState` around `params` (see `RunPlan.state_from_params`)."""
+    return _plan(config, mesh).state_from_params(params)
+
+
+def abstract_train_state(config: RunConfig, mesh: Mesh) -> TrainState:
+    """The `TrainState` as `ShapeDtypeStruct`s carrying their shardings (for AOT and restore)."""
+    return _plan(config, mesh).abstract_state
+
+
+def abstract_batch(config: RunConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch of `config`'s task as sharded `ShapeDtypeStruct`s."""
+    return _plan(config, mesh).abstract_batch()
+
+
+def make_train_step(config: RunConfig, mesh: Mesh) -> Callable[..., Any]:
+    """`train_step` jitted once with state/batch shardings and the old state donated."""
+    return _plan(config, mesh).train_step
+
+
+def make_eval_step(config: RunConfig, mesh: Mesh) -> Callable[..., Any]:
+    """`eval_step` jitted with parameter and batch shardings."""
+    return _plan(config, mesh).eval_step
+
+
+def _plan(config: RunConfig, mesh: Mesh) -> RunPlan:
+    # The tokenizer only matters for the checks; a byte-sized stand-in keeps these helpers cheap.
+    from jaxlm.data.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer() if config.data.tokenizer == "byte" else None
+    return RunPlan(config, mesh=mesh, tokenizer=tokenizer)

@@ -1,0 +1,164 @@
+"""`TrainState` and the pure steps: `train_step` (gradient accumulation, frozen parameters,
+non-finite steps skipped) and `eval_step`. `jaxlm.run` jits them with their shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxlm import losses
+from jaxlm.configs.run import RunConfig
+from jaxlm.optim import make_optimizer, schedule
+from jaxlm.tasks import Task, get_task, merge, partition
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    `params` holds every parameter; `opt_state` covers only those the task trains.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+    nonfinite_streak: jax.Array  # consecutive skipped (non-finite) steps up to now
+    nonfinite_total: jax.Array  # skipped steps over the whole run
+
+
+def step_zero(
+    params: Any, tx: optax.GradientTransformation, task: Task, state_rng: jax.Array
+) -> TrainState:
+    """The step-0 state around `params` (boxed params give the optimizer state their logical
+    axis names)."""
+    zero = jnp.zeros((), jnp.int32)
+    trainable, _ = partition(params, task.trainable)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(trainable),
+        rng=jax.random.key_data(state_rng),
+        nonfinite_streak=zero,
+        nonfinite_total=zero,
+    )
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt of the sum of squares of every element, in float32."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    # Row j of microbatch i is row j * k + i: every device's rows feed every microbatch.
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: RunConfig,
+    task: Task | None = None,
+    tx: optax.GradientTransformation | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on `batch` (split into `config.train.microbatches` with `lax.scan`).
+
+    The objective is the task's summed loss over the whole batch divided by its normalizer
+    (for LM: the mean next-token cross-entropy over all masked-in tokens plus the z-loss), so k
+    microbatches of b rows give exactly the gradient of one batch of k*b rows, plus the model's
+    auxiliary losses. Only the parameters the task trains get gradients and updates; the others
+    are returned bitwise unchanged.
+
+    If the loss, the gradients or the updated parameters are not all finite, the update is
+    skipped: parameters and optimizer state stay as they were, the step counter still advances
+    (it counts batches consumed, which the data order and checkpoints follow), and the
+    `nonfinite_streak` / `nonfinite_total` counters go up. The streak resets on a good step.
+    """
+    task = task or get_task(config)
+    tx = tx or make_optimizer(config.optim, config.train.steps)
+    k = config.train.microbatches
+    total = task.normalizer(batch)
+    trainable, frozen = partition(state.params, task.trainable)
+
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(
+        params: Any, mb: dict[str, jax.Array], i: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        terms = task.loss_terms(merge(params, frozen), mb, jax.random.fold_in(rng, i))
+        return terms["loss"] / total + terms["aux"] / k, terms
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+        (_, terms), grads = grad_fn(trainable, batch, 0)
+    else:
+
+        def accumulate(carry: Any, xs: Any) -> tuple[Any, None]:
+            grads, sums = carry
+            (_, terms), g = grad_fn(trainable, *xs)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, terms)), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, trainable)
+        mbs = _microbatches(batch, k)
+        # The accumulator has the structure of one microbatch's terms (incl. MoE statistics).
+        one = jax.eval_shape(
+            lambda mb: task.loss_terms(state.params, mb, rng), jax.tree.map(lambda x: x[0], mbs)
+        )
+        zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), one)
+        (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (mbs, jnp.arange(k)))
+        terms = {n: v / k if n == "aux" or n.startswith("moe_") else v for n, v in terms.items()}
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    grad_norm, param_norm = global_norm(grads), global_norm(new_trainable)
+    finite = (
+        jnp.isfinite(terms["loss"])
+        & jnp.isfinite(terms["aux"])
+        & jnp.isfinite(grad_norm)
+        & jnp.isfinite(param_norm)
+    )
+    new_trainable, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (new_trainable, opt_state),
+        (trainable, state.opt_state),
+    )
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    nonfinite_total = state.nonfinite_total + (~finite).astype(jnp.int32)
+    metrics = {
+        **task.metrics(terms, batch, total),
+        "aux_loss": terms["aux"],
+        "grad_norm": grad_norm,
+        "param_norm": jnp.where(finite, param_norm, global_norm(trainable)),
+        "skipped": (~finite).astype(jnp.float32),
+        "nonfinite_streak": streak.astype(jnp.float32),
+        "nonfinite_total": nonfinite_total.astype(jnp.float32),
+        "lr": schedule(config.optim, config.train.steps)(state.step),
+        **{n: terms[n] for n in losses.MOE_METRICS if n in terms},
+        **{
+            f"moe_expert_load_{i}": terms["moe_expert_load"][i]
+            for i in range(config.model.moe.num_experts if "moe_expert_load" in terms else 0)
+        },
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=merge(new_trainable, frozen),
+        opt_state=opt_state,
+        nonfinite_streak=streak,
+        nonfinite_total=nonfinite_total,
+    )
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any, batch: dict[str, jax.Array], *, config: RunConfig, task: Task | None = None
+) -> dict[str, jax.Array]:
+    """The task's eval sums over one batch (added up over batches, then `task.eval_metrics`)."""
+    return (task or get_task(config)).eval_sums(params, batch)

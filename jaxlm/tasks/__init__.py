@@ -1,0 +1,25 @@
+"""Tasks: the ways to train on the one run setup (`task.kind` in the run config)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jaxlm.configs.run import TASK_KINDS
+from jaxlm.tasks.base import Task, merge, param_names, partition
+from jaxlm.tasks.lm import LMTask
+
+if TYPE_CHECKING:
+    from jaxlm.configs.run import RunConfig
+
+TASKS: dict[str, type[Task]] = {LMTask.kind: LMTask}
+
+
+def get_task(config: RunConfig) -> Task:
+    """The `Task` that `config.task.kind` names, bound to `config`."""
+    kind = config.task.kind
+    if kind not in TASKS:  # a kind the config accepts but this build has no class for
+        raise ValueError(f"task.kind={kind!r} is not available; choose one of {sorted(TASKS)}")
+    return TASKS[kind](config)
+
+
+__all__ = ["TASKS", "TASK_KINDS", "LMTask", "Task", "get_task", "merge", "param_names", "partition"]

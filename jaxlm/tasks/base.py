@@ -1,0 +1,139 @@
+"""The task interface: what a batch holds, the pure loss the step takes, which parameters train.
+
+A way to train (causal LM, SFT, and later reward models, DPO, distillation, MLM) is a `Task`
+plugged into the one run setup (`jaxlm.run`) and the one step loop (`jaxlm.loop`); neither knows
+more of a task than this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jax
+from jax.sharding import Mesh
+
+from jaxlm import losses
+from jaxlm.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from jaxlm.configs.run import RunConfig
+    from jaxlm.data.pipeline import StreamIterator
+    from jaxlm.data.tokenizer import Tokenizer
+
+
+def param_names(params: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """'/'-joined paths of every leaf of a nested parameter dict, in tree order."""
+    names = []
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        names += param_names(value, name + "/") if isinstance(value, Mapping) else [name]
+    return names
+
+
+def partition(params: Mapping[str, Any], trainable: Any) -> tuple[dict, dict]:
+    """(trainable, frozen): the leaves whose path `trainable(path)` accepts, and the rest, each a
+    nested dict holding only its own leaves (empty branches dropped)."""
+
+    def split(tree: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
+        train, frozen = {}, {}
+        for key, value in tree.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                t, f = split(value, name + "/")
+                if t:
+                    train[key] = t
+                if f:
+                    frozen[key] = f
+            elif trainable(name):
+                train[key] = value
+            else:
+                frozen[key] = value
+        return train, frozen
+
+    return split(params, "")
+
+
+def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
+    """The union of two nested dicts with disjoint leaves (the inverse of `partition`)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge(out[key], value) if key in out else value
+    return out
+
+
+class Task:
+    """Base class of the tasks. Subclasses set `kind` and implement the abstract methods."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    # --- data ---------------------------------------------------------------------------
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{key: (global shape, dtype)} of one global batch."""
+        raise NotImplementedError
+
+    def check(self, tokenizer: Tokenizer) -> None:
+        """Raise a clear error for a config this task cannot run (nothing compiled or written)."""
+
+    def make_iterator(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        split: str | None = None,
+        seed: int = 0,
+        mesh: Mesh | None = None,
+        num_epochs: int | None = None,
+        num_streams: int | None = None,
+    ) -> StreamIterator:
+        """This process's batches of `split` (train split, endless, by default)."""
+        raise NotImplementedError
+
+    # --- what trains ----------------------------------------------------------------------
+    def trainable(self, name: str) -> bool:
+        """Whether the parameter at '/'-joined path `name` is trained (others stay frozen: no
+        gradient, no optimizer state, bitwise unchanged)."""
+        return True
+
+    # --- the loss -------------------------------------------------------------------------
+    def forward(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits, the model's aux outputs) of the packed rows of `batch`."""
+        model = self.config.model
+        rngs = {"router": rng} if rng is not None and model.moe.router_jitter > 0 else {}
+        logits, _, aux = Transformer(model).apply(
+            {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
+        )
+        return logits, aux
+
+    def aux_terms(self, aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The model's auxiliary loss ("aux") and MoE statistics, for `loss_terms`."""
+        return {"aux": losses.aux_loss(aux), **losses.moe_metrics(aux)}
+
+    def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """What the summed loss of the whole batch is divided by (e.g. its target tokens)."""
+        raise NotImplementedError
+
+    def loss_terms(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        """Sums over one (micro)batch: "loss" (the objective, summed: divided by `normalizer`),
+        "aux" (model auxiliary losses, a per-microbatch mean) and whatever `metrics` reads."""
+        raise NotImplementedError
+
+    def metrics(
+        self, terms: dict[str, jax.Array], batch: dict[str, jax.Array], total: jax.Array
+    ) -> dict[str, jax.Array]:
+        """Per-step metrics from the whole batch's summed terms (`total` = `normalizer`)."""
+        return {"loss": terms["loss"] / total}
+
+    # --- evaluation -----------------------------------------------------------------------
+    def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Sums over one eval batch, added up over the split and given to `eval_metrics`."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
