@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 MANIFEST = "jaxlm_tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in every tokenizer jaxlm trains
@@ -32,7 +32,7 @@ class Tokenizer(Protocol):
     def save(self, directory: str | os.PathLike) -> None: ...
 
 
-def _write_manifest(directory: str | os.PathLike, kind: str, tok: Tokenizer, **extra: str) -> Path:
+def _write_manifest(directory: str | os.PathLike, kind: str, tok: Tokenizer, **extra: Any) -> Path:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -187,8 +187,14 @@ class HFTokenizer:
         pad_id: int | None = None,
         bos_id: int | None = None,
         eos_id: int | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
     ) -> None:
         self._tok = tokenizer
+        # A Hugging Face `chat_template` (Jinja) and the special-token strings it refers to
+        # (`bos_token`, `eos_token`, ...), from `tokenizer_config.json`.
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
         # Text that spells a special token ("<pad>", "<|endoftext|>") is encoded as plain text,
         # never as the special id: data cannot inject control tokens.
         self._tok.encode_special_tokens = True
@@ -196,26 +202,38 @@ class HFTokenizer:
 
         def find(*names: str) -> int:
             for name in names:
+                if name.endswith("_token"):  # the string tokenizer_config.json names
+                    name = self.special_tokens.get(name, "")
                 i = tokenizer.token_to_id(name)
                 if i is not None:
                     return i
             return -1
 
         self.bos_id = (
-            find("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>") if bos_id is None else bos_id
+            find("bos_token", "<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
+            if bos_id is None
+            else bos_id
         )
         self.eos_id = (
-            find("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>") if eos_id is None else eos_id
+            find("eos_token", "</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
+            if eos_id is None
+            else eos_id
         )
-        self.pad_id = find("<pad>", "<|pad|>", "<|endoftext|>") if pad_id is None else pad_id
+        self.pad_id = (
+            find("pad_token", "<pad>", "<|pad|>", "<|endoftext|>") if pad_id is None else pad_id
+        )
         if self.pad_id < 0:
             self.pad_id = self.eos_id
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **special_ids: int | None) -> HFTokenizer:
+    def load(cls, path: str | os.PathLike, **kwargs: Any) -> HFTokenizer:
+        """From a `tokenizer.json`; a `tokenizer_config.json` beside it gives the chat template
+        and special-token strings unless `kwargs` does."""
         from tokenizers import Tokenizer as HFTok
 
-        return cls(HFTok.from_file(str(path)), **special_ids)
+        if "chat_template" not in kwargs:
+            kwargs.update(_hf_chat_settings(Path(path).parent))
+        return cls(HFTok.from_file(str(path)), **kwargs)
 
     @classmethod
     def train_bpe(cls, inputs: Iterable[str | os.PathLike], vocab_size: int) -> HFTokenizer:
@@ -239,13 +257,45 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_template(self, text: str) -> Any:
+        """The `tokenizers` Encoding of text a chat template wrote: special-token strings in it
+        become their ids (unlike `encode`, where data cannot inject them)."""
+        self._tok.encode_special_tokens = False
+        try:
+            return self._tok.encode(text, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = True
+
     def decode(self, ids: Sequence[int]) -> str:
         valid = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         return self._tok.decode(valid, skip_special_tokens=True)
 
     def save(self, directory: str | os.PathLike) -> None:
-        path = _write_manifest(directory, "hf", self, file="tokenizer.json")
+        extra: dict[str, Any] = {"file": "tokenizer.json"}
+        if self.chat_template:
+            extra |= {"chat_template": self.chat_template, "special_tokens": self.special_tokens}
+        path = _write_manifest(directory, "hf", self, **extra)
         self._tok.save(str(path / "tokenizer.json"))
+
+
+def _hf_chat_settings(directory: Path) -> dict[str, Any]:
+    """chat_template and special-token strings of a Hugging Face tokenizer directory
+    (`tokenizer_config.json`, and `chat_template.jinja` where newer transformers put it)."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    template = config.get("chat_template")
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # named templates: the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    specials = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            specials[key] = value
+    return {"chat_template": template, "special_tokens": specials}
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -259,8 +309,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if kind == "sentencepiece":
             return SentencePieceTokenizer.load(path / manifest["file"])
         if kind == "hf":
-            ids = {k: manifest[k] for k in ("pad_id", "bos_id", "eos_id")}
-            return HFTokenizer.load(path / manifest["file"], **ids)
+            kwargs = {k: manifest[k] for k in ("pad_id", "bos_id", "eos_id")}
+            kwargs["chat_template"] = manifest.get("chat_template")
+            kwargs["special_tokens"] = manifest.get("special_tokens")
+            return HFTokenizer.load(path / manifest["file"], **kwargs)
         raise ValueError(f"{path / MANIFEST}: unknown tokenizer kind {kind!r}")
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return HFTokenizer.load(path / "tokenizer.json")
