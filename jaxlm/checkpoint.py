@@ -273,6 +273,7 @@ def save_run_files(workdir: str | Path, config: RunConfig, tokenizer: Any) -> No
 # log intervals, the mesh, microbatches, learning-rate values) may change between runs.
 _RESUME_FIXED = (
     "model.",
+    "task.",
     "optim.name",
     "data.dataset",
     "data.tokenizer",

@@ -137,22 +137,34 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm",)
+TASK_KINDS = ("lm", "sft")
+CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """What the run trains for (`jaxlm.tasks`): the batch it reads, its loss, what trains.
 
-    `kind`: "lm" = causal language-model pre-training on packed text.
+    `kind`: "lm" = causal language-model pre-training on packed text; "sft" = supervised
+    fine-tuning on chat records (`data.dataset`: JSONL files with `messages` or `prompt` +
+    `completion`), rendered with `chat_template` ("auto" = the tokenizer's own template when it
+    has one, else "plain" for the byte tokenizer and "chatml" for others), the loss on assistant
+    tokens only unless `train_on_prompt`.
     """
 
     kind: str = "lm"
+    chat_template: str = "auto"
+    train_on_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(
                 f"TaskConfig.kind={self.kind!r} is not a task; choose one of {TASK_KINDS}"
+            )
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(
+                f"TaskConfig.chat_template={self.chat_template!r} is not a template; choose one "
+                f"of {CHAT_TEMPLATES}"
             )
 
 

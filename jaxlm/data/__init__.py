@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grain
 import jax
 from jax.sharding import Mesh
@@ -80,6 +82,8 @@ def make_iterator(
     mesh: Mesh | None = None,
     num_epochs: int | None = None,
     num_streams: int | None = None,
+    text_key: str | None = None,
+    dataset_fn: Callable[..., grain.IterDataset] | None = None,
 ) -> StreamIterator:
     """This process's batch iterator for `config` (train split, endless, shuffled, by default).
 
@@ -93,6 +97,9 @@ def make_iterator(
 
     Everything is checked before any batch is made: the dataset exists, it is not empty and holds
     at least one sequence, and the batch splits over processes, streams and the mesh's batch axes.
+
+    `dataset_fn` (default `build_dataset`, packed text) builds each stream from the source with
+    `build_dataset`'s arguments; `text_key` overrides `config.text_key`.
     """
     check_batch_size(config.batch_size, mesh, jax.process_count())
     num_streams = num_streams or config.streams or jax.process_count()
@@ -106,10 +113,13 @@ def make_iterator(
         split,
         data_dir=config.data_dir,
         manual_dir=config.manual_dir,
-        text_key=config.text_key,
+        text_key=text_key or config.text_key,
         download=config.download,
     )
-    check_corpus(source, tokenizer, config.seq_len)
+    if dataset_fn is None:
+        check_corpus(source, tokenizer, config.seq_len)
+    elif len(source) == 0:
+        raise ValueError(f"the dataset {source!r} is empty")
     if num_streams > len(source):
         raise ValueError(
             f"data.streams={num_streams} exceeds the {len(source)} records of {source!r}; "
@@ -117,7 +127,7 @@ def make_iterator(
         )
 
     def stream(index: int) -> grain.IterDataset:
-        return build_dataset(
+        return (dataset_fn or build_dataset)(
             source,
             tokenizer,
             seq_len=config.seq_len,

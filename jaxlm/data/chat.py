@@ -12,10 +12,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from jaxlm.configs.run import CHAT_TEMPLATES as TEMPLATE_NAMES
 from jaxlm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-TEMPLATE_NAMES = ("auto", "chatml", "llama3", "plain", "tokenizer")
 
 
 def conversation(record: Any, where: str = "record") -> list[dict[str, str]]:

@@ -26,6 +26,8 @@ tfds.disable_progress_bar()
 
 DEFAULT_CORPUS = "stdlib"
 _MAX_CHUNK_CHARS = 64 * 1024
+# `text_key` for whole records: each `.jsonl` line is kept as its JSON text (chat data).
+RECORD_KEY = "*"
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -76,7 +78,9 @@ def _documents(path: Path, text_key: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
+                if line.strip() and text_key == RECORD_KEY:
+                    yield line.strip()
+                elif line.strip():
                     record = json.loads(line)
                     if text_key not in record:
                         raise ValueError(f"{path}:{n}: no {text_key!r} field in {sorted(record)}")
@@ -167,7 +171,9 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
                     doc = tail if want_validation else head
                 elif ((i, j) in validation) != want_validation:
                     continue
-                for k, chunk in enumerate(_chunks(doc, _MAX_CHUNK_CHARS)):
+                # Whole records stay whole; long text is stored in chunks.
+                limit = len(doc) if self._text_key == RECORD_KEY else _MAX_CHUNK_CHARS
+                for k, chunk in enumerate(_chunks(doc, limit)):
                     yield f"{i}-{j}-{k}", {"text": chunk}
 
 

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 from jaxlm.configs.run import TASK_KINDS
 from jaxlm.tasks.base import Task, merge, param_names, partition
 from jaxlm.tasks.lm import LMTask
+from jaxlm.tasks.sft import SFTTask
 
 if TYPE_CHECKING:
     from jaxlm.configs.run import RunConfig
 
-TASKS: dict[str, type[Task]] = {LMTask.kind: LMTask}
+TASKS: dict[str, type[Task]] = {LMTask.kind: LMTask, SFTTask.kind: SFTTask}
 
 
 def get_task(config: RunConfig) -> Task:
@@ -22,4 +23,14 @@ def get_task(config: RunConfig) -> Task:
     return TASKS[kind](config)
 
 
-__all__ = ["TASKS", "TASK_KINDS", "LMTask", "Task", "get_task", "merge", "param_names", "partition"]
+__all__ = [
+    "TASKS",
+    "TASK_KINDS",
+    "LMTask",
+    "SFTTask",
+    "Task",
+    "get_task",
+    "merge",
+    "param_names",
+    "partition",
+]

@@ -1,0 +1,72 @@
+"""`task.kind=sft`: supervised fine-tuning on chat data (JSONL `messages` or `prompt` +
+`completion`), rendered with a chat template, the loss on assistant tokens only by default."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+from jax.sharding import Mesh
+
+from jaxlm.data import make_iterator, open_source
+from jaxlm.data.chat import Template, get_template
+from jaxlm.data.pipeline import StreamIterator
+from jaxlm.data.sft import build_chat_dataset, chat_stats
+from jaxlm.data.sources import RECORD_KEY
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.tasks.lm import LMTask
+
+
+class SFTTask(LMTask):
+    """The LM loss over the trained-on targets of packed conversations (the batch keys are the
+    LM task's; `mask` marks assistant tokens), so every LM metric and eval applies."""
+
+    kind = "sft"
+
+    def template(self, tokenizer: Tokenizer) -> Template:
+        return get_template(self.config.task.chat_template, tokenizer)
+
+    def check(self, tokenizer: Tokenizer) -> None:
+        """Every record of both splits renders; some token is trained on; says how many
+        conversations were truncated or dropped."""
+        data, task = self.config.data, self.config.task
+        template = self.template(tokenizer)
+        for split in (data.train_split, data.eval_split):
+            source = open_source(data.dataset, split, data_dir=data.data_dir, text_key=RECORD_KEY)
+            stats = chat_stats(source, tokenizer, template, data.seq_len, task.train_on_prompt)
+            if split == data.train_split and stats.trained_tokens == 0:
+                raise ValueError(
+                    f"{source!r} has no trainable token at all ({stats.summary(data.seq_len)}); "
+                    "raise data.seq_len or check the assistant turns"
+                )
+            if jax.process_index() == 0:
+                print(f"sft {split}: {stats.summary(data.seq_len)}", file=sys.stderr)
+
+    def make_iterator(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        split: str | None = None,
+        seed: int = 0,
+        mesh: Mesh | None = None,
+        num_epochs: int | None = None,
+        num_streams: int | None = None,
+    ) -> StreamIterator:
+        task = self.config.task
+        build = functools.partial(
+            build_chat_dataset,
+            template=self.template(tokenizer),
+            train_on_prompt=task.train_on_prompt,
+        )
+        return make_iterator(
+            self.config.data,
+            tokenizer,
+            split=split,
+            seed=seed,
+            mesh=mesh,
+            num_epochs=num_epochs,
+            num_streams=num_streams,
+            text_key=RECORD_KEY,
+            dataset_fn=build,
+        )

@@ -1,0 +1,143 @@
+"""The SFT pipeline and task: packed conversations whose loss mask covers exactly the assistant
+tokens (a naive per-conversation reference), truncation counted, bad records named."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxlm.configs.overrides import load_config
+from jaxlm.data import ByteTokenizer
+from jaxlm.data.chat import conversation, encode_chat, get_template
+from jaxlm.data.sft import build_chat_dataset, chat_stats
+from jaxlm.run import RunPlan
+
+TOK = ByteTokenizer()
+RECORDS = [
+    json.dumps({"prompt": f"add {a} and {b}", "completion": str(a + b)})
+    for a in range(12)
+    for b in range(3)
+] + [
+    json.dumps(
+        {
+            "messages": [
+                {"role": "system", "content": "Reply in one word."},
+                {"role": "user", "content": f"colour {i}?"},
+                {"role": "assistant", "content": "blue" * (1 + i % 3)},
+                {"role": "user", "content": "sure?"},
+                {"role": "assistant", "content": "yes"},
+            ]
+        }
+    )
+    for i in range(6)
+]
+
+
+def _naive(record, seq_len):
+    """The (input, target) pairs a conversation must contribute, and which are trained on."""
+    ids, mask = encode_chat(conversation(record), TOK, get_template("plain", TOK))
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    return [(ids[t], ids[t + 1], mask[t + 1]) for t in range(len(ids) - 1)]
+
+
+def test_packed_rows_hold_whole_conversations_with_assistant_only_targets():
+    seq_len = 160
+    template = get_template("plain", TOK)
+    ds = build_chat_dataset(
+        RECORDS,
+        TOK,
+        template=template,
+        seq_len=seq_len,
+        batch_size=4,
+        num_epochs=1,
+        shuffle=False,
+        drop_remainder=False,
+    )
+    got = []  # per segment: (input, target, trained) of every position with a real next token
+    for batch in ds:
+        for row in range(len(batch["tokens"])):
+            seg = batch["segment_ids"][row]
+            for s in sorted(set(seg[seg > 0])):
+                at = np.flatnonzero(seg == s)
+                assert np.array_equal(batch["positions"][row][at], np.arange(len(at)))
+                got.append(
+                    [
+                        (batch["tokens"][row][t], batch["targets"][row][t], batch["mask"][row][t])
+                        for t in at[:-1]
+                    ]
+                )
+                assert not batch["mask"][row][at[-1]]  # no target across conversations
+    want = [_naive(r, seq_len) for r in RECORDS]
+    # Every conversation appears exactly once, whole (never split across rows).
+    norm = lambda pairs: [(int(a), int(b) if m else -1, bool(m)) for a, b, m in pairs]
+    assert sorted(map(norm, got)) == sorted(map(norm, want))
+    stats = chat_stats(RECORDS, TOK, template, seq_len)
+    assert stats.records == len(RECORDS) and stats.truncated == 0 and stats.dropped == 0
+    assert stats.trained_tokens == sum(m for pairs in want for _, _, m in pairs)
+
+
+def test_truncation_is_counted_and_empty_conversations_dropped():
+    template = get_template("plain", TOK)
+    long_prompt = json.dumps({"prompt": "x" * 200, "completion": "ok"})
+    records = [long_prompt, RECORDS[0]]
+    stats = chat_stats(records, TOK, template, 64)
+    assert (stats.truncated, stats.dropped) == (1, 1)
+    ds = build_chat_dataset(
+        records,
+        TOK,
+        template=template,
+        seq_len=64,
+        batch_size=2,
+        num_epochs=1,
+        shuffle=False,
+        drop_remainder=False,
+    )
+    batches = list(ds)
+    assert sum(int(b["mask"].sum()) for b in batches) == stats.trained_tokens > 0
+    assert not any(np.isnan(b["target_bytes"]).any() for b in batches)
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _sft_config(path, *overrides):
+    return load_config(
+        "tiny",
+        [
+            "task.kind=sft",
+            f"data.dataset={path}",
+            "data.seq_len=64",
+            "data.batch_size=8",
+            *overrides,
+        ],
+    )
+
+
+def test_sft_plan_checks_every_record_before_anything_runs(tmp_path, stdlib_cache):
+    good = RECORDS * 3
+    bad = _write(tmp_path, [*good, json.dumps({"messages": [{"role": "bot", "content": "x"}]})])
+    with pytest.raises(ValueError, match=r"record \d+: message 0: unknown role .bot."):
+        RunPlan(_sft_config(bad))
+    (tmp_path / "chat.jsonl").unlink()
+    none = _write(tmp_path, [json.dumps({"prompt": "x" * 300, "completion": "y"})] * 40)
+    with pytest.raises(ValueError, match="no trainable token at all"):
+        RunPlan(_sft_config(none))
+    with pytest.raises(ValueError, match="chat_template='chatgpt' is not a template"):
+        _sft_config(none, "task.chat_template=chatgpt")
+
+
+def test_sft_batches_fit_the_plan(tmp_path, stdlib_cache):
+    path = _write(tmp_path, RECORDS * 3)
+    plan = RunPlan(_sft_config(path))
+    it = plan.make_iterator()
+    batch = next(it)
+    spec = plan.abstract_batch()
+    assert set(batch) == set(spec)
+    assert batch["mask"].sum() > 0
+    # Loss only on replies: every trained target is an assistant byte or the EOS id.
+    replies = "".join(str(a + b) for a in range(12) for b in range(3)) + "blueyes"
+    trained = batch["targets"][batch["mask"]]
+    assert all(t == TOK.eos_id or chr(t - 3) in replies for t in trained)
