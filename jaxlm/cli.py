@@ -294,8 +294,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     texts = list(args.prompt or [])
     for path in args.prompt_file or []:
         texts.append(Path(path).read_text())
+    chats = list(args.chat or [])
+    if texts and chats:
+        raise ValueError("give either --prompt/--prompt-file (text to continue) or --chat")
+    if args.system is not None and not chats:
+        raise ValueError("--system goes with --chat")
+    texts = texts or chats
     if not texts:
-        raise ValueError("give a prompt: --prompt TEXT or --prompt-file FILE")
+        raise ValueError("give a prompt: --prompt TEXT, --prompt-file FILE or --chat MESSAGE")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples {args.num_samples} must be >= 1")
     if args.stream and len(texts) * args.num_samples != 1:
@@ -314,9 +320,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
     main = _is_main_process()  # every process generates (the parameters span them); one prints
     out = sys.stdout if main else io.StringIO()
-    bos = [tokenizer.bos_id] if config.data.add_bos else []
-    prompts = [bos + tokenizer.encode(t) for t in texts for _ in range(args.num_samples)]
-    stop = [tokenizer.eos_id] if config.data.add_eos else []
+    if chats:
+        # The run's chat template renders the turn; the reply stops at the end of the turn.
+        from jaxlm.data.chat import get_template, stop_ids
+        from jaxlm.tasks.sft import chat_prompt
+
+        template = get_template(config.task.chat_template, tokenizer)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        rendered = [
+            chat_prompt([*system, {"role": "user", "content": t}], tokenizer, template)
+            for t in texts
+        ]
+        prompts = [p for p in rendered for _ in range(args.num_samples)]
+        stop = stop_ids(template, tokenizer)
+        texts = [""] * len(texts)  # print only the reply
+    else:
+        bos = [tokenizer.bos_id] if config.data.add_bos else []
+        prompts = [bos + tokenizer.encode(t) for t in texts for _ in range(args.num_samples)]
+        stop = [tokenizer.eos_id] if config.data.add_eos else []
     kwargs = dict(key=args.seed, chain=chain, stop_tokens=stop, pad_id=tokenizer.pad_id)
     if main:
         print(
@@ -397,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--workdir", required=True)
     smp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     smp.add_argument("--prompt-file", action="append", help="a file whose text is one prompt")
+    smp.add_argument(
+        "--chat",
+        action="append",
+        metavar="MESSAGE",
+        help="a user message: the reply is generated with the run's chat template, up to the "
+        "end of the turn (repeatable: one chat each)",
+    )
+    smp.add_argument("--system", default=None, help="a system message for --chat")
     smp.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     smp.add_argument("--max-new-tokens", type=int, default=128)
     smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

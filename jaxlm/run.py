@@ -27,11 +27,12 @@ from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.pipeline import StreamIterator
 from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
+from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
 from jaxlm.optim import make_optimizer
 from jaxlm.sharding import BATCH_AXES
 from jaxlm.step import TrainState, eval_step, step_zero, train_step
-from jaxlm.tasks import Task, get_task, param_names
+from jaxlm.tasks import Task, get_task, merge, param_names, partition
 
 BATCH_SPEC = PartitionSpec(BATCH_AXES)
 
@@ -115,6 +116,19 @@ class RunPlan:
                 lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.state_shardings
             )
             return init(jax.random.key_data(key))
+
+    def init_params(self, keep: Callable[[str], bool] | None = None) -> Any:
+        """The parameters `init_state()` starts from (those whose path `keep` accepts; XLA
+        computes only those), created in their shardings."""
+        keep = keep or (lambda name: True)
+        shardings = partition(self.state_shardings.params, keep)[0]
+
+        def init(rng: jax.Array) -> Any:
+            return partition(nn.meta.unbox(self._init_boxed(rng)).params, keep)[0]
+
+        key = jax.random.key_data(jax.random.key(self.config.seed))
+        with sharding.use_mesh(self.mesh, self.rules):
+            return jax.jit(init, out_shardings=shardings)(key)
 
     def state_from_params(self, params: Any) -> TrainState:
         """A step-0 `TrainState` around given `params` (e.g. imported or another run's weights;
@@ -226,13 +240,19 @@ def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = Non
     source = checkpoint.saved_config(workdir, step)
     theirs = _shapes(_abstract_params(source))
     ours = _shapes(plan.abstract_state.params)
-    if theirs != ours:
+    # New adapters (LoRA on a plain model) start fresh; everything else must come from there.
+    base = {n: s for n, s in ours.items() if not (is_adapter(n) and n not in theirs)}
+    if theirs != base:
         a, b = to_dict(source.model), to_dict(plan.config.model)
-        fields = [f"model.{k}: {a[k]!r} there, {b.get(k)!r} here" for k in a if a[k] != b.get(k)]
+        fields = [
+            f"model.{k}: {a[k]!r} there, {b.get(k)!r} here"
+            for k in a
+            if a[k] != b.get(k) and k != "lora"
+        ]
         first = next(
-            f"{n}: {theirs.get(n)} there, {ours.get(n)} here"
-            for n in sorted(set(theirs) | set(ours))
-            if theirs.get(n) != ours.get(n)
+            f"{n}: {theirs.get(n)} there, {base.get(n)} here"
+            for n in sorted(set(theirs) | set(base))
+            if theirs.get(n) != base.get(n)
         )
         raise ValueError(
             f"{flag} holds a model of another architecture ({'; '.join(fields) or first}; first "
@@ -252,12 +272,18 @@ def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = Non
 
 def state_from_source(plan: RunPlan, source: InitSource) -> TrainState:
     """A step-0 state of `plan`'s run holding `source`'s parameters (cast to this run's dtypes,
-    placed on its shardings) and a fresh optimizer state."""
+    placed on its shardings), fresh adapters where the source has none, and a fresh optimizer."""
+    target = plan.abstract_state.params
+    theirs = set(_shapes(_abstract_params(source.config)))
     ckpt = checkpoint.Checkpointer(source.workdir, read_only=True)
     try:
-        params = ckpt.restore_params(source.step, plan.abstract_state.params)
+        params = ckpt.restore_params(source.step, partition(target, theirs.__contains__)[0])
     finally:
         ckpt.close()
+    new = [n for n in _shapes(target) if n not in theirs]
+    if new:
+        # Only the new parameters' initialisation is computed (XLA drops the rest of init).
+        params = merge(params, plan.init_params(lambda n: n not in theirs))
     return plan.state_from_params(params)
 
 

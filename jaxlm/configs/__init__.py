@@ -1,6 +1,6 @@
 """Typed, frozen configuration: the model architecture, the run, presets and overrides."""
 
-from jaxlm.configs.model import ModelConfig, MoEConfig
+from jaxlm.configs.model import LoRAConfig, ModelConfig, MoEConfig
 from jaxlm.configs.presets import PRESETS, get_preset
 from jaxlm.configs.run import (
     CheckpointConfig,
@@ -16,6 +16,7 @@ __all__ = [
     "PRESETS",
     "CheckpointConfig",
     "DataConfig",
+    "LoRAConfig",
     "MeshConfig",
     "MoEConfig",
     "ModelConfig",

@@ -95,6 +95,48 @@ class MoEConfig:
         return self.num_experts > 0
 
 
+# Projections LoRA can adapt: attention query/key/value/out, dense MLP gate/up/down.
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters W + (alpha / rank) · A B on the projections named in `targets`
+    (comma-separated `LORA_TARGETS`); rank 0 = none. With adapters only they train."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input, training only
+    targets: str = "query,value"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"LoRAConfig.rank={self.rank!r} must be an integer >= 1 (0 = off)")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRAConfig.alpha={self.alpha!r} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig.dropout={self.dropout!r} must be in [0, 1)")
+        names = self.target_names
+        unknown = [n for n in names if n not in LORA_TARGETS]
+        if unknown or not names:
+            raise ValueError(
+                f"LoRAConfig.targets={self.targets!r}: "
+                f"{', '.join(map(repr, unknown)) or 'no target'} matches no layer; targets are "
+                f"comma-separated names from {LORA_TARGETS}"
+            )
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.targets.split(",") if n.strip())
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapts(self, name: str) -> bool:
+        return self.rank > 0 and name in self.target_names
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only Transformer.
@@ -145,6 +187,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: RematPolicy = "none"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     # Which of num_kv_heads/head_dim/mlp_dim were derived (given as None): overrides re-derive them.
     derived_fields: tuple[str, ...] = dataclasses.field(
         default=(), init=False, repr=False, compare=False
@@ -221,6 +264,32 @@ class ModelConfig:
                     f"scanned layers must repeat one pattern: with moe.every={m.every} and "
                     f"moe.first_dense={m.first_dense}, num_layers={self.num_layers} needs "
                     "first_dense=0 and num_layers divisible by every (or scan_layers=False)"
+                )
+
+        if self.lora.rank:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        d, f = self.d_model, self.mlp_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        sizes = {"query": (d, q), "key": (d, kv), "value": (d, kv), "out": (q, d)}
+        if not self.moe.enabled or self.moe.every > 1 or self.moe.first_dense:
+            sizes |= {"gate": (d, f), "up": (d, f), "down": (f, d)}
+        for name in self.lora.target_names:
+            if name not in sizes:
+                raise ValueError(
+                    f"LoRAConfig.targets={self.lora.targets!r}: {name!r} matches no layer of this "
+                    f"model (no dense MLP); adaptable here: {sorted(sizes)}"
+                )
+            if name == "gate" and not self.gated:
+                raise ValueError(
+                    f"LoRAConfig.targets={self.lora.targets!r}: 'gate' matches no layer "
+                    f"(activation {self.activation!r} has no gate)"
+                )
+            if self.lora.rank > min(sizes[name]):
+                raise ValueError(
+                    f"LoRAConfig.rank={self.lora.rank} is larger than the {name} projection "
+                    f"({sizes[name][0]} x {sizes[name][1]}); use rank <= {min(sizes[name])}"
                 )
 
     def is_moe_layer(self, i: int) -> bool:

@@ -18,8 +18,11 @@ from jaxlm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 ROLES = ("system", "user", "assistant")
 
 
-def conversation(record: Any, where: str = "record") -> list[dict[str, str]]:
-    """The messages of a record, checked: a clear error naming `where` and the bad value."""
+def conversation(
+    record: Any, where: str = "record", need_reply: bool = True
+) -> list[dict[str, str]]:
+    """The messages of a record, checked: a clear error naming `where` and the bad value.
+    `need_reply=False` accepts a chat without an assistant turn (a prompt to answer)."""
     if isinstance(record, str):
         try:
             record = json.loads(record)
@@ -52,7 +55,7 @@ def conversation(record: Any, where: str = "record") -> list[dict[str, str]]:
         if m["role"] == "assistant" and not m["content"].strip():
             raise ValueError(f"{at}: empty assistant turn")
         out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
+    if need_reply and not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: no assistant message (nothing to train on)")
     return out
 

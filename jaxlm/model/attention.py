@@ -88,6 +88,7 @@ class Attention(nn.Module):
                 kernel_init(cfg, 0, (1, 2)),
                 cfg.attn_bias,
                 name=name,
+                lora=cfg.lora if cfg.lora.adapts(name) else None,
                 **dt,
             )
             y = w("BTD,DNH->BTNH", x_BTD)
@@ -129,6 +130,7 @@ class Attention(nn.Module):
             kernel_init(cfg, (0, 1), 2, output_projection=True),
             cfg.use_attn_out_bias,
             name="out",
+            lora=cfg.lora if cfg.lora.adapts("out") else None,
             **dt,
         )
         out_BTD = out("BTNH,NHD->BTD", out_BTNH)

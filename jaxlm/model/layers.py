@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.model import LoRAConfig, ModelConfig
+from jaxlm.model.lora import lora_delta
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -49,6 +50,7 @@ class Einsum(nn.Module):
     use_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora: LoRAConfig | None = None  # a low-rank adapter beside `w` (`jaxlm.model.lora`)
 
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
@@ -56,6 +58,8 @@ class Einsum(nn.Module):
             "w", nn.with_logical_partitioning(self.init_fn, self.axes), self.shape, self.param_dtype
         )
         y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+        if self.lora is not None:
+            y = y + lora_delta(self, self.lora, eqn, x, self.shape, self.axes, self.dtype)
         if self.use_bias:
             inputs, out = eqn.replace(" ", "").split("->")
             x_letters, w_letters = inputs.split(",")

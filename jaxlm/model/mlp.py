@@ -30,8 +30,15 @@ class MLP(nn.Module):
         dt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
         def up(name: str) -> jax.Array:
+            lora = cfg.lora if cfg.lora.adapts(name) else None
             w = Einsum(
-                (d, f), ("embed", "mlp"), kernel_init(cfg, 0, 1), cfg.mlp_bias, name=name, **dt
+                (d, f),
+                ("embed", "mlp"),
+                kernel_init(cfg, 0, 1),
+                cfg.mlp_bias,
+                name=name,
+                lora=lora,
+                **dt,
             )
             return w("BTD,DF->BTF", x_BTD)
 
@@ -44,6 +51,7 @@ class MLP(nn.Module):
             kernel_init(cfg, 0, 1, output_projection=True),
             cfg.mlp_bias,
             name="down",
+            lora=cfg.lora if cfg.lora.adapts("down") else None,
             **dt,
         )
         out_BTD = down("BTF,FD->BTD", h_BTF)

@@ -174,7 +174,7 @@ class Transformer(nn.Module):
             layers = nn.scan(
                 unit,
                 variable_axes={"params": 0},
-                split_rngs={"params": True, "router": True},
+                split_rngs={"params": True, "router": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=length,
                 metadata_params={nn.PARTITION_NAME: "layers"},

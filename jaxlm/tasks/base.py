@@ -14,6 +14,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxlm import losses
+from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -94,8 +95,8 @@ class Task:
     # --- what trains ----------------------------------------------------------------------
     def trainable(self, name: str) -> bool:
         """Whether the parameter at '/'-joined path `name` is trained (others stay frozen: no
-        gradient, no optimizer state, bitwise unchanged)."""
-        return True
+        gradient, no optimizer state, bitwise unchanged). With LoRA adapters only they train."""
+        return is_adapter(name) if self.config.model.lora.rank else True
 
     # --- the loss -------------------------------------------------------------------------
     def forward(
@@ -103,7 +104,11 @@ class Task:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(logits, the model's aux outputs) of the packed rows of `batch`."""
         model = self.config.model
-        rngs = {"router": rng} if rng is not None and model.moe.router_jitter > 0 else {}
+        rngs = {}
+        if rng is not None and model.moe.router_jitter > 0:
+            rngs["router"] = rng
+        if rng is not None and model.lora.dropout > 0:
+            rngs["dropout"] = jax.random.fold_in(rng, 1)
         logits, _, aux = Transformer(model).apply(
             {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
         )

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 from jax.sharding import Mesh
 
 from jaxlm.data import make_iterator, open_source
-from jaxlm.data.chat import Template, get_template
+from jaxlm.data.chat import Template, conversation, encode_chat, get_template, stop_ids
 from jaxlm.data.pipeline import StreamIterator
 from jaxlm.data.sft import build_chat_dataset, chat_stats
 from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.sample import generate
 from jaxlm.tasks.lm import LMTask
+
+if TYPE_CHECKING:
+    from jaxlm.configs.run import RunConfig
 
 
 class SFTTask(LMTask):
@@ -70,3 +76,37 @@ class SFTTask(LMTask):
             text_key=RECORD_KEY,
             dataset_fn=build,
         )
+
+
+def chat_prompt(
+    messages: Sequence[dict[str, str]], tokenizer: Tokenizer, template: Template
+) -> list[int]:
+    """The token ids of `messages` rendered with the generation prompt (the assistant's turn)."""
+    chat = conversation({"messages": list(messages)}, "chat", need_reply=False)
+    return encode_chat(chat, tokenizer, template, add_generation_prompt=True)[0]
+
+
+def generate_replies(
+    config: RunConfig,
+    params: Any,
+    tokenizer: Tokenizer,
+    chats: Sequence[Sequence[dict[str, str]]],
+    max_new_tokens: int = 64,
+    **kwargs: Any,
+) -> list[str]:
+    """The assistant's next reply to each chat (greedy unless `kwargs` give a `chain`), rendered
+    with the run's chat template and stopped at the end of the turn; `kwargs` go to `generate`
+    (call inside `use_mesh` for sharded parameters)."""
+    template = get_template(config.task.chat_template, tokenizer)
+    stops = stop_ids(template, tokenizer)
+    prompts = [chat_prompt(chat, tokenizer, template) for chat in chats]
+    budget = [min(max_new_tokens, config.model.max_seq_len - len(p)) for p in prompts]
+    if min(budget) < 1:
+        raise ValueError(
+            f"a chat prompt of {max(map(len, prompts))} tokens leaves no room in "
+            f"model.max_seq_len={config.model.max_seq_len}"
+        )
+    outs = generate(
+        config.model, params, prompts, budget, stop_tokens=stops, pad_id=tokenizer.pad_id, **kwargs
+    )
+    return [tokenizer.decode([i for i in out if i not in stops]) for out in outs]
