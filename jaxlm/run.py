@@ -44,10 +44,14 @@ def check_run(config: RunConfig, tokenizer: Tokenizer) -> None:
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} ids; set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    if config.data.seq_len > config.model.max_seq_len:
+    room = config.model.max_seq_len - config.model.prompt_tokens
+    if config.data.seq_len > room:
+        extra = f" less model.prompt_tokens={config.model.prompt_tokens}" * bool(
+            config.model.prompt_tokens
+        )
         raise ValueError(
             f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
-            f"{config.model.max_seq_len}"
+            f"{config.model.max_seq_len}{extra}"
         )
     per_step = config.data.batch_size // jax.process_count()
     if per_step % config.train.microbatches:

@@ -164,10 +164,12 @@ def prefill(
     b, t = prompt_tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits_BTV, cache, _ = Transformer(config).apply(
-        {"params": params}, prompt_tokens_BT, positions_BT, cache=cache
+        {"params": params}, prompt_tokens_BT, positions_BT, cache=cache, prepend_prompt=True
     )
     last_B1V = jnp.take_along_axis(logits_BTV, (prompt_lengths_B - 1)[:, None, None], axis=1)
-    return last_B1V[:, 0].astype(jnp.float32), cache.replace(lengths=prompt_lengths_B)
+    # The cache also holds the prompt-tuning embeddings' slots (0 without prompt tuning).
+    lengths_B = prompt_lengths_B + config.prompt_tokens
+    return last_B1V[:, 0].astype(jnp.float32), cache.replace(lengths=lengths_B)
 
 
 def decode_step(
@@ -359,7 +361,8 @@ def prepare(
         stop = [list(s) for s in stop_tokens] or [[] for _ in range(b)]
     if len(stop) != b:
         raise ValueError(f"stop_tokens has {len(stop)} rows for {b} prompts")
-    v, limit = config.vocab_size, config.max_seq_len
+    # Prompt-tuning embeddings take the first slots of every row.
+    v, limit = config.vocab_size, config.max_seq_len - config.prompt_tokens
     for i, (p, n) in enumerate(zip(prompts, max_new, strict=True)):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
@@ -377,7 +380,7 @@ def prepare(
     longest = max(len(p) for p in prompts)
     t = bucket(longest, limit)
     buffer = bucket(max(max_new), limit)
-    cache_len = min(bucket(t + buffer, 2 * limit), limit)
+    cache_len = min(bucket(t + buffer, 2 * limit), limit) + config.prompt_tokens
     tokens = np.full((b, t), pad_id, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -489,7 +492,7 @@ def greedy_without_cache(
         raise ValueError("the prompt is empty: give at least one token")
     if any(not 0 <= t < config.vocab_size for t in prompt):
         raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
-    length = min(len(prompt) + max_new_tokens, config.max_seq_len)
+    length = min(len(prompt) + max_new_tokens, config.max_seq_len - config.prompt_tokens)
     if len(prompt) >= length:
         return list(prompt)[:length]
     tokens = jnp.zeros((1, length), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))

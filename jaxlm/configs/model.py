@@ -188,6 +188,9 @@ class ModelConfig:
     remat: RematPolicy = "none"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    # Prompt tuning: this many learned embeddings before every sequence (0 = none); with them
+    # (and with LoRA adapters) only they train.
+    prompt_tokens: int = 0
     # Which of num_kv_heads/head_dim/mlp_dim were derived (given as None): overrides re-derive them.
     derived_fields: tuple[str, ...] = dataclasses.field(
         default=(), init=False, repr=False, compare=False
@@ -268,6 +271,14 @@ class ModelConfig:
 
         if self.lora.rank:
             self._check_lora()
+        if (
+            not isinstance(self.prompt_tokens, int)
+            or not 0 <= self.prompt_tokens < self.max_seq_len
+        ):
+            raise ValueError(
+                f"ModelConfig.prompt_tokens={self.prompt_tokens!r} must be in [0, "
+                f"max_seq_len={self.max_seq_len})"
+            )
 
     def _check_lora(self) -> None:
         d, f = self.d_model, self.mlp_dim

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 
 from jaxlm.configs.model import LoRAConfig, ModelConfig
 
-ADAPTER_PARAMS = ("lora_a", "lora_b")
+ADAPTER_PARAMS = ("lora_a", "lora_b", "prompt_embedding")
 
 
 def is_adapter(name: str) -> bool:
-    """Whether the '/'-joined parameter path `name` is a LoRA adapter matrix."""
+    """Whether the '/'-joined parameter path `name` is an adapter: a LoRA matrix or the
+    prompt-tuning embeddings."""
     return name.rsplit("/", 1)[-1] in ADAPTER_PARAMS
 
 
@@ -79,7 +80,8 @@ def _merge_tree(tree: dict, scale: float) -> dict:
             b2 = b.reshape(*b.shape[: lead + 1], -1).astype(jnp.float32)
             delta = jnp.matmul(a2, b2).reshape(*w.shape[:lead], *in_shape, *out_shape)
             merged = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-            out[key] = {k: v for k, v in value.items() if k not in ADAPTER_PARAMS} | {"w": merged}
+            out[key] = {k: v for k, v in value.items() if k not in ("lora_a", "lora_b")}
+            out[key]["w"] = merged
         else:
             out[key] = _merge_tree(value, scale)
     return out

@@ -120,20 +120,33 @@ class Transformer(nn.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: Any = None,
+        prepend_prompt: bool = False,
     ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         cfg = self.config
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
         b, t = tokens_BT.shape
-        if t > cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len={cfg.max_seq_len}")
+        if t + cfg.prompt_tokens > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} (+ {cfg.prompt_tokens} prompt-tuning tokens) exceeds "
+                f"max_seq_len={cfg.max_seq_len}"
+            )
+        p = cfg.prompt_tokens
+        # Prompt tuning: P learned embeddings before every row, at positions 0..P-1 (the tokens'
+        # positions move up by P); with a cache they are written by the prefill call only.
+        prepend = p > 0 and (cache is None or prepend_prompt)
         if cache is not None:
             if segment_ids_BT is not None:
                 raise ValueError("segment_ids cannot be combined with a KV cache")
-            if t > cache.max_length:
+            if t + prepend * p > cache.max_length:
                 raise ValueError(f"{t} tokens do not fit a cache of length {cache.max_length}")
-            if positions_BT is None:
+            if positions_BT is None:  # cache.lengths count the prompt's slots too
                 positions_BT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            else:
+                positions_BT = positions_BT + p
+            if prepend:
+                prompt_pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+                positions_BT = jnp.concatenate([prompt_pos, positions_BT], axis=1)
             # Keys are cache slots; slot s holds position s of the row.
             slots_BS = jnp.broadcast_to(
                 jnp.arange(cache.max_length, dtype=jnp.int32), (b, cache.max_length)
@@ -145,15 +158,39 @@ class Transformer(nn.Module):
                 segment_ids_BT = jnp.ones((b, t), jnp.int32)
             if positions_BT is None:
                 positions_BT = segment_positions(segment_ids_BT)
-            index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if prepend:
+                positions_BT = jnp.concatenate(
+                    [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), positions_BT + p],
+                    axis=1,
+                )
+                # The prompt is its own segment (-1) that every non-padding token also sees.
+                segment_ids_BT = jnp.concatenate(
+                    [jnp.full((b, p), -1, jnp.int32), segment_ids_BT], axis=1
+                )
+            n = t + prepend * p
+            index_BT = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
             mask_BTS = attention_mask(
                 index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window
             )
+            if prepend:
+                sees_prompt = (index_BT[:, None, :] < p) & (segment_ids_BT[:, :, None] > 0)
+                mask_BTS = mask_BTS | sees_prompt
 
         embed = Embed(
             cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"
         )
         x_BTD = embed(tokens_BT)
+        if prepend:
+            prompt_PD = self.param(
+                "prompt_embedding",
+                nn.with_logical_partitioning(
+                    jax.nn.initializers.normal(cfg.init_std), (None, "embed")
+                ),
+                (p, cfg.d_model),
+                jnp.float32,
+            )
+            prompt_BPD = jnp.broadcast_to(prompt_PD.astype(cfg.dtype), (b, p, cfg.d_model))
+            x_BTD = jnp.concatenate([prompt_BPD, x_BTD], axis=1)
         if cfg.position == "learned":
             x_BTD = x_BTD + LearnedPositions(cfg, name="pos_embed")(positions_BT)
         elif cfg.position == "sinusoidal":
@@ -209,6 +246,8 @@ class Transformer(nn.Module):
                 name="unembed",
             )
             logits_BTV = unembed("BTD,DV->BTV", x_BTD)
+        if prepend:
+            logits_BTV = logits_BTV[:, p:]
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         return logits_BTV, cache, aux

@@ -95,8 +95,12 @@ class Task:
     # --- what trains ----------------------------------------------------------------------
     def trainable(self, name: str) -> bool:
         """Whether the parameter at '/'-joined path `name` is trained (others stay frozen: no
-        gradient, no optimizer state, bitwise unchanged). With LoRA adapters only they train."""
-        return is_adapter(name) if self.config.model.lora.rank else True
+        gradient, no optimizer state, bitwise unchanged). With LoRA adapters or prompt-tuning
+        embeddings, only they train."""
+        model = self.config.model
+        if model.lora.rank or model.prompt_tokens:
+            return is_adapter(name)
+        return True
 
     # --- the loss -------------------------------------------------------------------------
     def forward(
