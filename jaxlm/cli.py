@@ -256,12 +256,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             scan_layers=False if args.no_scan else None,
             tokenizer=args.tokenizer,
+            adapter=args.adapter,
         )
         print(f"jaxlm convert: wrote the jaxlm run {path}", file=sys.stderr)
         print(f"sample with: jaxlm sample --workdir {path} --prompt ...", file=sys.stderr)
         return 0
     if not args.out:
         raise ValueError("--to-hf needs --out DIR (the Hugging Face directory to write)")
+    if args.adapter:
+        raise ValueError("--adapter goes with --from-hf (import); exports take --lora")
+    if args.lora:
+        from jaxlm.interop.peft import export_lora
+
+        path = export_lora(
+            args.to_hf,
+            args.out,
+            args.lora,
+            step=args.step,
+            model_type=args.model_type,
+            dtype=args.dtype,
+        )
+        what = "a merged model" if args.lora == "merged" else "a PEFT adapter (base in base_model/)"
+        print(f"jaxlm convert: wrote {path}: {what}")
+        return 0
     path = hf.export_checkpoint(
         args.to_hf, args.out, step=args.step, model_type=args.model_type, dtype=args.dtype
     )
@@ -450,6 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--no-scan", action="store_true", help="import with unrolled layers")
     conv.add_argument("--tokenizer", default=None, help="tokenizer spec to use instead")
+    conv.add_argument(
+        "--lora",
+        default=None,
+        choices=["merged", "adapter"],
+        help="export a LoRA run as one merged model, or as a PEFT adapter plus its base",
+    )
+    conv.add_argument(
+        "--adapter", default=None, metavar="DIR", help="import a PEFT LoRA adapter onto the model"
+    )
     _add_config_args(conv)
     conv.set_defaults(func=cmd_convert)
 

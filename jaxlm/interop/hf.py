@@ -287,6 +287,11 @@ def export_checkpoint(
     from jaxlm.run import load_for_eval
 
     run, _, params, tokenizer = load_for_eval(workdir, step)
+    if run.model.lora.rank:
+        raise ValueError(
+            f"{workdir} holds LoRA adapters: export with --lora merged (a plain model) or "
+            "--lora adapter (a PEFT adapter and its base)"
+        )
     return save_hf(
         out_dir,
         run.model,
@@ -339,21 +344,39 @@ def import_checkpoint(
     dtype: str | None = None,
     scan_layers: bool | None = None,
     tokenizer: str | None = None,
+    adapter: str | Path | None = None,
 ) -> Path:
     """Convert a Hugging Face model directory into a new jaxlm workdir and return its path.
+
+    `adapter`: a PEFT LoRA adapter directory made for this model; the run then holds the base
+    and the adapters (`model.lora` from its `adapter_config.json`).
 
     The workdir holds a complete step-0 checkpoint (`jaxlm.interop.workdir`): `jaxlm sample`,
     `jaxlm eval` and `jaxlm train --workdir` (fine-tuning) use it unchanged. `run_config` sets
     everything but the model (that fine-tune's data, optimizer, steps, mesh); `tokenizer` (a
     `make_tokenizer` spec) replaces the directory's own tokenizer; `dtype` the checkpoint's.
     """
-    config = load_model_config(hf_dir, dtype=dtype, scan_layers=scan_layers)
-    hf_views(hf_dir, config)  # bad tensors fail before the workdir is touched
+    base = load_model_config(hf_dir, dtype=dtype, scan_layers=scan_layers)
+    hf_views(hf_dir, base)  # bad tensors fail before the workdir is touched
+    config, adapters = base, None
+    if adapter is not None:
+        from jaxlm.interop.peft import read_adapter
+
+        config, adapters = read_adapter(adapter, base)
     tok = load_hf_tokenizer(hf_dir) if tokenizer is None else None
+
+    def make_params(mesh: jax.sharding.Mesh, rules: str) -> Any:
+        params = params_from_hf(hf_dir, base, mesh=mesh, rules=rules)
+        if adapters is None:
+            return params
+        from jaxlm.interop.peft import with_adapters
+
+        return with_adapters(params, config, adapters)
+
     return write_workdir(
         workdir,
         config,
-        lambda mesh, rules: params_from_hf(hf_dir, config, mesh=mesh, rules=rules),
+        make_params,
         run_config=run_config,
         mesh=mesh,
         rules=rules,
