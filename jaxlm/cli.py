@@ -97,18 +97,26 @@ def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh, devices)
     abstract = abstract_params(config.model)
     shardings = sharding.logical_to_sharding(abstract, mesh, sharding.get_rules(config.mesh.rules))
+    from jaxlm.model.lora import is_adapter
+    from jaxlm.tasks import param_names
+
     leaves = jax.tree.leaves(abstract, is_leaf=lambda x: hasattr(x, "names"))
-    elements = sum(
+    names = param_names(abstract)
+    per_device = [
         math.prod(s.shard_shape(a.value.shape))
         for a, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
-    )
+    ]
+    adapters = sum(e for n, e in zip(names, per_device, strict=True) if is_adapter(n))
+    base = sum(per_device) - adapters
     itemsize = jax.numpy.dtype(config.model.param_dtype).itemsize
+    params_bytes = base * itemsize + adapters * 4  # adapters are float32
     return {
         "topology": topology,
         "devices": len(devices),
         "mesh": dict(mesh.shape),
-        "params_bytes_per_device": elements * itemsize,
-        "params_and_adam_bytes_per_device": elements * (itemsize + 8),
+        "params_bytes_per_device": params_bytes,
+        # Adam's two float32 moments of what trains (only the adapters when there are some).
+        "params_and_adam_bytes_per_device": params_bytes + 8 * (adapters or base),
     }
 
 
@@ -126,6 +134,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "params": counts.total,
         "params_non_embedding": counts.non_embedding,
         "params_active": counts.active,
+        "params_adapters": counts.adapters,
         "seq_len": seq_len,
         "flops_per_token": flops_per_token(model, seq_len),
         "params_bytes": state["params"],
@@ -141,6 +150,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters:                 {counts.total:,} ({counts.non_embedding:,} non-embedding)")
     if counts.active != counts.total:
         print(f"active per token:           {counts.active:,} (MoE: top-k of the experts)")
+    if counts.adapters:
+        print(f"trained (adapters):         {counts.adapters:,} (LoRA / prompt tuning)")
     print(f"training FLOPs per token:   {info['flops_per_token']:.4g} (seq_len {seq_len})")
     print(f"params:                     {state['params'] / gib:.3f} GiB ({model.param_dtype})")
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")

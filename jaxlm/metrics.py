@@ -20,6 +20,7 @@ class ParamCount:
     total: int
     embedding: int
     active: int = 0  # used per token (MoE: only the top-k routed experts); = total when dense
+    adapters: int = 0  # LoRA matrices and prompt-tuning embeddings (in `total`; they train)
 
     def __post_init__(self) -> None:
         if not self.active:
@@ -66,10 +67,26 @@ def param_count(config: ModelConfig) -> ParamCount:
         embedding += c.max_seq_len * d
     if not c.tie_embeddings:
         embedding += d * c.vocab_size
-    base = dense_layers + moe_layers + norm + embedding
+    adapters = _adapter_params(c)
+    base = dense_layers + moe_layers + norm + embedding + adapters
     return ParamCount(
-        total=base + num_moe * moe_all, embedding=embedding, active=base + num_moe * moe_active
+        total=base + num_moe * moe_all,
+        embedding=embedding,
+        active=base + num_moe * moe_active,
+        adapters=adapters,
     )
+
+
+def _adapter_params(c: ModelConfig) -> int:
+    """LoRA's r * (in + out) per adapted projection and layer, plus the prompt embeddings."""
+    d, q, kv, f = c.d_model, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.mlp_dim
+    sides = {"query": d + q, "key": d + kv, "value": d + kv, "out": q + d}
+    mlp = {"gate": d + f, "up": d + f, "down": f + d}
+    dense = sum(not c.is_moe_layer(i) for i in range(c.num_layers))
+    lora = 0
+    for name in c.lora.target_names if c.lora.rank else ():
+        lora += c.lora.rank * (sides[name] * c.num_layers if name in sides else mlp[name] * dense)
+    return lora + c.prompt_tokens * d
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -98,11 +115,13 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 def training_state_bytes(config: ModelConfig, optimizer_copies: int = 2) -> dict[str, int]:
-    """Bytes of parameters (in `param_dtype`) and of an Adam-style state (f32 moments)."""
-    params = param_count(config).total
+    """Bytes of parameters (in `param_dtype`; adapters in float32) and of an Adam-style state
+    (f32 moments) of what trains: every parameter, or only the adapters when there are some."""
+    counts = param_count(config)
+    base = counts.total - counts.adapters
     return {
-        "params": params * jnp.dtype(config.param_dtype).itemsize,
-        "optimizer": params * 4 * optimizer_copies,
+        "params": base * jnp.dtype(config.param_dtype).itemsize + counts.adapters * 4,
+        "optimizer": (counts.adapters or counts.total) * 4 * optimizer_copies,
     }
 
 

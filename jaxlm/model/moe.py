@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.model import LoRAConfig, ModelConfig
 from jaxlm.model.layers import Einsum, kernel_init
 from jaxlm.model.mlp import ACTIVATIONS, MLP
 from jaxlm.sharding import constrain
@@ -164,8 +164,9 @@ class MoE(nn.Module):
 
         out_BTD = out_ND.reshape(b, t, d)
         if moe.num_shared_experts:
+            # LoRA targets name the dense MLP's projections; shared experts keep none.
             shared_cfg = dataclasses.replace(
-                cfg, mlp_dim=moe.num_shared_experts * f, mlp_bias=False
+                cfg, mlp_dim=moe.num_shared_experts * f, mlp_bias=False, lora=LoRAConfig()
             )
             shared_BTD = MLP(shared_cfg, name="shared")(x_BTD)
             if moe.shared_expert_gate:

@@ -72,6 +72,29 @@ def test_param_count_equals_the_initialised_tree(name):
     assert param_count(get_preset(name)).total == sum(math.prod(x.shape) for x in leaves)
 
 
+@pytest.mark.parametrize(
+    ("name", "lora", "prompt"),
+    [
+        ("tiny-llama", "query,key,value,out,gate,up,down", 3),
+        ("tiny", "value,up", 0),
+        ("tiny-moe", "query,out", 2),
+    ],
+)
+def test_param_count_with_adapters_equals_the_initialised_tree(name, lora, prompt):
+    from jaxlm.configs import LoRAConfig
+
+    cfg = dataclasses.replace(
+        get_preset(name), lora=LoRAConfig(rank=2, targets=lora), prompt_tokens=prompt
+    )
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(cfg)))
+    assert param_count(cfg).total == sum(math.prod(x.shape) for x in leaves)
+    assert (
+        param_count(cfg).adapters
+        == param_count(cfg).total
+        - param_count(dataclasses.replace(cfg, lora=LoRAConfig(), prompt_tokens=0)).total
+    )
+
+
 def test_param_count_with_qkv_bias_but_no_output_bias():
     """Qwen2-style attention (bias on q/k/v only) counted like the initialised tree."""
     cfg = dataclasses.replace(get_preset("tiny-llama"), attn_bias=True, attn_out_bias=False)

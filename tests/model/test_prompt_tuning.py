@@ -66,9 +66,7 @@ def test_cached_decoding_equals_a_full_forward_argmax_loop(model):
 
 
 def test_only_the_prompt_trains():
-    cfg = load_config(
-        "tiny", ["model.prompt_tokens=4", "data.seq_len=32", "data.batch_size=8"]
-    )
+    cfg = load_config("tiny", ["model.prompt_tokens=4", "data.seq_len=32", "data.batch_size=8"])
     plan = RunPlan(cfg)
     assert plan.trainable_names() == ["prompt_embedding"]
     docs = [f"def f{i}(x):\n    return x * {i}\n" * 3 for i in range(32)]
