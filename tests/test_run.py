@@ -3,6 +3,7 @@ frozen, `init_from` starts a new run from another one's weights, and the package
 
 import dataclasses
 import importlib
+import json
 import pkgutil
 import subprocess
 import sys
@@ -230,3 +231,31 @@ def test_cli_init_from_takes_the_source_runs_config(base_run, tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "--init-from" in bad.stderr and "not a jaxlm run" in bad.stderr
+
+
+def test_an_sft_lora_run_resumes_bitwise(tmp_path, stdlib_cache):
+    records = [
+        json.dumps({"prompt": f"add {a} and {b}", "completion": str(a + b)})
+        for a in range(20)
+        for b in range(5)
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(records) + "\n")
+    overrides = [
+        "task.kind=sft",
+        f"data.dataset={tmp_path / 'chat.jsonl'}",
+        "model.lora.rank=4",
+        "model.lora.dropout=0.1",
+        "model.lora.targets=query,value,up",
+        "checkpoint.async_save=false",
+        "data.seq_len=64",
+    ]
+    whole = loop.train(_config(*overrides), tmp_path / "whole")
+    loop.train(_config(*overrides, "train.steps=2"), tmp_path / "split")
+    resumed = loop.train(_config(*overrides), tmp_path / "split")
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"][2:]]
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(whole["state"])),
+        jax.tree.leaves(jax.device_get(resumed["state"])),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
