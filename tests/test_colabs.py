@@ -42,7 +42,7 @@ def _text(nb: nbformat.NotebookNode) -> str:
 
 def test_every_colab_is_committed_without_outputs():
     names = sorted(p.name for p in COLABS.glob("*.ipynb"))
-    assert names == ["quickstart.ipynb", "sampling.ipynb", "scaling_laws.ipynb"]
+    assert names == ["finetune.ipynb", "quickstart.ipynb", "sampling.ipynb", "scaling_laws.ipynb"]
     for name in names:
         nb = nbformat.read(COLABS / name, as_version=4)
         nbformat.validate(nb)
@@ -85,3 +85,13 @@ def test_scaling_laws_runs_a_small_study(tmp_path, stdlib_cache, name):
     # The figures render as images (a bare Figure shows only its repr without the inline backend).
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "scaling plots did not render"
+
+
+def test_finetune_imports_trains_exports_and_transformers_agree(tmp_path, stdlib_cache):
+    nb = _run(
+        "finetune.ipynb", 'ROOT = "ft"\nCOPY_STEPS = 3\nLORA_STEPS = 3\nHELD_OUT = 4', tmp_path
+    )
+    text = _text(nb)
+    assert "imported:" in text and "reverse exact match after LoRA" in text
+    assert text.count("same: True") == 2, text[-3000:]
+    assert (tmp_path / "ft/hf_adapter/adapter_model.safetensors").is_file()

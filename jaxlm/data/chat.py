@@ -154,6 +154,7 @@ class JinjaTemplate(Template):
             x, indent=indent, ensure_ascii=False
         )
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        self._args = (source, special_tokens)
         # transformers' {% generation %} marks are for its own mask; jaxlm finds the spans itself.
         source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
         source = source.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
@@ -169,6 +170,9 @@ class JinjaTemplate(Template):
             self.end_of_turn = str(piece.text)[1:] or None
         except (ValueError, StopIteration):
             self.end_of_turn = None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # compiled Jinja does not pickle: rebuild it
+        return (JinjaTemplate, self._args)
 
     def _text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         try:

@@ -191,6 +191,7 @@ class HFTokenizer:
         special_tokens: dict[str, str] | None = None,
     ) -> None:
         self._tok = tokenizer
+        self._template_tok = None
         # A Hugging Face `chat_template` (Jinja) and the special-token strings it refers to
         # (`bos_token`, `eos_token`, ...), from `tokenizer_config.json`.
         self.chat_template = chat_template
@@ -260,11 +261,12 @@ class HFTokenizer:
     def encode_template(self, text: str) -> Any:
         """The `tokenizers` Encoding of text a chat template wrote: special-token strings in it
         become their ids (unlike `encode`, where data cannot inject them)."""
-        self._tok.encode_special_tokens = False
-        try:
-            return self._tok.encode(text, add_special_tokens=False)
-        finally:
-            self._tok.encode_special_tokens = True
+        if self._template_tok is None:  # a copy: `encode` stays safe in other threads
+            from tokenizers import Tokenizer as HFTok
+
+            self._template_tok = HFTok.from_str(self._tok.to_str())
+            self._template_tok.encode_special_tokens = False
+        return self._template_tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         valid = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]

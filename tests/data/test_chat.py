@@ -168,3 +168,16 @@ def test_a_failing_or_broken_template_is_a_clear_error(tmp_path):
         get_template("chatgpt", ours)
     with pytest.raises(ValueError, match="has no chat_template"):
         get_template("tokenizer", ByteTokenizer())
+
+
+def test_templates_pickle_for_grain_worker_processes(tmp_path):
+    import pickle
+
+    _, ours = _hf_tokenizer(tmp_path, LLAMA3, "<|eot_id|>")
+    for template in (get_template("tokenizer", ours), get_template("plain", ByteTokenizer())):
+        copy = pickle.loads(pickle.dumps(template))
+        tok = ours if template.name == "tokenizer" else ByteTokenizer()
+        assert encode_chat(CONVERSATIONS[0], tok, copy) == encode_chat(
+            CONVERSATIONS[0], tok, template
+        )
+    assert pickle.loads(pickle.dumps(ours)).encode("x[::-1]") == ours.encode("x[::-1]")
