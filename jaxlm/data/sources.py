@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 # Preparing a local corpus takes a second; TFDS's progress bars would only clutter the run's log.
@@ -242,6 +243,38 @@ class TextSource:
         return f"TextSource({self.description}, {len(self)} records)"
 
 
+def _plain(x: Any) -> Any:
+    """A decoded TFDS value as JSON types (bytes as text, arrays as lists)."""
+    if isinstance(x, bytes):
+        return x.decode("utf-8", errors="surrogateescape")
+    if isinstance(x, np.ndarray):
+        return _plain(x.tolist()) if x.ndim else _plain(x.item())
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+class RecordSource(TextSource):
+    """Whole TFDS records as JSON text (what chat data reads); a `Sequence` of role/content
+    dicts, which TFDS decodes as a dict of lists, becomes a list of messages again."""
+
+    def __init__(self, data_source: Sequence[Any], description: str) -> None:
+        super().__init__(data_source, RECORD_KEY, description)
+
+    def __getitem__(self, index: int) -> str:
+        record = _plain(dict(self._source[index]))
+        messages = record.get("messages")
+        if isinstance(messages, dict):
+            keys = list(messages)
+            record["messages"] = [
+                dict(zip(keys, values, strict=True))
+                for values in zip(*messages.values(), strict=True)
+            ]
+        return json.dumps(record)
+
+
 def _tiny_shakespeare_offline(manual_dir: str, data_dir: str | None) -> None:
     """Prepare TFDS's `tiny_shakespeare` from a local `input.txt`, exactly as TFDS would.
 
@@ -318,6 +351,13 @@ def _tfds_source(
             "manual_dir with the raw files) and point data_dir at it."
         ) from None
     features = source.dataset_info.features
+    if text_key == RECORD_KEY:
+        if "messages" not in features and not {"prompt", "completion"} <= set(features):
+            raise ValueError(
+                f"TFDS dataset {name!r} has no 'messages' (or 'prompt' + 'completion') feature "
+                f"for chat records: {list(features)}"
+            )
+        return RecordSource(source, f"tfds:{name}[{split}]")
     if text_key is None:
         texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
         if not texts:
