@@ -73,28 +73,43 @@ def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
     return (index - start).astype(np.int32)
 
 
+def next_token_rows(
+    tokens: np.ndarray,
+    segments: np.ndarray,
+    pad_id: int,
+    token_bytes: np.ndarray,
+    trained: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """A packed row as the batch keys: each token's target is the next token of its segment;
+    `mask` marks targets that exist (and, with `trained`, whose token is trained on)."""
+    tokens, segments = tokens.astype(np.int32), segments.astype(np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    mask[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] != 0)
+    if trained is not None:
+        mask[:-1] &= trained[1:].astype(bool)
+    targets = np.full(tokens.shape, pad_id, np.int32)
+    targets[:-1] = tokens[1:]
+    targets = np.where(mask, targets, pad_id).astype(np.int32)
+    return {
+        "tokens": np.where(segments != 0, tokens, pad_id).astype(np.int32),
+        "targets": targets,
+        "mask": mask,
+        "segment_ids": segments,
+        # Rows are independent: a document split across rows restarts at position 0.
+        "positions": segment_positions(segments),
+        "target_bytes": np.int32(token_bytes[targets][mask].sum()),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class _NextTokenTargets(grain.transforms.Map):
     pad_id: int
     token_bytes: np.ndarray
 
     def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
-        tokens = packed["tokens"].astype(np.int32)
-        segments = packed["tokens_segment_ids"].astype(np.int32)
-        mask = np.zeros(tokens.shape, bool)
-        mask[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] != 0)
-        targets = np.full(tokens.shape, self.pad_id, np.int32)
-        targets[:-1] = tokens[1:]
-        targets = np.where(mask, targets, self.pad_id).astype(np.int32)
-        return {
-            "tokens": np.where(segments != 0, tokens, self.pad_id).astype(np.int32),
-            "targets": targets,
-            "mask": mask,
-            "segment_ids": segments,
-            # Rows are independent: a document split across rows restarts at position 0.
-            "positions": segment_positions(segments),
-            "target_bytes": np.int32(self.token_bytes[targets][mask].sum()),
-        }
+        return next_token_rows(
+            packed["tokens"], packed["tokens_segment_ids"], self.pad_id, self.token_bytes
+        )
 
 
 def build_dataset(

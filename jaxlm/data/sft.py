@@ -16,7 +16,7 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from jaxlm.data.chat import Template, conversation, encode_chat
-from jaxlm.data.pipeline import segment_positions, token_bytes
+from jaxlm.data.pipeline import next_token_rows, token_bytes
 from jaxlm.data.tokenizer import Tokenizer
 
 
@@ -100,22 +100,13 @@ class _ChatTargets(grain.transforms.Map):
     token_bytes: np.ndarray
 
     def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
-        tokens = packed["tokens"].astype(np.int32)
-        segments = packed["tokens_segment_ids"].astype(np.int32)
-        train = packed["train"].astype(bool)
-        mask = np.zeros(tokens.shape, bool)
-        mask[:-1] = (segments[1:] == segments[:-1]) & (segments[:-1] != 0) & train[1:]
-        targets = np.full(tokens.shape, self.pad_id, np.int32)
-        targets[:-1] = tokens[1:]
-        targets = np.where(mask, targets, self.pad_id).astype(np.int32)
-        return {
-            "tokens": np.where(segments != 0, tokens, self.pad_id).astype(np.int32),
-            "targets": targets,
-            "mask": mask,
-            "segment_ids": segments,
-            "positions": segment_positions(segments),
-            "target_bytes": np.int32(self.token_bytes[targets][mask].sum()),
-        }
+        return next_token_rows(
+            packed["tokens"],
+            packed["tokens_segment_ids"],
+            self.pad_id,
+            self.token_bytes,
+            trained=packed["train"],
+        )
 
 
 def build_chat_dataset(
