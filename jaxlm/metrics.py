@@ -85,7 +85,13 @@ def _adapter_params(c: ModelConfig) -> int:
     dense = sum(not c.is_moe_layer(i) for i in range(c.num_layers))
     lora = 0
     for name in c.lora.target_names if c.lora.rank else ():
-        lora += c.lora.rank * (sides[name] * c.num_layers if name in sides else mlp[name] * dense)
+        if name == "experts":  # up, down (and gate) of every expert of every MoE layer
+            per_expert = (3 if c.gated else 2) * (d + c.expert_mlp_dim)
+            lora += c.lora.rank * per_expert * c.moe.num_experts * (c.num_layers - dense)
+        else:
+            lora += c.lora.rank * (
+                sides[name] * c.num_layers if name in sides else mlp[name] * dense
+            )
     return lora + c.prompt_tokens * d
 
 

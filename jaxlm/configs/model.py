@@ -95,8 +95,9 @@ class MoEConfig:
         return self.num_experts > 0
 
 
-# Projections LoRA can adapt: attention query/key/value/out, dense MLP gate/up/down.
-LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+# Projections LoRA can adapt: attention query/key/value/out, dense MLP gate/up/down, and the MoE
+# experts' gate/up/down ("experts": an adapter per expert).
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down", "experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,11 +287,13 @@ class ModelConfig:
         sizes = {"query": (d, q), "key": (d, kv), "value": (d, kv), "out": (q, d)}
         if not self.moe.enabled or self.moe.every > 1 or self.moe.first_dense:
             sizes |= {"gate": (d, f), "up": (d, f), "down": (f, d)}
+        if self.moe.enabled:
+            sizes["experts"] = (d, self.expert_mlp_dim)
         for name in self.lora.target_names:
             if name not in sizes:
                 raise ValueError(
                     f"LoRAConfig.targets={self.lora.targets!r}: {name!r} matches no layer of this "
-                    f"model (no dense MLP); adaptable here: {sorted(sizes)}"
+                    f"model; adaptable here: {sorted(sizes)}"
                 )
             if name == "gate" and not self.gated:
                 raise ValueError(

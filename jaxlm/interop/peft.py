@@ -138,6 +138,8 @@ def export_lora(
         return save_hf(
             out_dir, plain, merged, tokenizer=tokenizer, model_type=model_type, dtype=dtype
         )
+    if config.lora.adapts("experts"):
+        raise ValueError("PEFT adapters for MoE experts are not supported; use --lora merged")
     base, _ = partition(params, lambda n: not is_adapter(n))
     plain = dataclasses.replace(config, lora=LoRAConfig())
     base_dir = save_hf(

@@ -15,9 +15,49 @@ ADAPTER_PARAMS = ("lora_a", "lora_b", "prompt_embedding")
 
 
 def is_adapter(name: str) -> bool:
-    """Whether the '/'-joined parameter path `name` is an adapter: a LoRA matrix or the
-    prompt-tuning embeddings."""
-    return name.rsplit("/", 1)[-1] in ADAPTER_PARAMS
+    """Whether the '/'-joined parameter path `name` is an adapter: a LoRA matrix (`lora_a`,
+    `lora_b`, or an expert weight's `<name>_lora_a` / `_lora_b`) or the prompt embeddings."""
+    last = name.rsplit("/", 1)[-1]
+    return last in ADAPTER_PARAMS or last.endswith(("_lora_a", "_lora_b"))
+
+
+def _a_init(n_in: int) -> Any:
+    # kaiming-uniform with a = sqrt(5), as PEFT initialises A: U(±1/sqrt(fan_in))
+    return jax.nn.initializers.variance_scaling(
+        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=n_in
+    )
+
+
+def dropout(module: nn.Module, lora: LoRAConfig, x: jax.Array) -> jax.Array:
+    """LoRA's input dropout: only while training (eval passes no "dropout" rng)."""
+    if not lora.dropout or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - lora.dropout, x.shape)
+    return jnp.where(keep, x / (1 - lora.dropout), 0)
+
+
+def expert_adapters(
+    module: nn.Module, lora: LoRAConfig, name: str, shape: tuple[int, int, int], axes: tuple
+) -> tuple[jax.Array, jax.Array]:
+    """A [E, in, r] and B [E, r, out] beside the expert weight `name` [E, in, out], float32, B
+    at zero, sharded like the weight's expert and feature dims."""
+    e, n_in, n_out = shape
+    a = module.param(
+        f"{name}_lora_a",
+        nn.with_logical_partitioning(
+            jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", 1, 2, batch_axis=0),
+            (axes[0], axes[1], None),
+        ),
+        (e, n_in, lora.rank),
+        jnp.float32,
+    )
+    b = module.param(
+        f"{name}_lora_b",
+        nn.with_logical_partitioning(jax.nn.initializers.zeros, (axes[0], None, axes[2])),
+        (e, lora.rank, n_out),
+        jnp.float32,
+    )
+    return a, b
 
 
 def lora_delta(
@@ -44,13 +84,7 @@ def lora_delta(
     n_in = len(into)
     a = module.param(
         "lora_a",
-        nn.with_logical_partitioning(
-            # kaiming-uniform with a = sqrt(5), as PEFT initialises A: U(±1/sqrt(fan_in))
-            jax.nn.initializers.variance_scaling(
-                1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=n_in
-            ),
-            (*(axes[i] for i in into), None),
-        ),
+        nn.with_logical_partitioning(_a_init(n_in), (*(axes[i] for i in into), None)),
         (*(shape[i] for i in into), lora.rank),
         jnp.float32,
     )
@@ -60,9 +94,7 @@ def lora_delta(
         (lora.rank, *(shape[i] for i in onto)),
         jnp.float32,
     )
-    if lora.dropout and module.has_rng("dropout"):  # training only (eval passes no dropout rng)
-        keep_mask = jax.random.bernoulli(module.make_rng("dropout"), 1 - lora.dropout, x.shape)
-        x = jnp.where(keep_mask, x / (1 - lora.dropout), 0)
+    x = dropout(module, lora, x)
     xa = jnp.einsum(f"{x_letters},{in_l}r->{keep}r", x.astype(dtype), a.astype(dtype))
     return lora.scale * jnp.einsum(f"{keep}r,r{out_l}->{out}", xa, b.astype(dtype))
 
@@ -71,6 +103,12 @@ def _merge_tree(tree: dict, scale: float) -> dict:
     out = {}
     for key, value in tree.items():
         if not isinstance(value, dict):
+            if key.endswith(("_lora_a", "_lora_b")):
+                continue  # expert adapters: folded into their weight below
+            if f"{key}_lora_a" in tree:  # an expert weight [..., E, in, out]
+                a, b = tree[f"{key}_lora_a"], tree[f"{key}_lora_b"]
+                delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+                value = (value.astype(jnp.float32) + scale * delta).astype(value.dtype)
             out[key] = value
         elif "lora_a" in value and "w" in value:
             a, b, w = value["lora_a"], value["lora_b"], value["w"]

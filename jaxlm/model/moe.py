@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 from jaxlm.configs.model import LoRAConfig, ModelConfig
 from jaxlm.model.layers import Einsum, kernel_init
+from jaxlm.model.lora import dropout as lora_dropout
+from jaxlm.model.lora import expert_adapters
 from jaxlm.model.mlp import ACTIVATIONS, MLP
 from jaxlm.sharding import constrain
 
@@ -130,18 +132,45 @@ class MoE(nn.Module):
         w_down_EFD = param("down", (e, f, d), ("expert", "expert_mlp", "embed"), out=True)
         act = ACTIVATIONS[cfg.activation]
         xc_ND = x_ND.astype(cfg.dtype)
+        lora = cfg.lora if cfg.lora.adapts("experts") else None
+        adapters = {}
+        if lora is not None:
+            for name, shape, axes in (
+                ("up", (e, d, f), ("expert", "embed", "expert_mlp")),
+                ("gate", (e, d, f), ("expert", "embed", "expert_mlp")),
+                ("down", (e, f, d), ("expert", "expert_mlp", "embed")),
+            ):
+                if name != "gate" or cfg.gated:
+                    a, b_ = expert_adapters(self, lora, name, shape, axes)
+                    adapters[name] = (a.astype(cfg.dtype), b_.astype(cfg.dtype))
+
+        def grouped(x_AI: jax.Array, w_EIO: jax.Array, name: str, sizes: jax.Array) -> jax.Array:
+            y = jax.lax.ragged_dot(x_AI, w_EIO, sizes)
+            if name in adapters:  # the token's own expert's adapter
+                a, b_ = adapters[name]
+                xa = jax.lax.ragged_dot(lora_dropout(self, lora, x_AI), a, sizes)
+                y = y + lora.scale * jax.lax.ragged_dot(xa, b_, sizes)
+            return y
+
+        def batched(x_ECI: jax.Array, w_EIO: jax.Array, name: str) -> jax.Array:
+            y = jnp.einsum("ECI,EIO->ECO", x_ECI, w_EIO)
+            if name in adapters:
+                a, b_ = adapters[name]
+                xa = jnp.einsum("ECI,EIR->ECR", lora_dropout(self, lora, x_ECI), a)
+                y = y + lora.scale * jnp.einsum("ECR,ERO->ECO", xa, b_)
+            return y
 
         if moe.dispatch == "dropless":
             flat_experts = experts_NK.reshape(-1)  # assignment a = token a // k, choice a % k
             order = jnp.argsort(flat_experts, stable=True)
             group_sizes_E = jnp.bincount(flat_experts, length=e).astype(jnp.int32)
             x_AD = xc_ND[order // k]
-            up_AF = jax.lax.ragged_dot(x_AD, w_up_EDF, group_sizes_E)
+            up_AF = grouped(x_AD, w_up_EDF, "up", group_sizes_E)
             if cfg.gated:
-                h_AF = act(jax.lax.ragged_dot(x_AD, w_gate_EDF, group_sizes_E)) * up_AF
+                h_AF = act(grouped(x_AD, w_gate_EDF, "gate", group_sizes_E)) * up_AF
             else:
                 h_AF = act(up_AF)
-            y_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, group_sizes_E)
+            y_AD = grouped(h_AF, w_down_EFD, "down", group_sizes_E)
             y_NKD = jnp.zeros_like(y_AD).at[order].set(y_AD).reshape(b * t, k, d)
             out_ND = jnp.einsum("NKD,NK->ND", y_NKD, weights_NK.astype(y_NKD.dtype))
             dropped = jnp.zeros((), jnp.float32)
@@ -153,12 +182,10 @@ class MoE(nn.Module):
             dispatch_NEC = constrain(dispatch_NEC, ("act_batch", "act_expert", None))
             x_ECD = jnp.einsum("NEC,ND->ECD", dispatch_NEC, xc_ND)
             x_ECD = constrain(x_ECD, ("act_expert", None, "act_embed"))
-            up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
-            if cfg.gated:
-                h_ECF = act(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF)) * up_ECF
-            else:
-                h_ECF = act(up_ECF)
-            y_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD)
+            up_ECF = batched(x_ECD, w_up_EDF, "up")
+            gate_ECF = batched(x_ECD, w_gate_EDF, "gate") if cfg.gated else None
+            h_ECF = act(gate_ECF) * up_ECF if cfg.gated else act(up_ECF)
+            y_ECD = batched(h_ECF, w_down_EFD, "down")
             out_ND = jnp.einsum("NEC,ECD->ND", combine_NEC, y_ECD)
             dropped = 1.0 - jnp.mean(kept_NK.astype(jnp.float32))
 

@@ -169,3 +169,52 @@ def test_sharded_lora_steps_equal_one_device(one_device, overrides):
     a = state.params["layers"]["attn"]["query"]["lora_a"]
     w = state.params["layers"]["attn"]["query"]["w"]
     assert a.sharding.spec[:2] == w.sharding.spec[:2]
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_expert_adapters_merge_into_the_experts(dispatch):
+    from jaxlm.configs import MoEConfig
+
+    base = dataclasses.replace(
+        get_preset("tiny-moe"),
+        moe=dataclasses.replace(get_preset("tiny-moe").moe, dispatch=dispatch),
+    )
+    adapted = dataclasses.replace(base, lora=LoRAConfig(rank=2, targets="experts,query"))
+    assert isinstance(adapted.moe, MoEConfig)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 12)))
+    params = nn.meta.unbox(Transformer(adapted).init(jax.random.key(0), tokens)["params"])
+    names = [n for n in param_names(params) if is_adapter(n)]
+    assert any(n.endswith("up_lora_a") for n in names) and any("query/lora_b" in n for n in names)
+    plain, _ = partition(params, lambda n: not is_adapter(n))
+    want = Transformer(base).apply({"params": plain}, tokens)[0]
+    np.testing.assert_array_equal(Transformer(adapted).apply({"params": params}, tokens)[0], want)
+    noisy = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+            if "lora_b" in str(p)
+            else x
+        ),
+        params,
+    )
+    got = Transformer(adapted).apply({"params": noisy}, tokens)[0]
+    merged_cfg, merged = merge_lora(adapted, noisy)
+    assert float(jnp.max(jnp.abs(got - want))) > 1e-3
+    np.testing.assert_allclose(
+        Transformer(merged_cfg).apply({"params": merged}, tokens)[0], got, atol=1e-5, rtol=1e-5
+    )
+    from jaxlm.metrics import param_count
+
+    assert param_count(adapted).adapters == sum(
+        x.size
+        for n, x in zip(param_names(params), jax.tree.leaves(params), strict=True)
+        if is_adapter(n)
+    )
+
+
+def test_a_bfloat16_base_trains_float32_adapters():
+    cfg = _train_config("model.param_dtype=bfloat16", "model.dtype=bfloat16")
+    _, start, state, losses = _train(cfg, jax.devices(), steps=2)
+    dtypes = {n: x.dtype for n, x in zip(param_names(start), jax.tree.leaves(start), strict=True)}
+    assert all((d == jnp.float32) == is_adapter(n) for n, d in dtypes.items()), dtypes
+    assert all(np.isfinite(losses)) and losses[1] < losses[0]
+    assert {str(x.dtype) for x in jax.tree.leaves(state.opt_state) if x.ndim} == {"float32"}
