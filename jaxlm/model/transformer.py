@@ -127,10 +127,8 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
         b, t = tokens_BT.shape
         if t + cfg.prompt_tokens > cfg.max_seq_len:
-            raise ValueError(
-                f"sequence length {t} (+ {cfg.prompt_tokens} prompt-tuning tokens) exceeds "
-                f"max_seq_len={cfg.max_seq_len}"
-            )
+            extra = f" + {cfg.prompt_tokens} prompt-tuning tokens" * bool(cfg.prompt_tokens)
+            raise ValueError(f"sequence length {t}{extra} exceeds max_seq_len={cfg.max_seq_len}")
         p = cfg.prompt_tokens
         # Prompt tuning: P learned embeddings before every row, at positions 0..P-1 (the tokens'
         # positions move up by P); with a cache they are written by the prefill call only.
