@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,6 +40,7 @@ class LMTask(Task):
         num_epochs: int | None = None,
         num_streams: int | None = None,
     ) -> StreamIterator:
+        text_key, dataset_fn = self.records(tokenizer)
         return make_iterator(
             self.config.data,
             tokenizer,
@@ -47,7 +49,14 @@ class LMTask(Task):
             mesh=mesh,
             num_epochs=num_epochs,
             num_streams=num_streams,
+            text_key=text_key,
+            dataset_fn=dataset_fn,
         )
+
+    def records(self, tokenizer: Tokenizer) -> tuple[str | None, Callable[..., Any] | None]:
+        """(the source's `text_key`, the stream builder) `make_iterator` uses; (None, None) =
+        `config.data.text_key` and packed text."""
+        return None, None
 
     def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array:
         return jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
-from jax.sharding import Mesh
 
-from jaxlm.data import make_iterator, open_source
+from jaxlm.data import open_source
 from jaxlm.data.chat import Template, conversation, encode_chat, get_template, stop_ids
-from jaxlm.data.pipeline import StreamIterator
 from jaxlm.data.sft import build_chat_dataset, chat_stats
 from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
@@ -49,33 +47,14 @@ class SFTTask(LMTask):
             if jax.process_index() == 0:
                 print(f"sft {split}: {stats.summary(data.seq_len)}", file=sys.stderr)
 
-    def make_iterator(
-        self,
-        tokenizer: Tokenizer,
-        *,
-        split: str | None = None,
-        seed: int = 0,
-        mesh: Mesh | None = None,
-        num_epochs: int | None = None,
-        num_streams: int | None = None,
-    ) -> StreamIterator:
-        task = self.config.task
+    def records(self, tokenizer: Tokenizer) -> tuple[str | None, Callable[..., Any] | None]:
+        """Whole records, rendered and packed by the chat pipeline."""
         build = functools.partial(
             build_chat_dataset,
             template=self.template(tokenizer),
-            train_on_prompt=task.train_on_prompt,
+            train_on_prompt=self.config.task.train_on_prompt,
         )
-        return make_iterator(
-            self.config.data,
-            tokenizer,
-            split=split,
-            seed=seed,
-            mesh=mesh,
-            num_epochs=num_epochs,
-            num_streams=num_streams,
-            text_key=RECORD_KEY,
-            dataset_fn=build,
-        )
+        return RECORD_KEY, build
 
 
 def chat_prompt(

@@ -53,6 +53,18 @@ def test_adapted_einsum_equals_the_dense_sum(eqn, shape, x_shape):
     )
 
 
+def _noisy_adapters(params):
+    """`params` with every B moved off zero, as if the adapters had trained."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+            if "lora_b" in str(p)
+            else x
+        ),
+        params,
+    )
+
+
 def _cfg(scan=True, **lora):
     base = dataclasses.replace(get_preset("tiny-llama"), scan_layers=scan)
     return base, dataclasses.replace(base, lora=dataclasses.replace(LORA, **lora))
@@ -68,14 +80,7 @@ def test_step_zero_equals_the_base_and_merging_equals_the_adapter(scan):
     got = Transformer(adapted).apply({"params": params}, tokens)[0]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # B = 0: exactly the base
     # With non-zero adapters, the merged plain model computes what the adapted one does.
-    noisy = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-            if "lora_b" in str(p)
-            else x
-        ),
-        params,
-    )
+    noisy = _noisy_adapters(params)
     adapted_logits = Transformer(adapted).apply({"params": noisy}, tokens)[0]
     merged_cfg, merged = merge_lora(adapted, noisy)
     assert merged_cfg == base and not any(is_adapter(n) for n in param_names(merged))
@@ -188,14 +193,7 @@ def test_expert_adapters_merge_into_the_experts(dispatch):
     plain, _ = partition(params, lambda n: not is_adapter(n))
     want = Transformer(base).apply({"params": plain}, tokens)[0]
     np.testing.assert_array_equal(Transformer(adapted).apply({"params": params}, tokens)[0], want)
-    noisy = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-            if "lora_b" in str(p)
-            else x
-        ),
-        params,
-    )
+    noisy = _noisy_adapters(params)
     got = Transformer(adapted).apply({"params": noisy}, tokens)[0]
     merged_cfg, merged = merge_lora(adapted, noisy)
     assert float(jnp.max(jnp.abs(got - want))) > 1e-3
