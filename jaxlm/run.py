@@ -215,8 +215,9 @@ class InitSource:
 
 
 def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in leaves}
+    return {
+        n: tuple(x.shape) for n, x in zip(param_names(params), jax.tree.leaves(params), strict=True)
+    }
 
 
 def _abstract_params(config: RunConfig) -> Any:
