@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from jaxlm import distributed
 from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import CheckpointConfig, RunConfig
+from jaxlm.files import read_json
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -64,7 +65,7 @@ def complete_steps(workdir: str | Path) -> list[int]:
 def saved_config(workdir: str | Path, step: int) -> RunConfig:
     """The `RunConfig` stored in the checkpoint at `step` (read directly from its JSON item)."""
     path = checkpoint_dir(workdir) / str(step) / "config" / "metadata"
-    return from_dict(RunConfig, json.loads(path.read_text()))
+    return from_dict(RunConfig, read_json(path, what="a run config"))
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, str]:
@@ -86,6 +87,16 @@ def write_tokenizer_files(files: dict[str, str], directory: str | Path) -> Path:
     return directory
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be restored (each one is damaged, or of another kind)."""
+
+
+def brief(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (Orbax/TensorStore messages run to many lines)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:limit]}"
+
+
 class Checkpointer:
     """Saves asynchronously every `config.every` steps (and when asked), keeping the last `keep`
     (plus every `keep_period`-th step forever when it is set)."""
@@ -97,6 +108,7 @@ class Checkpointer:
         self.workdir = Path(workdir).absolute()
         self.directory = checkpoint_dir(workdir)
         self._every = config.every
+        self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             keep_period=config.keep_period or None,
@@ -175,7 +187,8 @@ class Checkpointer:
 
         Checkpoints newer than the one that restores (truncated or corrupted files) are moved to
         `<workdir>/corrupt_checkpoints/` (kept for inspection, out of the way of new saves), with
-        a message. If none restores, nothing is moved and the newest one's error is raised: that
+        a message; a read-only checkpointer leaves them in place and says which step it used. If
+        none restores, nothing is moved and `CheckpointError` gives the newest one's error: that
         is a mismatch (e.g. another model or jaxlm version), not damage, and must not silently
         restart training.
         """
@@ -187,18 +200,23 @@ class Checkpointer:
                 failed.append((step, e))
                 continue
             for bad, e in failed:
-                log(
-                    f"checkpoint at step {bad} cannot be restored ({type(e).__name__}: "
-                    f"{str(e)[:300]}); moved it to {QUARANTINE_DIR}/ and resumed from step {step}"
-                )
-                self.quarantine(bad)
+                if self._read_only:
+                    log(
+                        f"checkpoint at step {bad} cannot be restored ({brief(e)}); using step "
+                        f"{step}"
+                    )
+                else:
+                    log(
+                        f"checkpoint at step {bad} cannot be restored ({brief(e)}); moved it to "
+                        f"{QUARANTINE_DIR}/ and resumed from step {step}"
+                    )
+                    self.quarantine(bad)
             return step, restored
         if failed:
             step, e = failed[0]
-            raise RuntimeError(
+            raise CheckpointError(
                 f"no checkpoint in {self.directory} can be restored (steps "
-                f"{[s for s, _ in failed]}); the newest, step {step}, fails with "
-                f"{type(e).__name__}: {str(e)[:500]}"
+                f"{[s for s, _ in failed]}); the newest, step {step}, fails with {brief(e, 500)}"
             ) from e
         return None
 
@@ -317,4 +335,4 @@ def load_run_config(workdir: str | Path) -> RunConfig:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(workdir)!r} is not a jaxlm run directory (no {CONFIG_FILE})")
-    return from_dict(RunConfig, json.loads(path.read_text()))
+    return from_dict(RunConfig, read_json(path, what="a run config"))

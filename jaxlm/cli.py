@@ -305,7 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jaxlm.loop import eval_workdir
 
     distributed.check_agreement({"command": "eval", **vars(args), "func": None})
-    result = eval_workdir(args.workdir, args.batches)
+    result = eval_workdir(args.workdir, args.batches, step=args.step)
     if _is_main_process():
         print(json.dumps({k: round(v, 6) for k, v in result.items()}))
     return 0
@@ -407,7 +407,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         tokenizer = HFTokenizer.train_bpe(inputs, args.vocab_size)
     tokenizer.save(args.out)
     print(f"wrote a {args.kind} tokenizer ({tokenizer.vocab_size} ids) to {args.out}")
-    print(f"use it with: --set data.tokenizer={args.out} --set model.vocab_size=...")
+    print(
+        f"use it with: --set data.tokenizer={args.out} --set model.vocab_size="
+        f"{tokenizer.vocab_size} (or more)"
+    )
     return 0
 
 
@@ -439,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--batches", type=int, default=0, help="0 = the whole eval split")
+    evaluate.add_argument(
+        "--step", type=int, default=None, help="default: the newest checkpoint that restores"
+    )
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
@@ -462,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--min-p", type=float, default=None)
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    smp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    smp.add_argument(
+        "--step", type=int, default=None, help="default: the newest checkpoint that restores"
+    )
     _add_distributed_args(smp)
     smp.set_defaults(func=cmd_sample)
 
@@ -552,6 +560,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # e.g. the disk filled up mid-run: the last complete checkpoint is kept
         print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        from jaxlm.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise  # a bug or an XLA failure: the traceback is what a report needs
+        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\njaxlm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -108,6 +109,17 @@ def initialize(
             # JAX found no cluster environment to read the coordinator from: one process.
             if "coordinator_address" not in str(e):
                 raise
+            return False
+        except RuntimeError as e:
+            # This process already used JAX (a notebook, a script calling `cli.main` twice):
+            # with nothing asked for, it runs on its own.
+            if "must be called before" not in str(e):
+                raise
+            print(
+                "note: JAX was used in this process before jaxlm could look for other processes "
+                "to join; running as one process",
+                file=sys.stderr,
+            )
             return False
     else:
         address, count, index = explicit

@@ -54,16 +54,48 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self._total = total
         self._tty = sys.stderr.isatty() and jax.process_index() == 0
+        self.live = self._tty  # updated every step (else only logged steps are shown)
 
     def update(self, step: int, values: dict[str, float], log_line: bool) -> None:
-        text = (
-            f"step {step}/{self._total}  loss {values['loss']:.4f}  "
-            f"{values['tokens_per_sec']:,.0f} tok/s  mfu {values['mfu']:.2%}"
-        )
+        text = f"step {step}/{self._total}  loss {values['loss']:.4f}"
+        if "tokens_per_sec" in values:
+            text += f"  {values['tokens_per_sec']:,.0f} tok/s  mfu {values['mfu']:.2%}"
+        if "first_step_sec" in values:
+            text += f"  (first step, compile included: {values['first_step_sec']:.1f} s)"
         if self._tty:
             print("\r" + text, end="\n" if step == self._total else "", file=sys.stderr, flush=True)
         elif log_line:
             _log(text)
+
+
+_clock = time.perf_counter  # the loop's wall clock (tests replace it)
+
+
+class _Throughput:
+    """Tokens/s and MFU over the steps an interval covers, measured between points where every
+    dispatched step has finished and none is in flight (so no step's time is counted twice or
+    for another interval); compilation, evaluation and checkpoint writes are left out."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float) -> None:
+        self._tokens, self._flops, self._peak = tokens_per_step, flops_per_step, peak
+        self._time, self._step = _clock(), 0
+
+    def restart(self, step: int) -> None:
+        """Every step up to `step` is done and nothing else runs: the next interval starts."""
+        self._time, self._step = _clock(), step
+
+    def rates(self, step: int) -> dict[str, float]:
+        """Rates over the steps since the last restart (an estimate when a step is in flight,
+        never above the true rate: time spent on the in-flight step only lowers it)."""
+        steps, elapsed = step - self._step, _clock() - self._time
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        flops = steps * self._flops / elapsed
+        return {
+            "tokens_per_sec": steps * self._tokens / elapsed,
+            "model_flops_per_sec": flops,
+            "mfu": flops / self._peak,
+        }
 
 
 class NonFiniteError(RuntimeError):
@@ -184,13 +216,14 @@ def train(
     source = None
     if config.train.init_from is not None and not checkpoint.complete_steps(workdir):
         source = check_init_source(plan, config.train.init_from, config.train.init_from_step)
+    # The data next (a corpus that cannot be read fails here), and only then the workdir is made.
+    train_it = plan.make_iterator()
     # Room for the checkpoints still to be written: `keep` + the one being written, less those
     # already on disk (they are replaced, not added to).
     existing = len(checkpoint.complete_steps(workdir))
     to_write = max(config.checkpoint.keep + 1 - existing, 1)
     if jax.process_index() == 0:
         checkpoint.check_workdir(workdir, to_write * plan.checkpoint_bytes())
-    train_it = plan.make_iterator()
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     if jax.process_index() == 0:
         checkpoint.save_run_files(workdir, config, tokenizer)
@@ -232,20 +265,24 @@ def train(
     progress = _Progress(config.train.steps)
     total = config.train.steps
     pending = None  # (step, device metrics): fetched after the next step is dispatched
-    last_time, last_step = time.perf_counter(), start
+    meter = _Throughput(tokens_per_step, flops_per_step, peak_total)
     history: list[dict[str, float]] = []
 
-    def finish(step: int, device_metrics: Any) -> None:
-        nonlocal last_time, last_step
+    def finish(step: int, device_metrics: Any, settled: bool) -> None:
+        """Fetch step `step`'s metrics; `settled`: no later step is in flight."""
         values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        now = time.perf_counter()
-        elapsed, steps = now - last_time, step - last_step
-        last_time, last_step = now, step
-        values["tokens_per_sec"] = steps * tokens_per_step / elapsed
-        values["model_flops_per_sec"] = steps * flops_per_step / elapsed
-        values["mfu"] = values["model_flops_per_sec"] / peak_total
-        history.append({"step": step, **values})
         log_line = step % config.train.log_every == 0 or step == total
+        if step == start + 1:  # the first step of this process: compilation included
+            values["first_step_sec"] = _clock() - loop_start
+            meter.restart(step)
+            if not progress.live and not log_line:
+                _log(f"step {step}: compiled and ran in {values['first_step_sec']:.1f} s")
+        elif settled and log_line:
+            values.update(meter.rates(step))
+            meter.restart(step)
+        elif progress.live:
+            values.update(meter.rates(step))  # the display between logged steps only
+        history.append({"step": step, **values})
         if values["skipped"]:
             log_line = True
             _log(
@@ -279,16 +316,21 @@ def train(
     stopped_by = None
     with _StopRequests() as stop:
         try:
+            loop_start = _clock()
             for step in range(start + 1, total + 1):
                 batch = to_global(next(train_it), mesh, train_it.rows, train_it.global_batch)
                 state, step_metrics = train_step(state, batch)
                 if pending is not None:
-                    finish(*pending)
+                    finish(*pending, settled=False)
                 pending = (step, step_metrics)
                 evaluate_now = step % config.train.eval_every == 0 or step == total
                 stop_now = stop.requested(step)
-                if evaluate_now or stop_now or ckpt.should_save(step):
-                    finish(*pending)  # a non-finite streak is caught before anything is saved
+                save_now = ckpt.should_save(step) or step == total or stop_now
+                log_now = step % config.train.log_every == 0 or step == start + 1
+                if evaluate_now or stop_now or save_now or log_now:
+                    # Wait for this step: its metrics are checked before anything is saved, and
+                    # a logged rate covers exactly the steps up to here.
+                    finish(*pending, settled=True)
                     pending = None
                 if evaluate_now and not stop_now:
                     result = evaluate(plan, state.params, config.train.eval_batches)
@@ -298,14 +340,15 @@ def train(
                         f"{result['eval_perplexity']:.2f}  bits/byte "
                         f"{result['eval_bits_per_byte']:.4f}"
                     )
-                    last_time = time.perf_counter()
-                if ckpt.should_save(step) or step == total or stop_now:
+                if save_now:
                     save(step)
+                if evaluate_now or save_now:
+                    meter.restart(step)  # neither counts as training time
                 if stop_now:
                     stopped_by = signal.Signals(stop.signal or signal.SIGTERM).name
                     break
             if pending is not None:
-                finish(*pending)
+                finish(*pending, settled=True)
             ckpt.wait()
         finally:
             writer.close()
@@ -330,17 +373,27 @@ def train(
         prompt = [tokenizer.bos_id, *prompt] if config.data.add_bos else prompt
         prompt = prompt[: config.model.max_seq_len - 1]
         budget = min(config.train.sample_tokens, config.model.max_seq_len - len(prompt))
-        with use_mesh(mesh, config.mesh.rules):
-            new = generate(config.model, state.params, [prompt], budget, pad_id=tokenizer.pad_id)
-        ids = prompt + new[0]
-        # Bytes that are not valid UTF-8 (possible mid-training) print as U+FFFD.
-        sample = tokenizer.decode(ids).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        if jax.process_index() == 0:
-            print(sample, flush=True)
+        try:
+            with use_mesh(mesh, config.mesh.rules):
+                new = generate(
+                    config.model, state.params, [prompt], budget, pad_id=tokenizer.pad_id
+                )
+        except KeyboardInterrupt:  # training is done and saved: only the sample is cut short
+            _log(f"interrupted the closing sample; the run is complete and saved at step {step}")
+            new = None
+        if new is not None:
+            ids = prompt + new[0]
+            # Bytes that are not valid UTF-8 (possible mid-training) print as U+FFFD.
+            sample = tokenizer.decode(ids).encode("utf-8", "surrogateescape")
+            sample = sample.decode("utf-8", "replace")
+            if jax.process_index() == 0:
+                print(sample, flush=True)
     return {"history": history, "sample": sample, "state": state, "step": step, "stopped_by": None}
 
 
-def eval_workdir(workdir: str | Path, max_batches: int = 0) -> dict[str, float]:
-    """`evaluate` on the newest checkpoint of `workdir`."""
-    config, mesh, params, tokenizer = load_for_eval(workdir)
+def eval_workdir(
+    workdir: str | Path, max_batches: int = 0, step: int | None = None
+) -> dict[str, float]:
+    """`evaluate` on the checkpoint of `workdir` at `step` (default: the newest that restores)."""
+    config, mesh, params, tokenizer = load_for_eval(workdir, step)
     return evaluate(RunPlan(config, mesh=mesh, tokenizer=tokenizer), params, max_batches)

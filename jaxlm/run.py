@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import checkpoint, sharding
 from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
-from jaxlm.data.pipeline import StreamIterator
+from jaxlm.data.pipeline import StreamIterator, check_batch_size
 from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
@@ -76,6 +77,7 @@ class RunPlan:
         self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
         check_run(config, self.tokenizer)
         self.mesh = mesh or sharding.make_mesh(config.mesh)
+        check_batch_size(config.data.batch_size, self.mesh, jax.process_count())
         self.rules = sharding.get_rules(config.mesh.rules)
         self.task: Task = get_task(config)
         self.optimizer: optax.GradientTransformation = make_optimizer(
@@ -296,38 +298,58 @@ def state_from_source(plan: RunPlan, source: InitSource) -> TrainState:
 
 
 def load_for_eval(
-    workdir: str | Path, step: int | None = None
+    workdir: str | Path, step: int | None = None, log: Callable[[str], None] | None = None
 ) -> tuple[RunConfig, Mesh, Any, Tokenizer]:
     """The config, a mesh over this machine's devices, the parameters (only: no optimizer state
-    is read or built) and the tokenizer of the checkpoint at `step` (default: the newest)."""
+    is read or built) and the tokenizer of the checkpoint at `step`.
+
+    The default, `step=None`, is the newest checkpoint that restores: a damaged newer one is
+    skipped with a message through `log` (default: stderr), and left in place (this reads only).
+    """
+    log = log or _log_stderr
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.all_steps()
         if not steps:
             raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
         if step is None:
-            step = steps[-1]
-        elif step not in steps:
+            return ckpt.restore_latest(lambda s: _load_step(ckpt, s), log)[1]  # type: ignore[index]
+        if step not in steps:
             raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; steps: {steps}")
-        config = from_dict(RunConfig, ckpt.restore_json(step, "config"))
-        with tempfile.TemporaryDirectory() as tmp:
-            files = ckpt.restore_json(step, "tokenizer")
-            tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
-        # Use whatever devices this machine has: fsdp over all of them.
-        flat = dict(
-            data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
-        )
-        mesh = sharding.make_mesh(dataclasses.replace(config.mesh, **flat))
-        shardings = param_shardings(config.model, mesh, config.mesh.rules)
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            _abstract_params(config),
-            shardings,
-        )
-        params = ckpt.restore_params(step, abstract)
+        try:
+            return _load_step(ckpt, step)
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            others = [s for s in steps if s != step]
+            raise checkpoint.CheckpointError(
+                f"the checkpoint at step {step} in {ckpt.directory} cannot be restored "
+                f"({checkpoint.brief(e)})" + (f"; other steps: {others} (--step)" if others else "")
+            ) from e
     finally:
         ckpt.close()
-    return config, mesh, params, tokenizer
+
+
+def _log_stderr(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _load_step(ckpt: checkpoint.Checkpointer, step: int) -> tuple[RunConfig, Mesh, Any, Tokenizer]:
+    config = from_dict(RunConfig, ckpt.restore_json(step, "config"))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = ckpt.restore_json(step, "tokenizer")
+        tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
+    # Use whatever devices this machine has: fsdp over all of them.
+    flat = dict(
+        data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
+    )
+    mesh = sharding.make_mesh(dataclasses.replace(config.mesh, **flat))
+    shardings = param_shardings(config.model, mesh, config.mesh.rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        _abstract_params(config),
+        shardings,
+    )
+    return config, mesh, ckpt.restore_params(step, abstract), tokenizer
 
 
 # --- the same pieces as functions of (config, mesh) -------------------------------------------

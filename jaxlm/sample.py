@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -340,6 +341,34 @@ class Prompts:
     cache_len: int
 
 
+def _is_scalar(x: Any) -> bool:
+    return not isinstance(x, str) and np.ndim(x) == 0
+
+
+def _ints(values: Sequence[Any], what: str) -> list[int]:
+    """`values` as Python ints; an error naming the first that is not an integer (1.5, "3")."""
+    out = []
+    for x in values:
+        if isinstance(x, bool | np.bool_):
+            raise ValueError(f"{what} holds {x!r}: expected integers")
+        try:
+            out.append(operator.index(x))
+        except TypeError:
+            raise ValueError(
+                f"{what} holds {x!r} ({type(x).__name__}): expected integers"
+            ) from None
+    return out
+
+
+def _ids(values: Sequence[Any], what: str, vocab_size: int) -> list[int]:
+    """Token ids as Python ints, each in [0, vocab_size)."""
+    ids = _ints(values, what)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{what} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 def prepare(
     config: ModelConfig,
     prompts: Sequence[Sequence[int]],
@@ -352,23 +381,26 @@ def prepare(
     if not prompts:
         raise ValueError("no prompts given")
     b = len(prompts)
-    max_new = [int(max_new_tokens)] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    v, limit = config.vocab_size, config.max_seq_len - config.prompt_tokens
+    if _is_scalar(max_new_tokens):
+        max_new = _ints([max_new_tokens], "max_new_tokens") * b
+    else:
+        max_new = _ints(max_new_tokens, "max_new_tokens")  # type: ignore[arg-type]
     if len(max_new) != b:
         raise ValueError(f"max_new_tokens has {len(max_new)} entries for {b} prompts")
-    if stop_tokens and isinstance(stop_tokens[0], int):
-        stop = [list(stop_tokens)] * b
+    if len(stop_tokens) and _is_scalar(stop_tokens[0]):
+        stop = [_ids(stop_tokens, "stop_tokens", v)] * b  # type: ignore[arg-type]
     else:
-        stop = [list(s) for s in stop_tokens] or [[] for _ in range(b)]
+        stop = [_ids(s, f"stop_tokens row {i}", v) for i, s in enumerate(stop_tokens)]  # type: ignore[arg-type]
+        stop = stop or [[] for _ in range(b)]
     if len(stop) != b:
         raise ValueError(f"stop_tokens has {len(stop)} rows for {b} prompts")
+    _ids([pad_id], "pad_id", v)
     # Prompt-tuning embeddings take the first slots of every row.
-    v, limit = config.vocab_size, config.max_seq_len - config.prompt_tokens
     for i, (p, n) in enumerate(zip(prompts, max_new, strict=True)):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
-        bad = [t for t in p if not 0 <= int(t) < v]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {v})")
+        p = _ids(p, f"prompt {i}", v)
         if n < 1:
             raise ValueError(f"max_new_tokens={n} (prompt {i}) must be >= 1")
         if len(p) + n > limit:
@@ -398,11 +430,16 @@ def prepare(
     )
 
 
-def _check_chain(chain: Sequence[Strategy]) -> tuple[Strategy, ...]:
+def _check_chain(chain: Sequence[Strategy], config: ModelConfig) -> tuple[Strategy, ...]:
     chain = tuple(chain)
     for s in chain:
         if not isinstance(s, Strategy):
             raise ValueError(f"{s!r} is not a sampling strategy (Greedy, Temperature, TopK, ...)")
+        if isinstance(s, TopK) and s.k > config.vocab_size:
+            raise ValueError(
+                f"top_k={s.k} is more than the model's {config.vocab_size} token ids; use at most "
+                f"{config.vocab_size} (or no top-k)"
+            )
     return chain
 
 
@@ -419,7 +456,7 @@ def generate(
     """The generated tokens of each prompt (a stop token, when produced, ends the row and is
     included). The whole loop runs in one compiled `lax.while_loop`; prompt lengths and token
     budgets are padded to buckets, so similar requests reuse one compilation."""
-    chain = _check_chain(chain)
+    chain = _check_chain(chain, config)
     batch = prepare(config, prompts, max_new_tokens, stop_tokens, pad_id)
     key = jax.random.key(key) if isinstance(key, int) else key
     tokens, num = _generate(
@@ -454,7 +491,7 @@ def generate_stream(
     (a compiled loop per chunk); the concatenated chunks equal `generate`'s result."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1")
-    chain = _check_chain(chain)
+    chain = _check_chain(chain, config)
     batch = prepare(config, prompts, max_new_tokens, stop_tokens, pad_id)
     key = jax.random.key(key) if isinstance(key, int) else key
     args = (batch.max_new, batch.stop)
@@ -490,8 +527,7 @@ def greedy_without_cache(
     each step (no KV cache): a reference and a baseline for the cached loop."""
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    if any(not 0 <= t < config.vocab_size for t in prompt):
-        raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
+    prompt = _ids(prompt, "the prompt", config.vocab_size)
     length = min(len(prompt) + max_new_tokens, config.max_seq_len - config.prompt_tokens)
     if len(prompt) >= length:
         return list(prompt)[:length]

@@ -220,12 +220,28 @@ def test_bad_requests_are_refused_before_compiling(llama_params):
             "60 tokens \\+ max_new_tokens=5 = 65, more than",
         ),
         (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(max_new_tokens=2.5), r"max_new_tokens holds 2.5 \(float\): expected integers"),
         (dict(prompts=[]), "no prompts given"),
+        (dict(prompts=[[1, 72.7]]), r"prompt 0 holds 72.7 \(float\): expected integers"),
+        (
+            dict(prompts=[[1, np.float32(3)]]),
+            r"prompt 0 holds np.float32\(3.0\) \(float32\): expected",
+        ),
+        (dict(prompts=[[1, "a"]]), r"prompt 0 holds 'a' \(str\): expected integers"),
+        (dict(stop_tokens=[99999]), r"stop_tokens has token ids \[99999\] outside the vocab"),
+        (dict(stop_tokens=[[2], [-3]], prompts=[[1], [2]]), r"stop_tokens row 1 has token ids"),
+        (dict(stop_tokens=[2.0]), r"stop_tokens holds 2.0 \(float\)"),
+        (dict(pad_id=320), r"pad_id has token ids \[320\] outside the vocabulary"),
     ]
     for kwargs, message in cases:
         args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
+        rest = {k: v for k, v in args.items() if k in ("stop_tokens", "pad_id")}
         with pytest.raises(ValueError, match=message):
-            generate(LLAMA, llama_params, args["prompts"], args["max_new_tokens"])
+            generate(LLAMA, llama_params, args["prompts"], args["max_new_tokens"], **rest)
+    # numpy integers are integers; a top-k beyond the vocabulary is refused, not clamped.
+    assert len(generate(LLAMA, llama_params, [np.array([1, 2])], np.int64(1))[0]) == 1
+    with pytest.raises(ValueError, match="top_k=321 is more than the model's 320 token ids"):
+        generate(LLAMA, llama_params, [[1, 2]], 4, chain=sample.strategies(top_k=321))
     with pytest.raises(ValueError, match=r"temperature=-0.5 must be >= 0"):
         sample.strategies(temperature=-0.5)
     with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):

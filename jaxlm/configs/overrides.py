@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
-import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.presets import PRESETS, get_preset
 from jaxlm.configs.run import RunConfig
+from jaxlm.files import read_json
 
 T = TypeVar("T")
 
@@ -69,14 +71,17 @@ def convert(raw: Any, tp: Any, key: str) -> Any:
                 pass
         raise ValueError(f"{key}={raw!r}: expected an int")
     if tp is float:
+        value = None
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}={raw!r}: expected a float")
+            value = float(raw)
+        elif isinstance(raw, str):
+            with contextlib.suppress(ValueError):
+                value = float(raw.replace("_", ""))
+        if value is None:
+            raise ValueError(f"{key}={raw!r}: expected a float")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={raw!r}: expected a finite float")
+        return value
     if tp is str:
         if isinstance(raw, str):
             return raw
@@ -84,6 +89,8 @@ def convert(raw: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(raw, dict):
             return from_dict(tp, raw, prefix=f"{key}.")
+        if not isinstance(raw, str):  # from a JSON file
+            return from_dict(tp, raw, prefix=f"{key}.")  # raises, naming the section
         raise ValueError(f"{key} is a section; set one of its fields, e.g. {key}.<field>=value")
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
@@ -156,6 +163,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Rebuild dataclass `cls` from `to_dict` output, type-checking every value."""
+    if not isinstance(data, dict):
+        where = f"{prefix[:-1]!r}" if prefix else "a config"
+        raise ValueError(
+            f"{where} must be a JSON object of {cls.__name__}'s fields, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     unknown = set(data) - {f.name for f in dataclasses.fields(cls) if f.init}
     if unknown:
@@ -185,7 +197,7 @@ def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunCo
         if not path.is_file():
             raise FileNotFoundError(f"config file {spec!r} does not exist")
         if spec.endswith(".json"):
-            config = from_dict(RunConfig, json.loads(path.read_text()))
+            config = from_dict(RunConfig, read_json(path, what="a run config"))
         else:
             module = load_python_file(path)
             if not hasattr(module, "get_config"):

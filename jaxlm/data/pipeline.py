@@ -9,6 +9,7 @@ the masked-in targets, for bits per byte). Iterator state is a JSON-serialisable
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -167,12 +168,14 @@ def check_batch_size(global_batch: int, mesh: Mesh | None, process_count: int) -
             f"batch_size={global_batch} is not divisible by the {process_count} processes"
         )
     if mesh is not None:
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        # The batch is split over every one of BATCH_AXES (outside MoE layers `expert` is data
+        # parallel too).
+        dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
         if global_batch % dp:
+            axes = " x ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
             raise ValueError(
                 f"batch_size={global_batch} is not divisible by the data-parallel size {dp} "
-                f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
-                f"use a multiple of {dp}"
+                f"(mesh {axes}); use a multiple of {dp}"
             )
     return global_batch // process_count
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxlm.files import parse_json_line, read_text
+
 # Preparing a local corpus takes a second; TFDS's progress bars would only clutter the run's log.
 tfds.disable_progress_bar()
 
@@ -77,17 +79,23 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def _documents(path: Path, text_key: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="surrogateescape") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip() and text_key == RECORD_KEY:
-                    yield line.strip()
-                elif line.strip():
-                    record = json.loads(line)
-                    if text_key not in record:
-                        raise ValueError(f"{path}:{n}: no {text_key!r} field in {sorted(record)}")
-                    yield record[text_key]
+        text = read_text(path)
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip() and text_key == RECORD_KEY:
+                parse_json_line(line, path, n)  # whole records: checked as JSON objects here
+                yield line.strip()
+            elif line.strip():
+                record = parse_json_line(line, path, n)
+                if text_key not in record:
+                    raise ValueError(f"{path}:{n}: no {text_key!r} field in {sorted(record)}")
+                if not isinstance(record[text_key], str):
+                    raise ValueError(
+                        f"{path}:{n}: the {text_key!r} field must be a string, got "
+                        f"{type(record[text_key]).__name__}"
+                    )
+                yield record[text_key]
     else:
-        yield path.read_text(encoding="utf-8", errors="surrogateescape")
+        yield read_text(path)
 
 
 def _chunks(text: str, limit: int) -> Iterator[str]:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from jaxlm.files import read_json, read_text
+
 MANIFEST = "jaxlm_tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in every tokenizer jaxlm trains
 
@@ -78,7 +80,10 @@ def _expand(inputs: Iterable[str | os.PathLike]) -> list[str]:
     # The same file/directory/glob rules as local corpora (imported here: it loads TFDS).
     from jaxlm.data.sources import expand_inputs
 
-    return [str(p) for p in expand_inputs(list(inputs))]
+    files = expand_inputs(list(inputs))
+    if not any(read_text(f).strip() for f in files):  # read_text: UTF-8 text, or a clear error
+        raise ValueError(f"no text in the input ({len(files)} file(s), all empty or blank)")
+    return [str(p) for p in files]
 
 
 def _check_vocab(vocab_size: int, minimum: int, kind: str) -> None:
@@ -253,6 +258,11 @@ class HFTokenizer:
             show_progress=False,
         )
         tok.train(_expand(inputs), trainer)
+        if tok.get_vocab_size() <= 259:
+            raise ValueError(
+                f"the input is too short to learn any merge ({tok.get_vocab_size()} ids: only "
+                "the special and byte tokens); give more text"
+            )
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
@@ -284,7 +294,7 @@ def _hf_chat_settings(directory: Path) -> dict[str, Any]:
     """chat_template and special-token strings of a Hugging Face tokenizer directory
     (`tokenizer_config.json`, and `chat_template.jinja` where newer transformers put it)."""
     path = directory / "tokenizer_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
     template = config.get("chat_template")
     if (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()
@@ -304,7 +314,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a directory `save` wrote, a `tokenizer.json` or a SentencePiece `.model`."""
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_json(path / MANIFEST, keys=["kind"], what="a jaxlm tokenizer")
         kind = manifest.get("kind")
         if kind == "byte":
             return ByteTokenizer()

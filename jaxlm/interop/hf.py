@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.run import RunConfig
+from jaxlm.files import read_json
 from jaxlm.interop import safetensors_io
 from jaxlm.interop.hf_config import hf_config, model_config
 from jaxlm.interop.hf_families import export_family, family_of
@@ -53,7 +54,7 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(hf_dir)!r} has no config.json (not a Hugging Face model?)")
-    return json.loads(path.read_text())
+    return read_json(path, what="a Hugging Face model config")
 
 
 def open_weights(hf_dir: str | Path) -> safetensors_io.SafetensorsDir:
@@ -308,7 +309,7 @@ def _special_ids(hf_dir: Path, hf: Mapping[str, Any]) -> dict[str, int]:
     sources = [hf]
     generation = hf_dir / "generation_config.json"
     if generation.is_file():
-        sources.append(json.loads(generation.read_text()))
+        sources.append(read_json(generation, what="a generation config"))
     ids = {}
     for name in ("bos", "eos", "pad"):
         for source in sources:

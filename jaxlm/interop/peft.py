@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxlm.configs.model import LoRAConfig, ModelConfig
+from jaxlm.files import read_json
 from jaxlm.interop import safetensors_io
 from jaxlm.interop.hf_weights import _block_location
 from jaxlm.model.lora import is_adapter, merge_lora
@@ -156,7 +157,7 @@ def read_adapter(adapter_dir: str | Path, config: ModelConfig) -> tuple[ModelCon
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")
-    spec = json.loads(path.read_text())
+    spec = read_json(path, what="a PEFT adapter config")
     if spec.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {spec.get('peft_type')!r}; only LORA is supported")
     for key in ("use_dora", "use_rslora", "fan_in_fan_out"):

@@ -19,6 +19,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jaxlm.files import read_json
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
@@ -115,7 +117,7 @@ class SafetensorsDir:
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = read_json(index, keys=["weight_map"])["weight_map"]
             names = sorted(set(weight_map.values()))
         elif (self.directory / SINGLE_FILE).is_file():
             names = [SINGLE_FILE]

@@ -16,6 +16,7 @@ from jaxlm import checkpoint
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.overrides import apply_overrides, load_python_file
 from jaxlm.configs.run import RunConfig
+from jaxlm.files import read_json
 from jaxlm.metrics import flops_per_token, param_count
 
 RESULTS_JSON = "results.json"
@@ -188,6 +189,18 @@ def write_results(workdir: str | Path, rows: Sequence[Mapping[str, Any]]) -> Pat
     return workdir / RESULTS_JSON
 
 
+def _csv_row(row: dict[str, str], path: Path, line: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k is None or v is None:
+            raise ValueError(f"{path}:{line}: the row has another number of cells than the header")
+        try:
+            out[k] = None if v == "" else v if k == "name" else float(v)
+        except ValueError:
+            raise ValueError(f"{path}:{line}: column {k!r} holds {v!r}, not a number") from None
+    return out
+
+
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a results table (`results.json`, `results.csv`, or a sweep directory)."""
     path = Path(path)
@@ -198,11 +211,12 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        return [
-            {k: (None if v == "" else v if k == "name" else float(v)) for k, v in r.items()}
-            for r in rows
-        ]
-    return json.loads(path.read_text())
+        return [_csv_row(r, path, i + 2) for i, r in enumerate(rows)]
+    rows = read_json(path, expect=list, what="a results table: a list of one object per run")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} is a {type(row).__name__}, expected an object")
+    return rows
 
 
 def run_sweep(
