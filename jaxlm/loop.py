@@ -335,11 +335,12 @@ def train(
                 if evaluate_now and not stop_now:
                     result = evaluate(plan, state.params, config.train.eval_batches)
                     writer.write(step, result)
-                    _log(
-                        f"eval at step {step}: loss {result['eval_loss']:.4f}  ppl "
-                        f"{result['eval_perplexity']:.2f}  bits/byte "
-                        f"{result['eval_bits_per_byte']:.4f}"
+                    shown = "  ".join(
+                        f"{k.removeprefix('eval_')} {v:.4f}"
+                        for k, v in result.items()
+                        if k not in ("eval_tokens", "eval_pairs")
                     )
+                    _log(f"eval at step {step}: {shown}")
                 if save_now:
                     save(step)
                 if evaluate_now or save_now:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 
-def cross_entropy_sums(
-    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int = 128
-) -> dict[str, jax.Array]:
-    """Sums over masked-in tokens of -log p(target) and of logsumexp² (for z-loss), and the count.
-
-    Computed in float32 over chunks of `chunk` positions under `jax.checkpoint`, so neither the
-    float32 copy of the logits nor the softmax of more than one chunk is ever held (forward or
-    backward), whatever the compute dtype of the logits.
-    """
+def _over_chunks(
+    fn: Callable[..., Any],
+    logits_BTV: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    chunk: int,
+) -> Any:
+    """`fn(logits, targets, mask)` on chunks of `chunk` positions, under `jax.checkpoint` (so
+    neither a float32 copy of the logits nor more than one chunk's softmax is ever held, forward
+    or backward); outputs stacked as [n chunks, ...]. Padded positions have mask 0."""
     b, t, _ = logits_BTV.shape
     chunk = min(chunk, t)
     pad = -t % chunk
@@ -27,17 +31,48 @@ def cross_entropy_sums(
     def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, chunk, ...]
         return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
-    def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits, targets, mask = args
-        logits = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    one = jax.checkpoint(lambda args: fn(*args))
+    return jax.lax.map(one, (split(logits_BTV), split(targets_BT), split(mask_BT)))
+
+
+def _target_terms(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp, the target's logit) per position, in float32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy_sums(
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int = 128
+) -> dict[str, jax.Array]:
+    """Sums over masked-in tokens of -log p(target) and of logsumexp² (for z-loss), and the count.
+
+    Computed in float32 over chunks of `chunk` positions (see `_over_chunks`), whatever the
+    compute dtype of the logits.
+    """
+
+    def one(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+        lse, target_logit = _target_terms(logits, targets)
         weight = mask.astype(jnp.float32)
         return jnp.sum((lse - target_logit) * weight), jnp.sum(jnp.square(lse) * weight)
 
-    nll, z = jax.lax.map(one, (split(logits_BTV), split(targets_BT), split(mask_BT)))
+    nll, z = _over_chunks(one, logits_BTV, targets_BT, mask_BT, chunk)
     return {"nll": jnp.sum(nll), "z": jnp.sum(z), "count": jnp.sum(mask_BT.astype(jnp.float32))}
+
+
+def token_log_probs(
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int = 128
+) -> jax.Array:
+    """log p(target) at each position, float32, 0 where `mask` is off ([B, T]; chunked like
+    `cross_entropy_sums`)."""
+    b, t, _ = logits_BTV.shape
+
+    def one(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        lse, target_logit = _target_terms(logits, targets)
+        return jnp.where(mask, target_logit - lse, 0.0)
+
+    out = _over_chunks(one, logits_BTV, targets_BT, mask_BT, chunk)  # [n, B, chunk]
+    return jnp.swapaxes(out, 0, 1).reshape(b, -1)[:, :t]
 
 
 def aux_loss(aux: dict[str, jax.Array]) -> jax.Array:

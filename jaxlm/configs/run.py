@@ -137,7 +137,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft")
+TASK_KINDS = ("lm", "sft", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "tokenizer")
 
 
@@ -149,17 +150,34 @@ class TaskConfig:
     fine-tuning on chat records (`data.dataset`: JSONL files with `messages` or `prompt` +
     `completion`), rendered with `chat_template` ("auto" = the tokenizer's own template when it
     has one, else "plain" for the byte tokenizer and "chatml" for others), the loss on assistant
-    tokens only unless `train_on_prompt`.
+    tokens only unless `train_on_prompt`; "dpo" = Direct Preference Optimisation on preference
+    pairs (JSONL `prompt`, `chosen`, `rejected`; see `jaxlm.data.preference`) against the model
+    without its adapters, with `beta`, `dpo_loss` ("sigmoid" or "ipo") and `label_smoothing`.
     """
 
     kind: str = "lm"
     chat_template: str = "auto"
     train_on_prompt: bool = False
+    # dpo: the strength of the pull toward the reference, the loss, label smoothing (the
+    # assumed chance that a pair's preference is flipped; sigmoid loss only).
+    beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(
                 f"TaskConfig.kind={self.kind!r} is not a task; choose one of {TASK_KINDS}"
+            )
+        if not self.beta > 0:
+            raise ValueError(f"TaskConfig.beta={self.beta!r} must be > 0")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ValueError(
+                f"TaskConfig.dpo_loss={self.dpo_loss!r} is not a loss; choose one of {DPO_LOSSES}"
+            )
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(
+                f"TaskConfig.label_smoothing={self.label_smoothing!r} must be in [0, 0.5)"
             )
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(

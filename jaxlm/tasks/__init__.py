@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING
 
 from jaxlm.configs.run import TASK_KINDS
 from jaxlm.tasks.base import Task, merge, param_names, partition
+from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
 from jaxlm.tasks.sft import SFTTask
 
 if TYPE_CHECKING:
     from jaxlm.configs.run import RunConfig
 
-TASKS: dict[str, type[Task]] = {LMTask.kind: LMTask, SFTTask.kind: SFTTask}
+TASKS: dict[str, type[Task]] = {LMTask.kind: LMTask, SFTTask.kind: SFTTask, DPOTask.kind: DPOTask}
 
 
 def get_task(config: RunConfig) -> Task:
@@ -26,6 +27,7 @@ def get_task(config: RunConfig) -> Task:
 __all__ = [
     "TASKS",
     "TASK_KINDS",
+    "DPOTask",
     "LMTask",
     "SFTTask",
     "Task",
