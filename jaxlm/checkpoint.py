@@ -165,12 +165,18 @@ class Checkpointer:
         state = abstract_state.replace(params=restored.params, **restored.train)
         return state, restored.data
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
+    def restore_params(self, step: int, abstract_params: Any, partial: bool = False) -> Any:
         """Only the parameters at `step` (no optimizer state is read), on `abstract_params`'s
-        shardings."""
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        )
+        shardings and dtypes; `partial`: `abstract_params` names only some of the saved ones."""
+        if partial:
+            args: Any = ocp.args.PyTreeRestore(
+                item=abstract_params,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params),
+                partial_restore=True,
+            )
+        else:
+            args = ocp.args.StandardRestore(abstract_params)
+        restored = self._manager.restore(step, args=ocp.args.Composite(params=args))
         return restored.params
 
     def restore_json(self, step: int, item: str) -> Any:

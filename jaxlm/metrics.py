@@ -65,7 +65,9 @@ def param_count(config: ModelConfig) -> ParamCount:
     embedding = c.vocab_size * d
     if c.position == "learned":
         embedding += c.max_seq_len * d
-    if not c.tie_embeddings:
+    if c.head == "score":
+        embedding += d  # the [D, 1] score head in place of any unembedding
+    elif not c.tie_embeddings:
         embedding += d * c.vocab_size
     adapters = _adapter_params(c)
     base = dense_layers + moe_layers + norm + embedding + adapters
@@ -101,10 +103,11 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     6 * (matmul parameters) + 12 * L * N * H * T, as in PaLM's MFU accounting: 2 FLOPs per
     multiply-add, times 3 for forward + backward. Matmul parameters are every weight used in a
     matrix product, i.e. all non-embedding weights plus the output projection (the tied or
-    untied [D, V] logits matmul); embedding lookups and norms/biases cost no matmul FLOPs. The
-    attention term counts the full T x T score and value products, as XLA computes them (no
-    causal halving, and a sliding window still computes every score before masking). MoE layers
-    count their active parameters: the router, top_k experts and the shared experts.
+    untied [D, V] logits matmul, or a score head's [D, 1]); embedding lookups and norms/biases
+    cost no matmul FLOPs. The attention term counts the full T x T score and value products, as
+    XLA computes them (no causal halving, and a sliding window still computes every score before
+    masking). MoE layers count their active parameters: the router, top_k experts and the shared
+    experts.
     """
     c = config
     d, n, k, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
@@ -114,7 +117,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     matmul = (
         (c.num_layers - num_moe) * (attn + (3 if c.gated else 2) * d * f)
         + num_moe * (attn + moe_active)
-        + d * c.vocab_size
+        + d * (1 if c.head == "score" else c.vocab_size)
     )
     attention = 2 * c.num_layers * n * h * seq_len
     return float(6 * matmul + 6 * attention)

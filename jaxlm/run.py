@@ -226,6 +226,11 @@ def _abstract_params(config: RunConfig) -> Any:
     return nn.meta.unbox(abstract_params(config.model))
 
 
+def _fresh(name: str) -> bool:
+    """Parameters a run may add to its source's: adapters and a score head."""
+    return is_adapter(name) or name.startswith("score/")
+
+
 def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = None) -> InitSource:
     """The checkpoint of `workdir` (at `step`, default the newest) that `plan`'s run can start
     from; a clear error if `workdir` is not a run, has no such checkpoint, holds a model of
@@ -247,14 +252,17 @@ def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = Non
     source = checkpoint.saved_config(workdir, step)
     theirs = _shapes(_abstract_params(source))
     ours = _shapes(plan.abstract_state.params)
-    # New adapters (LoRA on a plain model) start fresh; everything else must come from there.
-    base = {n: s for n, s in ours.items() if not (is_adapter(n) and n not in theirs)}
+    # New adapters (LoRA on a plain model) and a new score head (a reward model from a language
+    # model, whose unembedding is then left behind) start fresh; the rest must come from there.
+    base = {n: s for n, s in ours.items() if not (_fresh(n) and n not in theirs)}
+    if plan.config.model.head == "score":
+        theirs = {n: s for n, s in theirs.items() if not n.startswith("unembed/")}
     if theirs != base:
         a, b = to_dict(source.model), to_dict(plan.config.model)
         fields = [
             f"model.{k}: {a[k]!r} there, {b.get(k)!r} here"
             for k in a
-            if a[k] != b.get(k) and k != "lora"
+            if a[k] != b.get(k) and k not in ("lora", "head", "prompt_tokens")
         ]
         first = next(
             f"{n}: {theirs.get(n)} there, {base.get(n)} here"
@@ -284,7 +292,9 @@ def state_from_source(plan: RunPlan, source: InitSource) -> TrainState:
     theirs = set(_shapes(_abstract_params(source.config)))
     ckpt = checkpoint.Checkpointer(source.workdir, read_only=True)
     try:
-        params = ckpt.restore_params(source.step, partition(target, theirs.__contains__)[0])
+        wanted = partition(target, theirs.__contains__)[0]
+        partial = set(param_names(wanted)) != theirs  # a score head leaves the unembedding
+        params = ckpt.restore_params(source.step, wanted, partial=partial)
     finally:
         ckpt.close()
     new = [n for n in _shapes(target) if n not in theirs]

@@ -431,6 +431,11 @@ def prepare(
 
 
 def _check_chain(chain: Sequence[Strategy], config: ModelConfig) -> tuple[Strategy, ...]:
+    if config.head != "lm":
+        raise ValueError(
+            f"model.head={config.head!r}: this model scores sequences (`jaxlm score`), it has no "
+            "vocabulary to sample from"
+        )
     chain = tuple(chain)
     for s in chain:
         if not isinstance(s, Strategy):

@@ -17,7 +17,8 @@ from jaxlm.data.chat import builtin_template
 from jaxlm.data.preference import build_preference_dataset, encode_pair, pair_conversations
 from jaxlm.model.transformer import Transformer
 from jaxlm.run import RunPlan
-from jaxlm.tasks.dpo import dpo_losses, pair_log_probs
+from jaxlm.tasks.dpo import dpo_losses
+from jaxlm.tasks.pairs import pair_sums
 
 TOK = ByteTokenizer()
 PLAIN = builtin_template("plain", TOK)
@@ -140,7 +141,7 @@ def test_packing_keeps_pairs_whole_and_the_log_probs_equal_each_sequence_alone()
     forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
     logp = _log_softmax(logits)
     token_logp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["mask"]
-    chosen, rejected, valid = pair_log_probs(
+    chosen, rejected, valid = pair_sums(
         jnp.asarray(token_logp, jnp.float32), batch["segment_ids"], batch["mask"]
     )
     # Reference: each sequence run on its own (unpacked), log-softmax in NumPy, summed by hand

@@ -11,6 +11,7 @@ PositionKind = Literal["learned", "sinusoidal", "rope", "none"]
 RopeScaling = Literal["none", "linear", "llama3"]
 InitKind = Literal["normal", "xavier", "kaiming"]
 DType = Literal["float32", "bfloat16", "float16"]
+Head = Literal["lm", "score"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -192,6 +193,10 @@ class ModelConfig:
     # Prompt tuning: this many learned embeddings before every sequence (0 = none); with them
     # (and with LoRA adapters) only they train.
     prompt_tokens: int = 0
+    # The output: "lm" = logits over the vocabulary; "score" = one scalar per position (a reward
+    # model's head, `score` [d_model, 1], as Hugging Face's *ForSequenceClassification with one
+    # label), in place of the unembedding.
+    head: Head = "lm"
     # Which of num_kv_heads/head_dim/mlp_dim were derived (given as None): overrides re-derive them.
     derived_fields: tuple[str, ...] = dataclasses.field(
         default=(), init=False, repr=False, compare=False

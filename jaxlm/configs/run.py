@@ -137,7 +137,7 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft", "dpo")
+TASK_KINDS = ("lm", "sft", "dpo", "reward")
 DPO_LOSSES = ("sigmoid", "ipo")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "tokenizer")
 
@@ -152,7 +152,8 @@ class TaskConfig:
     has one, else "plain" for the byte tokenizer and "chatml" for others), the loss on assistant
     tokens only unless `train_on_prompt`; "dpo" = Direct Preference Optimisation on preference
     pairs (JSONL `prompt`, `chosen`, `rejected`; see `jaxlm.data.preference`) against the model
-    without its adapters, with `beta`, `dpo_loss` ("sigmoid" or "ipo") and `label_smoothing`.
+    without its adapters, with `beta`, `dpo_loss` ("sigmoid" or "ipo") and `label_smoothing`;
+    "reward" = a reward model (`model.head="score"`) on the same pairs, Bradley-Terry loss.
     """
 
     kind: str = "lm"

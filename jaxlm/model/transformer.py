@@ -99,7 +99,8 @@ class BlockGroup(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only Transformer. Call with tokens [B, T]; returns (logits [B, T, V], cache, aux).
+    """A decoder-only Transformer. Call with tokens [B, T]; returns (logits [B, T, V], cache, aux)
+    (with `config.head="score"`: scores [B, T, 1] in place of the logits).
 
     `segment_ids` (default all ones) separate packed sequences; id 0 marks padding. Positions
     default to restarting at 0 in each segment. `aux` holds auxiliary per-layer outputs (e.g. MoE
@@ -232,6 +233,17 @@ class Transformer(nn.Module):
             cache = kv_cache.KVCache(k=k, v=v, lengths=positions_BT[:, -1] + 1)
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        if cfg.head == "score":
+            score = Einsum(
+                (cfg.d_model, 1),
+                ("embed", None),
+                kernel_init(cfg, 0, 1),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="score",
+            )
+            scores_BT1 = score("BTD,DO->BTO", x_BTD)
+            return (scores_BT1[:, p:] if prepend else scores_BT1), cache, aux
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:

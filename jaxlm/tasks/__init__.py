@@ -8,12 +8,18 @@ from jaxlm.configs.run import TASK_KINDS
 from jaxlm.tasks.base import Task, merge, param_names, partition
 from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
+from jaxlm.tasks.reward import RewardTask
 from jaxlm.tasks.sft import SFTTask
 
 if TYPE_CHECKING:
     from jaxlm.configs.run import RunConfig
 
-TASKS: dict[str, type[Task]] = {LMTask.kind: LMTask, SFTTask.kind: SFTTask, DPOTask.kind: DPOTask}
+TASKS: dict[str, type[Task]] = {
+    LMTask.kind: LMTask,
+    SFTTask.kind: SFTTask,
+    DPOTask.kind: DPOTask,
+    RewardTask.kind: RewardTask,
+}
 
 
 def get_task(config: RunConfig) -> Task:
@@ -29,6 +35,7 @@ __all__ = [
     "TASK_KINDS",
     "DPOTask",
     "LMTask",
+    "RewardTask",
     "SFTTask",
     "Task",
     "get_task",

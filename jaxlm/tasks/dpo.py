@@ -15,9 +15,6 @@ reply, their margin, the accuracy (the chosen reward is the larger) and the poli
 from __future__ import annotations
 
 import dataclasses
-import functools
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,36 +22,11 @@ import jax.numpy as jnp
 
 from jaxlm import losses
 from jaxlm.configs.model import LoRAConfig
-from jaxlm.data import open_source
-from jaxlm.data.chat import Template, get_template
-from jaxlm.data.preference import build_preference_dataset, pair_stats
-from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer
 from jaxlm.tasks.base import partition
-from jaxlm.tasks.lm import LMTask
-
-
-def sequence_log_probs(token_logp_BT: jax.Array, segments_BT: jax.Array) -> jax.Array:
-    """Per-row sums of the token log-probs of each segment: [B, T + 1] (index = segment id)."""
-    t = segments_BT.shape[1]
-    return jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t + 1))(
-        token_logp_BT, segments_BT
-    )
-
-
-def pair_log_probs(
-    token_logp_BT: jax.Array, segments_BT: jax.Array, mask_BT: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(chosen, rejected, valid): each [B, P] over the row's pair slots k (segments 2k + 1 and
-    2k + 2); `valid` where both sequences of the pair have reply tokens."""
-    logp = sequence_log_probs(token_logp_BT, segments_BT)
-    count = sequence_log_probs(mask_BT.astype(jnp.float32), segments_BT)
-    pairs = (logp.shape[1] - 1) // 2
-    chosen, rejected = logp[:, 1 : 2 * pairs : 2], logp[:, 2 : 2 * pairs + 1 : 2]
-    valid = (count[:, 1 : 2 * pairs : 2] > 0) & (count[:, 2 : 2 * pairs + 1 : 2] > 0)
-    return chosen, rejected, valid
+from jaxlm.tasks.pairs import PairTask, pair_sums
 
 
 def dpo_losses(
@@ -75,38 +47,22 @@ def dpo_losses(
     )
 
 
-class DPOTask(LMTask):
+class DPOTask(PairTask):
     """DPO on packed preference pairs (`jaxlm.data.preference`): the batch keys are the packed
     text keys, `mask` on the reply targets; only the adapters train."""
 
     kind = "dpo"
 
-    def template(self, tokenizer: Tokenizer) -> Template:
-        return get_template(self.config.task.chat_template, tokenizer)
-
     def check(self, tokenizer: Tokenizer) -> None:
         model = self.config.model
+        if model.head != "lm":
+            raise ValueError(f"task.kind=dpo trains a language model; model.head={model.head!r}")
         if not (model.lora.rank or model.prompt_tokens):
             raise ValueError(
                 "task.kind=dpo trains adapters against the model without them (its reference): "
                 "set model.lora.rank (e.g. --set model.lora.rank=8) or model.prompt_tokens"
             )
-        data = self.config.data
-        template = self.template(tokenizer)
-        for split in (data.train_split, data.eval_split):
-            source = open_source(data.dataset, split, data_dir=data.data_dir, text_key=RECORD_KEY)
-            stats = pair_stats(source, tokenizer, template, data.seq_len)
-            if split == data.train_split and stats.dropped == stats.pairs:
-                raise ValueError(
-                    f"{source!r}: no pair fits ({stats.summary(data.seq_len)}); raise data.seq_len"
-                )
-            if jax.process_index() == 0:
-                print(f"dpo {split}: {stats.summary(data.seq_len)}", file=sys.stderr)
-
-    def records(self, tokenizer: Tokenizer) -> tuple[str | None, Callable[..., Any] | None]:
-        return RECORD_KEY, functools.partial(
-            build_preference_dataset, template=self.template(tokenizer)
-        )
+        super().check(tokenizer)
 
     def trainable(self, name: str) -> bool:
         return is_adapter(name)
@@ -129,9 +85,9 @@ class DPOTask(LMTask):
         task = self.config.task
         targets, mask, segments = batch["targets"], batch["mask"], batch["segment_ids"]
         logits, aux = self.forward(params, batch, rng)
-        policy = pair_log_probs(losses.token_log_probs(logits, targets, mask), segments, mask)
+        policy = pair_sums(losses.token_log_probs(logits, targets, mask), segments, mask)
         ref_logits = self.reference_logits(params, batch)
-        ref = pair_log_probs(losses.token_log_probs(ref_logits, targets, mask), segments, mask)
+        ref = pair_sums(losses.token_log_probs(ref_logits, targets, mask), segments, mask)
         (pc, pr, valid), (rc, rr, _) = policy, ref
         per_pair = dpo_losses(pc, pr, rc, rr, task.beta, task.dpo_loss, task.label_smoothing)
         w = valid.astype(jnp.float32)
@@ -147,11 +103,6 @@ class DPOTask(LMTask):
             "rejected_logp": jnp.sum(pr * w),
             **self.aux_terms(aux),
         }
-
-    def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array:
-        segments = batch["segment_ids"]
-        pairs = (jnp.max(segments, axis=1) + 1) // 2  # each row's pairs: segments 1..2P
-        return jnp.maximum(jnp.sum(pairs).astype(jnp.float32), 1.0)
 
     def loss_terms(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None

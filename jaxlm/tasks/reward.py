@@ -1,0 +1,88 @@
+"""`task.kind=reward`: a reward model trained on preference pairs with the Bradley-Terry loss.
+
+The model has a score head (`model.head="score"`: one scalar per position); a sequence's reward
+r is the score at its last token (the end of the reply's turn). The per-pair loss is
+−log σ(r_chosen − r_rejected), the negative log-likelihood of the preference under the
+Bradley-Terry model; metrics: pairwise accuracy (r_chosen > r_rejected), the mean margin, and
+the mean reward of each side. With LoRA the adapters and the score head train.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.tasks.pairs import PairTask, last_tokens, pair_sums
+
+
+class RewardTask(PairTask):
+    """Bradley-Terry reward modelling on packed preference pairs."""
+
+    kind = "reward"
+
+    def check(self, tokenizer: Tokenizer) -> None:
+        if self.config.model.head != "score":
+            raise ValueError(
+                "task.kind=reward needs a score head: set model.head=score (a language model's "
+                "run can start it with --init-from: the score head starts fresh)"
+            )
+        super().check(tokenizer)
+
+    def trainable(self, name: str) -> bool:
+        return name.startswith("score/") or super().trainable(name)
+
+    def pair_terms(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        scores, aux = self.forward(params, batch, rng)
+        segments = batch["segment_ids"]
+        last = last_tokens(segments)
+        rc, rr, valid = pair_sums(
+            jnp.where(last, scores[..., 0].astype(jnp.float32), 0.0), segments, last
+        )
+        w = valid.astype(jnp.float32)
+        return {
+            "loss": jnp.sum(-jax.nn.log_sigmoid(rc - rr) * w),
+            "pairs": jnp.sum(w),
+            "correct": jnp.sum((rc > rr) * w),
+            "chosen_reward": jnp.sum(rc * w),
+            "rejected_reward": jnp.sum(rr * w),
+            **self.aux_terms(aux),
+        }
+
+    def loss_terms(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        return self.pair_terms(params, batch, rng)
+
+    def metrics(
+        self, terms: dict[str, jax.Array], batch: dict[str, jax.Array], total: jax.Array
+    ) -> dict[str, jax.Array]:
+        n = jnp.maximum(terms["pairs"], 1.0)
+        chosen, rejected = terms["chosen_reward"] / n, terms["rejected_reward"] / n
+        return {
+            "loss": terms["loss"] / n,
+            "accuracy": terms["correct"] / n,
+            "rewards_chosen": chosen,
+            "rewards_rejected": rejected,
+            "margin": chosen - rejected,
+            "pairs": terms["pairs"],
+        }
+
+    def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        terms = self.pair_terms(params, batch)
+        return {
+            k: terms[k] for k in ("loss", "pairs", "correct", "chosen_reward", "rejected_reward")
+        }
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.get("pairs", 0.0), 1.0)
+        return {
+            "eval_loss": sums.get("loss", 0.0) / n,
+            "eval_accuracy": sums.get("correct", 0.0) / n,
+            "eval_margin": (sums.get("chosen_reward", 0.0) - sums.get("rejected_reward", 0.0)) / n,
+            "eval_pairs": sums.get("pairs", 0.0),
+        }
