@@ -397,6 +397,52 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from jaxlm.data.chat import conversation
+    from jaxlm.data.preference import pair_conversations
+    from jaxlm.files import read_jsonl
+
+    # Every record is checked before the model is loaded.
+    chats, rows = [], []
+    for n, record in read_jsonl(args.input):
+        where = f"{args.input}:{n}"
+        if "chosen" in record or "rejected" in record:
+            prompt, chosen, rejected = pair_conversations(record, where)
+            rows.append((len(chats), 2))
+            chats += [[*prompt, {"role": "assistant", "content": r}] for r in (chosen, rejected)]
+        else:
+            rows.append((len(chats), 1))
+            chats.append(conversation(record, where))
+    if not chats:
+        raise ValueError(f"{args.input} holds no record")
+    _join_processes(args)
+    from jaxlm import distributed
+    from jaxlm.run import load_for_eval
+    from jaxlm.sharding import use_mesh
+    from jaxlm.tasks.reward import score_chats
+
+    distributed.check_agreement({"command": "score", **vars(args), "func": None})
+    config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
+    with use_mesh(mesh, config.mesh.rules):
+        rewards = score_chats(config, params, tokenizer, chats, args.batch_size)
+    if not _is_main_process():
+        return 0
+    correct = pairs = 0
+    for at, size in rows:
+        if size == 2:
+            chosen, rejected = rewards[at], rewards[at + 1]
+            pairs += 1
+            correct += chosen > rejected
+            print(json.dumps({"chosen": chosen, "rejected": rejected, "margin": chosen - rejected}))
+        else:
+            print(json.dumps({"reward": rewards[at]}))
+    summary = f"jaxlm score: {len(rows)} record(s)"
+    if pairs:
+        summary += f"; pairwise accuracy {correct / pairs:.4f} over {pairs} pair(s)"
+    print(summary, file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxlm.data import HFTokenizer, SentencePieceTokenizer, stdlib_files
 
@@ -529,6 +575,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute budget for a compute-optimal recommendation (repeatable)",
     )
     fit.set_defaults(func=cmd_scaling_fit)
+
+    scr = sub.add_parser("score", help="rewards of conversations or preference pairs (JSONL)")
+    scr.add_argument("--workdir", required=True, help="a reward model's run (model.head=score)")
+    scr.add_argument(
+        "--input",
+        required=True,
+        help="JSONL: conversations ('messages' or 'prompt' + 'completion') or pairs ('prompt', "
+        "'chosen', 'rejected'); one JSON line out per record",
+    )
+    scr.add_argument(
+        "--step", type=int, default=None, help="default: the newest checkpoint that restores"
+    )
+    scr.add_argument("--batch-size", type=int, default=16, help="conversations per forward pass")
+    _add_distributed_args(scr)
+    scr.set_defaults(func=cmd_score)
 
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import loop
+from jaxlm import cli, loop
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import ByteTokenizer
-from jaxlm.data.chat import builtin_template
+from jaxlm.data.chat import builtin_template, encode_chat
 from jaxlm.data.preference import build_preference_dataset
 from jaxlm.metrics import param_count
 from jaxlm.model.transformer import Transformer
@@ -153,14 +153,54 @@ def test_a_reward_model_starts_from_a_language_models_run(tmp_path, lm_run, monk
     assert "score" in state.params and "unembed" not in state.params
 
 
-def test_the_reward_model_learns_a_held_out_preference(tmp_path, lm_run, monkeypatch):
-    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "cache"))
-    path = _write(tmp_path / "pairs.jsonl", _pairs(1200, 0))
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, lm_run):
+    """A reward model trained 60 steps from the language model's run."""
+    root = tmp_path_factory.mktemp("reward")
+    path = _write(root / "pairs.jsonl", _pairs(1200, 0))
     config = _reward_config(path)
-    plan = RunPlan(config)
-    result = loop.train(config, tmp_path / "work", init_from=lm_run)
-    after = loop.evaluate(plan, result["state"].params, max_batches=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXLM_CACHE", str(root / "cache"))
+        result = loop.train(config, root / "work", init_from=lm_run)
+        after = loop.evaluate(RunPlan(config), result["state"].params, max_batches=4)
+    return root, result, after
+
+
+def test_the_reward_model_learns_a_held_out_preference(reward_run):
+    _, result, after = reward_run
     assert after["eval_pairs"] >= 40
     assert after["eval_accuracy"] >= 0.9 and after["eval_margin"] > 0, after
     logged = [h for h in result["history"] if "accuracy" in h]
     assert logged[-1]["rewards_chosen"] > logged[-1]["rewards_rejected"]
+
+
+def test_jaxlm_score_rates_new_pairs_and_conversations(reward_run, capsys):
+    root, _, _ = reward_run
+    fresh = _pairs(40, 99)  # other words than the training pairs'
+    singles = [{"prompt": "abc", "completion": "ABC"}, {"prompt": "abc", "completion": "abc"}]
+    _write(root / "new.jsonl", fresh + singles)
+    rc = cli.main(["score", "--workdir", str(root / "work"), "--input", str(root / "new.jsonl")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    lines = [json.loads(x) for x in out.out.splitlines()]
+    assert len(lines) == 42 and set(lines[0]) == {"chosen", "rejected", "margin"}
+    accuracy = np.mean([x["chosen"] > x["rejected"] for x in lines[:40]])
+    assert accuracy >= 0.9 and f"pairwise accuracy {accuracy:.4f} over 40 pair(s)" in out.err
+    assert lines[40]["reward"] > lines[41]["reward"]
+    # The same reward from the model by hand: the score at the last token of the rendered chat.
+    config, _, params, tokenizer = load_for_eval(root / "work")
+    chat = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "ABC"}]
+    ids = encode_chat(chat, tokenizer, builtin_template("plain", tokenizer))[0]
+    scores = Transformer(config.model).apply({"params": params}, jnp.asarray([ids]))[0]
+    assert lines[40]["reward"] == pytest.approx(float(scores[0, -1, 0]), abs=1e-4)
+
+
+def test_jaxlm_score_refuses_bad_input(capsys, reward_run, tmp_path):
+    root, _, _ = reward_run
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    rc = cli.main(
+        ["score", "--workdir", str(root / "work"), "--input", str(tmp_path / "bad.jsonl")]
+    )
+    assert (
+        rc == 2 and "bad.jsonl:1: 'chosen' and 'rejected' are the same" in capsys.readouterr().err
+    )
