@@ -38,8 +38,9 @@ from jaxlm.tasks import Task, get_task, merge, param_names, partition
 BATCH_SPEC = PartitionSpec(BATCH_AXES)
 
 
-def check_run(config: RunConfig, tokenizer: Tokenizer) -> None:
-    """Refuse configs that cannot work, before anything is compiled or written."""
+def check_run(config: RunConfig, tokenizer: Tokenizer, data: bool = True) -> None:
+    """Refuse configs that cannot work, before anything is compiled or written (`data=False`:
+    all but the task's own checks, which read the dataset)."""
     if config.model.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
@@ -60,22 +61,29 @@ def check_run(config: RunConfig, tokenizer: Tokenizer) -> None:
             f"the per-process batch ({per_step}) is not divisible by "
             f"train.microbatches={config.train.microbatches}"
         )
-    get_task(config).check(tokenizer)
+    if data:
+        get_task(config).check(tokenizer)
 
 
 class RunPlan:
     """Everything about a run that follows from its config, derived once.
 
     `tokenizer` (default: the one `config.data.tokenizer` names) is checked against the config;
-    `mesh` defaults to `config.mesh` over all devices.
+    `mesh` defaults to `config.mesh` over all devices. `check_data=False` leaves out the task's
+    checks of the dataset (for a plan that never trains, e.g. writing an imported model's run).
     """
 
     def __init__(
-        self, config: RunConfig, *, mesh: Mesh | None = None, tokenizer: Tokenizer | None = None
+        self,
+        config: RunConfig,
+        *,
+        mesh: Mesh | None = None,
+        tokenizer: Tokenizer | None = None,
+        check_data: bool = True,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
-        check_run(config, self.tokenizer)
+        check_run(config, self.tokenizer, data=check_data)
         self.mesh = mesh or sharding.make_mesh(config.mesh)
         check_batch_size(config.data.batch_size, self.mesh, jax.process_count())
         self.rules = sharding.get_rules(config.mesh.rules)

@@ -20,6 +20,8 @@ from jaxlm.interop.hf_families import (
     Family,
     export_family,
     family_of,
+    head_of,
+    score_architecture,
 )
 
 
@@ -250,8 +252,10 @@ def model_config(
             f"this {family.model_type} model's MoE layers do not repeat one pattern, so its "
             "layers cannot be scanned; use scan_layers=False (or None)"
         )
+    head = head_of(hf, family)
     return ModelConfig(
         vocab_size=get("vocab_size"),
+        head=head,
         tie_embeddings=bool(get("tie_word_embeddings")),
         init_std=float(get("initializer_range")),
         dtype=dtype,
@@ -322,9 +326,15 @@ def _moe_fields(cfg: ModelConfig, family: Family) -> dict[str, Any]:
 def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
     """The config.json dict of `cfg` as a Hugging Face model (see `export_family`)."""
     family = export_family(cfg, model_type)
+    score = cfg.head == "score"
     common = {
         "model_type": family.model_type,
-        "architectures": [family.architecture],
+        "architectures": [score_architecture(family) if score else family.architecture],
+        **(
+            {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+            if score
+            else {}
+        ),
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,

@@ -138,6 +138,27 @@ PLAIN_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 GATED_NAMES = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 
+def score_architecture(family: Family) -> str:
+    """The family's sequence-classification class (a reward model: one label)."""
+    if family.model_type == "gpt2":
+        return "GPT2ForSequenceClassification"
+    return family.architecture.replace("ForCausalLM", "ForSequenceClassification")
+
+
+def head_of(hf: Mapping[str, Any], family: Family) -> str:
+    """ "score" for a one-label *ForSequenceClassification config.json, else "lm"."""
+    architectures = hf.get("architectures") or [family.architecture]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "lm"
+    labels = hf.get("num_labels", len(hf.get("id2label") or {"0": ""}))
+    if labels != 1:
+        raise ValueError(
+            f"config.json describes a {labels}-label classifier ({architectures[0]}); jaxlm "
+            "imports one-label sequence classifiers (reward models) only"
+        )
+    return "score"
+
+
 def family_of(hf: Mapping[str, Any]) -> Family:
     """The `Family` of a config.json dict, or a ValueError listing the supported ones."""
     model_type = hf.get("model_type")

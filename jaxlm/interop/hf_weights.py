@@ -86,6 +86,7 @@ _LLAMA_TOP = (
     ("embed/embedding", "model.embed_tokens.weight", "same"),
     ("final_norm/scale", "model.norm.weight", "same"),
     ("unembed/w", "lm_head.weight", "linear"),
+    ("score/w", "score.weight", "linear"),
 )
 _LLAMA_BLOCK = (
     ("attn_norm/scale", "input_layernorm.weight", "same"),
@@ -129,6 +130,7 @@ _GPT2_TOP = (
     ("final_norm/scale", "transformer.ln_f.weight", "same"),
     ("final_norm/bias", "transformer.ln_f.bias", "same"),
     ("unembed/w", "lm_head.weight", "linear"),
+    ("score/w", "score.weight", "linear"),
 )
 _GPT2_BLOCK = (
     ("attn_norm/scale", "ln_1.weight", "same"),
@@ -277,7 +279,7 @@ def is_buffer(family: Family, name: str) -> bool:
 def canonical_name(family: Family, name: str) -> str:
     """`name` with the family's optional prefix added where a checkpoint left it out."""
     prefix = layout_of(family).optional_prefix
-    if prefix and not name.startswith(prefix) and name != "lm_head.weight":
+    if prefix and not name.startswith(prefix) and name not in ("lm_head.weight", "score.weight"):
         return prefix + name
     return name
 

@@ -65,7 +65,10 @@ def write_workdir(
         data=dataclasses.replace(run.data, tokenizer=spec, seq_len=seq_len),
         mesh=dataclasses.replace(run.mesh, rules=rules or run.mesh.rules),
     )
-    plan = RunPlan(run, mesh=mesh, tokenizer=tokenizer)
+    if config.head == "score" and run.task.kind == "lm":
+        run = dataclasses.replace(run, task=dataclasses.replace(run.task, kind="reward"))
+    # A reward model's pairs are not known yet: its task's data checks wait for its training.
+    plan = RunPlan(run, mesh=mesh, tokenizer=tokenizer, check_data=config.head == "lm")
     if jax.process_index() == 0:
         checkpoint.check_workdir(workdir, plan.checkpoint_bytes())
     # The data position first: a dataset that cannot be read fails before the weights are read.

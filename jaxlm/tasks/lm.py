@@ -23,6 +23,13 @@ class LMTask(Task):
 
     kind = "lm"
 
+    def check(self, tokenizer: Tokenizer) -> None:
+        if self.config.model.head != "lm":
+            raise ValueError(
+                f"task.kind={self.kind} trains a language model, but model.head="
+                f"{self.config.model.head!r}; a reward model trains with task.kind=reward"
+            )
+
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         b, t = self.config.data.batch_size, self.config.data.seq_len
         spec: dict[str, tuple[tuple[int, ...], Any]] = {

@@ -34,6 +34,7 @@ class SFTTask(LMTask):
     def check(self, tokenizer: Tokenizer) -> None:
         """Every record of both splits renders; some token is trained on; says how many
         conversations were truncated or dropped."""
+        super().check(tokenizer)
         data, task = self.config.data, self.config.task
         template = self.template(tokenizer)
         for split in (data.train_split, data.eval_split):
