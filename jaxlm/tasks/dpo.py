@@ -15,7 +15,7 @@ reply, their margin, the accuracy (the chosen reward is the larger) and the poli
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,13 @@ class DPOTask(PairTask):
     text keys, `mask` on the reply targets; only the adapters train."""
 
     kind = "dpo"
+    extra_metrics: ClassVar[dict[str, str]] = {
+        "policy_accuracy": "policy_correct",
+        "logp_chosen": "chosen_logp",
+        "logp_rejected": "rejected_logp",
+    }
+    # The policy alone: the chosen reply is the more likely one.
+    extra_eval_metrics: ClassVar[dict[str, str]] = {"policy_accuracy": "policy_correct"}
 
     def check(self, tokenizer: Tokenizer) -> None:
         model = self.config.model
@@ -90,54 +97,15 @@ class DPOTask(PairTask):
         ref = pair_sums(losses.token_log_probs(ref_logits, targets, mask), segments, mask)
         (pc, pr, valid), (rc, rr, _) = policy, ref
         per_pair = dpo_losses(pc, pr, rc, rr, task.beta, task.dpo_loss, task.label_smoothing)
-        w = valid.astype(jnp.float32)
-        chosen_reward, rejected_reward = task.beta * (pc - rc), task.beta * (pr - rr)
         return {
-            "loss": jnp.sum(per_pair * w),
-            "pairs": jnp.sum(w),
-            "correct": jnp.sum((chosen_reward > rejected_reward) * w),
-            "policy_correct": jnp.sum((pc > pr) * w),
-            "chosen_reward": jnp.sum(chosen_reward * w),
-            "rejected_reward": jnp.sum(rejected_reward * w),
-            "chosen_logp": jnp.sum(pc * w),
-            "rejected_logp": jnp.sum(pr * w),
+            **self.totals(
+                per_pair,
+                task.beta * (pc - rc),
+                task.beta * (pr - rr),
+                valid,
+                policy_correct=(pc > pr).astype(jnp.float32),
+                chosen_logp=pc,
+                rejected_logp=pr,
+            ),
             **self.aux_terms(aux),
-        }
-
-    def loss_terms(
-        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
-    ) -> dict[str, jax.Array]:
-        return self.pair_terms(params, batch, rng)
-
-    def metrics(
-        self, terms: dict[str, jax.Array], batch: dict[str, jax.Array], total: jax.Array
-    ) -> dict[str, jax.Array]:
-        n = jnp.maximum(terms["pairs"], 1.0)
-        chosen, rejected = terms["chosen_reward"] / n, terms["rejected_reward"] / n
-        return {
-            "loss": terms["loss"] / n,
-            "accuracy": terms["correct"] / n,
-            "policy_accuracy": terms["policy_correct"] / n,
-            "rewards_chosen": chosen,
-            "rewards_rejected": rejected,
-            "margin": chosen - rejected,
-            "logp_chosen": terms["chosen_logp"] / n,
-            "logp_rejected": terms["rejected_logp"] / n,
-            "pairs": terms["pairs"],
-        }
-
-    def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        terms = self.pair_terms(params, batch)
-        keys = ("loss", "pairs", "correct", "policy_correct", "chosen_reward", "rejected_reward")
-        return {k: terms[k] for k in keys}
-
-    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums.get("pairs", 0.0), 1.0)
-        return {
-            "eval_loss": sums.get("loss", 0.0) / n,
-            "eval_accuracy": sums.get("correct", 0.0) / n,
-            # The policy alone: the chosen reply is the more likely one.
-            "eval_policy_accuracy": sums.get("policy_correct", 0.0) / n,
-            "eval_margin": (sums.get("chosen_reward", 0.0) - sums.get("rejected_reward", 0.0)) / n,
-            "eval_pairs": sums.get("pairs", 0.0),
         }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -75,3 +75,69 @@ class PairTask(LMTask):
     def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array:
         pairs = (jnp.max(batch["segment_ids"], axis=1) + 1) // 2  # a row's pairs: segments 1..2P
         return jnp.maximum(jnp.sum(pairs).astype(jnp.float32), 1.0)
+
+    # Extra per-pair means beyond loss/accuracy/rewards/margin: {metric name: term key}.
+    extra_metrics: ClassVar[dict[str, str]] = {}
+    extra_eval_metrics: ClassVar[dict[str, str]] = {}
+
+    def pair_terms(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        """The batch's sums (see `totals`) and the model's aux terms."""
+        raise NotImplementedError
+
+    @staticmethod
+    def totals(
+        loss: jax.Array,
+        chosen_reward: jax.Array,
+        rejected_reward: jax.Array,
+        valid: jax.Array,
+        **extra: jax.Array,
+    ) -> dict[str, jax.Array]:
+        """Sums over the valid pairs ([B, P] each) of the loss, the rewards, the pairs whose
+        chosen reward is the larger, and of each `extra` per-pair value."""
+        w = valid.astype(jnp.float32)
+        sums = {
+            "loss": loss,
+            "correct": (chosen_reward > rejected_reward).astype(jnp.float32),
+            "chosen_reward": chosen_reward,
+            "rejected_reward": rejected_reward,
+            **extra,
+        }
+        return {"pairs": jnp.sum(w), **{k: jnp.sum(v * w) for k, v in sums.items()}}
+
+    def loss_terms(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        return self.pair_terms(params, batch, rng)
+
+    def metrics(
+        self, terms: dict[str, jax.Array], batch: dict[str, jax.Array], total: jax.Array
+    ) -> dict[str, jax.Array]:
+        n = jnp.maximum(terms["pairs"], 1.0)
+        chosen, rejected = terms["chosen_reward"] / n, terms["rejected_reward"] / n
+        return {
+            "loss": terms["loss"] / n,
+            "accuracy": terms["correct"] / n,
+            "rewards_chosen": chosen,
+            "rewards_rejected": rejected,
+            "margin": chosen - rejected,
+            "pairs": terms["pairs"],
+            **{name: terms[key] / n for name, key in self.extra_metrics.items()},
+        }
+
+    def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        terms = self.pair_terms(params, batch)
+        keys = ("loss", "pairs", "correct", "chosen_reward", "rejected_reward")
+        return {k: terms[k] for k in (*keys, *self.extra_eval_metrics.values())}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.get("pairs", 0.0), 1.0)
+        margin = sums.get("chosen_reward", 0.0) - sums.get("rejected_reward", 0.0)
+        return {
+            "eval_loss": sums.get("loss", 0.0) / n,
+            "eval_accuracy": sums.get("correct", 0.0) / n,
+            "eval_margin": margin / n,
+            **{f"eval_{k}": sums.get(v, 0.0) / n for k, v in self.extra_eval_metrics.items()},
+            "eval_pairs": sums.get("pairs", 0.0),
+        }

@@ -51,49 +51,7 @@ class RewardTask(PairTask):
         rc, rr, valid = pair_sums(
             jnp.where(last, scores[..., 0].astype(jnp.float32), 0.0), segments, last
         )
-        w = valid.astype(jnp.float32)
-        return {
-            "loss": jnp.sum(-jax.nn.log_sigmoid(rc - rr) * w),
-            "pairs": jnp.sum(w),
-            "correct": jnp.sum((rc > rr) * w),
-            "chosen_reward": jnp.sum(rc * w),
-            "rejected_reward": jnp.sum(rr * w),
-            **self.aux_terms(aux),
-        }
-
-    def loss_terms(
-        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
-    ) -> dict[str, jax.Array]:
-        return self.pair_terms(params, batch, rng)
-
-    def metrics(
-        self, terms: dict[str, jax.Array], batch: dict[str, jax.Array], total: jax.Array
-    ) -> dict[str, jax.Array]:
-        n = jnp.maximum(terms["pairs"], 1.0)
-        chosen, rejected = terms["chosen_reward"] / n, terms["rejected_reward"] / n
-        return {
-            "loss": terms["loss"] / n,
-            "accuracy": terms["correct"] / n,
-            "rewards_chosen": chosen,
-            "rewards_rejected": rejected,
-            "margin": chosen - rejected,
-            "pairs": terms["pairs"],
-        }
-
-    def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        terms = self.pair_terms(params, batch)
-        return {
-            k: terms[k] for k in ("loss", "pairs", "correct", "chosen_reward", "rejected_reward")
-        }
-
-    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums.get("pairs", 0.0), 1.0)
-        return {
-            "eval_loss": sums.get("loss", 0.0) / n,
-            "eval_accuracy": sums.get("correct", 0.0) / n,
-            "eval_margin": (sums.get("chosen_reward", 0.0) - sums.get("rejected_reward", 0.0)) / n,
-            "eval_pairs": sums.get("pairs", 0.0),
-        }
+        return {**self.totals(-jax.nn.log_sigmoid(rc - rr), rc, rr, valid), **self.aux_terms(aux)}
 
 
 def score_chats(
