@@ -146,7 +146,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return 0
     gib = 2.0**30
-    print(f"config:                     {args.config or 'tiny (default)'}")
+    print(f"config:                     {args.config or 'small (the default job)'}")
     print(f"parameters:                 {counts.total:,} ({counts.non_embedding:,} non-embedding)")
     if counts.active != counts.total:
         print(f"active per token:           {counts.active:,} (MoE: top-k of the experts)")
@@ -240,6 +240,9 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
             raise ValueError(f"rows {missing} of {args.results} have no {args.params!r} column")
         rows = [dict(r, params=r[args.params]) for r in rows]
     fits = scaling.fit_runs(rows, bootstrap=args.bootstrap, seed=args.seed)
+    if fits.chinchilla is None and fits.isoflop is None and fits.power_law is None:
+        reasons = "; ".join(f"{k}: {v}" for k, v in fits.skipped.items())
+        raise ValueError(f"{args.results}: no fit is possible with {len(rows)} run(s) ({reasons})")
     print(json.dumps(fits.summary(args.target or None), indent=1))
     if args.plot:
         for path in scaling.plot_all(fits, args.plot):
@@ -454,7 +457,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     else:
         tokenizer = HFTokenizer.train_bpe(inputs, args.vocab_size)
     tokenizer.save(args.out)
-    print(f"wrote a {args.kind} tokenizer ({tokenizer.vocab_size} ids) to {args.out}")
+    fewer = (
+        f"; fewer than the {args.vocab_size} asked: the input has no more to merge"
+        if tokenizer.vocab_size < args.vocab_size
+        else ""
+    )
+    print(f"wrote a {args.kind} tokenizer ({tokenizer.vocab_size} ids) to {args.out}{fewer}")
     print(
         f"use it with: --set data.tokenizer={args.out} --set model.vocab_size="
         f"{tokenizer.vocab_size} (or more)"
@@ -619,6 +627,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
+        # A path given that cannot be used as asked: bad input, named.
+        reason = {
+            IsADirectoryError: "is a directory, not a file",
+            NotADirectoryError: "is not a directory",
+            FileExistsError: "exists and is not a directory",
+            PermissionError: "cannot be written or read (permission denied)",
+        }[type(e)]
+        print(f"jaxlm {args.command}: error: {e.filename!r} {reason}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. the disk filled up mid-run: the last complete checkpoint is kept
         print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)

@@ -209,10 +209,22 @@ def train(
             ),
         )
     workdir = Path(workdir)
+    if config.train.init_from_step is not None and config.train.init_from is None:
+        raise ValueError(
+            f"train.init_from_step={config.train.init_from_step} needs train.init_from "
+            "(--init-from DIR): the step of which run?"
+        )
     distributed.check_agreement(_run_facts(config, workdir))
     plan = RunPlan(config)  # the checks, mesh, task, optimizer and abstract state
     mesh, tokenizer = plan.mesh, plan.tokenizer
     _check_resume(config, workdir)
+    span = config.optim.schedule_steps or config.train.steps
+    if config.optim.warmup_steps >= span:
+        _log(
+            f"note: optim.warmup_steps={config.optim.warmup_steps} spans the whole {span}-step "
+            f"schedule: the learning rate never reaches optim.learning_rate="
+            f"{config.optim.learning_rate:g} (--set optim.warmup_steps=N for fewer)"
+        )
     source = None
     if config.train.init_from is not None and not checkpoint.complete_steps(workdir):
         source = check_init_source(plan, config.train.init_from, config.train.init_from_step)

@@ -325,6 +325,9 @@ def load_for_eval(
     skipped with a message through `log` (default: stderr), and left in place (this reads only).
     """
     log = log or _log_stderr
+    if not Path(workdir).is_dir():
+        what = "is a file" if Path(workdir).exists() else "does not exist"
+        raise FileNotFoundError(f"--workdir {str(workdir)!r} {what}: give a jaxlm run directory")
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.all_steps()

@@ -17,13 +17,14 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.model.kv_cache import KVCache, init_cache
-from jaxlm.model.transformer import Transformer
+from jaxlm.model.transformer import Transformer, abstract_params
 
 _NEG = -1e30  # masked-out logits (finite, so a row never becomes all-NaN)
 
@@ -40,8 +41,8 @@ class Temperature:
     t: float
 
     def __post_init__(self) -> None:
-        if not self.t >= 0:
-            raise ValueError(f"temperature={self.t!r} must be >= 0 (0 = greedy)")
+        if not 0 <= self.t < float("inf"):
+            raise ValueError(f"temperature={self.t!r} must be finite and >= 0 (0 = greedy)")
 
     def __call__(self, logits_BV: jax.Array) -> jax.Array:
         return logits_BV / self.t
@@ -341,6 +342,39 @@ class Prompts:
     cache_len: int
 
 
+def _key(key: Any) -> jax.Array:
+    """An int seed or a JAX PRNG key, as a key."""
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
+        return jax.random.wrap_key_data(key)  # a raw jax.random.PRNGKey
+    raise ValueError(f"key={key!r:.60}: expected an int seed or a jax.random.key")
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_params(config)))
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves}
+
+
+def _check_params(config: ModelConfig, params: Any) -> None:
+    """A clear error when `params` are not this `config`'s (another model, a wrapped tree)."""
+    want = _param_shapes(config)
+    got = {
+        jax.tree_util.keystr(p): tuple(np.shape(x))
+        for p, x in jax.tree_util.tree_leaves_with_path(params)
+    }
+    if got != want:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        name = diff[0]
+        raise ValueError(
+            f"params do not match this ModelConfig: {name} is {got.get(name, 'missing')} in "
+            f"params, {want.get(name, 'absent')} for the config (another model's parameters?)"
+        )
+
+
 def _is_scalar(x: Any) -> bool:
     return not isinstance(x, str) and np.ndim(x) == 0
 
@@ -378,8 +412,9 @@ def prepare(
 ) -> Prompts:
     """Validate prompts (non-empty, ids in the vocabulary, prompt + new tokens within
     model.max_seq_len) and pad them to buckets."""
-    if not prompts:
+    if len(prompts) == 0:
         raise ValueError("no prompts given")
+    prompts = [np.asarray(p).reshape(-1).tolist() if hasattr(p, "shape") else p for p in prompts]
     b = len(prompts)
     v, limit = config.vocab_size, config.max_seq_len - config.prompt_tokens
     if _is_scalar(max_new_tokens):
@@ -404,10 +439,14 @@ def prepare(
         if n < 1:
             raise ValueError(f"max_new_tokens={n} (prompt {i}) must be >= 1")
         if len(p) + n > limit:
+            fix = (
+                f"shorten the prompt or ask for at most {limit - len(p)} new tokens"
+                if len(p) < limit
+                else f"shorten the prompt to at most {limit - 1} tokens"
+            )
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens + max_new_tokens={n} = {len(p) + n}, more than "
-                f"model.max_seq_len={limit}; shorten the prompt or ask for at most "
-                f"{max(limit - len(p), 0)} new tokens"
+                f"model.max_seq_len={limit}; {fix}"
             )
     longest = max(len(p) for p in prompts)
     t = bucket(longest, limit)
@@ -463,7 +502,8 @@ def generate(
     budgets are padded to buckets, so similar requests reuse one compilation."""
     chain = _check_chain(chain, config)
     batch = prepare(config, prompts, max_new_tokens, stop_tokens, pad_id)
-    key = jax.random.key(key) if isinstance(key, int) else key
+    key = _key(key)
+    _check_params(config, params)
     tokens, num = _generate(
         params,
         batch.tokens,
@@ -498,7 +538,8 @@ def generate_stream(
         raise ValueError(f"chunk={chunk} must be >= 1")
     chain = _check_chain(chain, config)
     batch = prepare(config, prompts, max_new_tokens, stop_tokens, pad_id)
-    key = jax.random.key(key) if isinstance(key, int) else key
+    key = _key(key)
+    _check_params(config, params)
     args = (batch.max_new, batch.stop)
     state = _stream_start(
         params,

@@ -307,3 +307,121 @@ def test_sample_refuses_top_k_beyond_the_vocabulary(capsys, run):
     rc, last, _ = _cli(capsys, *args)
     assert rc == 2
     assert f"top_k=100000 is more than the model's {config.model.vocab_size} token ids" in last
+
+
+# --- a second probe: values out of range, user Python files, paths, hints ----------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.b1=1.5", "OptimConfig.b1=1.5 must be in [0, 1)"),
+        ("optim.b2=-2", "OptimConfig.b2=-2.0 must be in [0, 1)"),
+        ("optim.eps=0", "OptimConfig.eps=0.0 must be > 0"),
+        ("train.peak_flops_per_device=-5", "TrainConfig.peak_flops_per_device=-5.0 must be > 0"),
+        ("data.seq_len=1", "DataConfig.seq_len=1 must be >= 2"),
+        ("model.moe.num_shared_experts=2", "num_shared_experts=2 needs an MoE model"),
+    ],
+)
+def test_values_out_of_range_are_refused(capsys, override, message):
+    rc, last, _ = _cli(capsys, "info", "--set", override)
+    assert rc == 2 and message in last, last
+
+
+def test_string_values_keep_their_spaces():
+    config = load_config(None, ["train.sample_prompt=def ", "train.steps= 7 "])
+    assert config.train.sample_prompt == "def " and config.train.steps == 7
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("syntax.py", "def get_config(:\n", "syntax.py:1: invalid syntax (the file is not valid"),
+        (
+            "raises.py",
+            "def get_config():\n    x = {}\n    return x['oops']\n",
+            "raises.py: get_config() failed: line 3: KeyError: 'oops'",
+        ),
+        ("imports.py", "import no_such_module\n", "line 1: ModuleNotFoundError"),
+    ],
+)
+def test_a_failing_python_config_names_the_file_and_line(capsys, tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    rc, last, _ = _cli(capsys, "info", "--config", tmp_path / name)
+    assert rc == 2 and message in last, last
+
+
+def test_a_failing_sweep_file_names_the_file_and_line(capsys, tmp_path):
+    (tmp_path / "sw.py").write_text("def get_sweep():\n    return [1 / 0]\n")
+    rc, last, _ = _cli(capsys, "sweep", tmp_path / "sw.py", "--workdir", tmp_path / "w")
+    assert rc == 2 and "sw.py: get_sweep() failed: line 2: ZeroDivisionError" in last, last
+
+
+def test_a_sweep_budget_must_be_a_finite_number():
+    from jaxlm.scaling.sweep import SweepRun, check_runs
+
+    with pytest.raises(ValueError, match=r"run 'x': budget=nan must be a finite number"):
+        check_runs([SweepRun("x", load_config("tiny"), float("nan"))])
+
+
+def test_config_of_another_kind_is_named(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {}\n")
+    for spec in (tmp_path / "c.yaml", tmp_path):
+        rc, last, _ = _cli(capsys, "info", "--config", spec)
+        assert rc == 2 and "give a preset name, a .py file with get_config() or a .json" in last
+
+
+def test_paths_that_cannot_be_used_are_named(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "a.txt").write_text("hello world, hello again\n" * 50)
+    rc, last, _ = _cli(capsys, "sample", "--workdir", tmp_path, "--prompt-file", tmp_path)
+    assert rc == 2 and f"{str(tmp_path)!r} is a directory, not a file" in last, last
+    args = [
+        "tokenizer",
+        "train",
+        "--kind",
+        "bpe",
+        "--vocab-size",
+        300,
+        "--input",
+        tmp_path / "a.txt",
+    ]
+    rc, last, _ = _cli(capsys, *args, "--out", tmp_path / "afile")
+    assert rc == 2 and "afile' exists and is not a directory" in last, last
+    for workdir, what in ((tmp_path / "afile", "is a file"), (tmp_path / "nope", "does not exist")):
+        rc, last, _ = _cli(capsys, "sample", "--workdir", workdir, "--prompt", "hi")
+        assert rc == 2 and f"{what}: give a jaxlm run directory" in last, last
+        rc, last, _ = _cli(capsys, "eval", "--workdir", workdir)
+        assert rc == 2 and what in last, last
+
+
+def test_init_from_step_alone_is_refused(capsys, tmp_path):
+    rc, last, _ = _cli(
+        capsys, "train", "--set", "train.init_from_step=2", "--workdir", tmp_path / "w"
+    )
+    assert rc == 2 and "train.init_from_step=2 needs train.init_from" in last, last
+    assert not (tmp_path / "w").exists()
+
+
+def test_scaling_fit_with_nothing_to_fit_is_an_error(capsys, tmp_path):
+    (tmp_path / "one.csv").write_text("name,params,tokens,flops,eval_loss\na,100,1000,6e5,2.5\n")
+    rc, last, _ = _cli(capsys, "scaling", "fit", tmp_path / "one.csv", "--bootstrap", 0)
+    assert rc == 2 and "no fit is possible with 1 run(s) (chinchilla:" in last, last
+
+
+def test_small_corpora_say_when_fewer_ids_were_possible(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    args = ["tokenizer", "train", "--kind", "bpe", "--vocab-size", 100000, "--input"]
+    rc, _, out = _cli(capsys, *args, tmp_path / "a.txt", "--out", tmp_path / "t")
+    assert rc == 0 and "fewer than the 100000 asked: the input has no more to merge" in out.out
+
+
+def test_a_null_completion_names_the_field():
+    from jaxlm.data.chat import conversation
+
+    with pytest.raises(ValueError, match="r: 'completion' must be a string, got NoneType"):
+        conversation('{"prompt": "hi", "completion": null}', "r")
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(run):
+    assert any("optim.warmup_steps=50 spans the whole 20-step schedule" in m for m in run[3])

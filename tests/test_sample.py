@@ -219,6 +219,7 @@ def test_bad_requests_are_refused_before_compiling(llama_params):
             dict(prompts=[[1] * 60], max_new_tokens=5),
             "60 tokens \\+ max_new_tokens=5 = 65, more than",
         ),
+        (dict(prompts=[[1] * 64], max_new_tokens=1), "shorten the prompt to at most 63 tokens"),
         (dict(max_new_tokens=0), "max_new_tokens=0"),
         (dict(max_new_tokens=2.5), r"max_new_tokens holds 2.5 \(float\): expected integers"),
         (dict(prompts=[]), "no prompts given"),
@@ -242,8 +243,22 @@ def test_bad_requests_are_refused_before_compiling(llama_params):
     assert len(generate(LLAMA, llama_params, [np.array([1, 2])], np.int64(1))[0]) == 1
     with pytest.raises(ValueError, match="top_k=321 is more than the model's 320 token ids"):
         generate(LLAMA, llama_params, [[1, 2]], 4, chain=sample.strategies(top_k=321))
-    with pytest.raises(ValueError, match=r"temperature=-0.5 must be >= 0"):
+    with pytest.raises(ValueError, match=r"temperature=-0.5 must be finite and >= 0"):
         sample.strategies(temperature=-0.5)
+    with pytest.raises(ValueError, match=r"temperature=inf must be finite"):
+        sample.strategies(temperature=float("inf"))
+    # A [B, T] array of prompts works like lists; another model's parameters and a key that is
+    # not one are refused by name.
+    assert generate(LLAMA, llama_params, np.array([[1, 2]]), 2) == generate(
+        LLAMA, llama_params, [[1, 2]], 2
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"params do not match this ModelConfig: \['embed'\]\['embedding'\] is missing",
+    ):
+        generate(LLAMA, {"foo": llama_params}, [[1, 2]], 2)
+    with pytest.raises(ValueError, match=r"key=None: expected an int seed or a jax\.random\.key"):
+        generate(LLAMA, llama_params, [[1, 2]], 2, key=None)
     with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
         sample.strategies(top_p=1.5)
     with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):

@@ -77,6 +77,11 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.num_shared_experts={self.num_shared_experts!r} must be >= 0"
             )
+        if self.num_shared_experts and not self.num_experts:
+            raise ValueError(
+                f"MoEConfig.num_shared_experts={self.num_shared_experts} needs an MoE model: set "
+                "moe.num_experts > 0 (a dense model has no experts to share)"
+            )
         for name, literal in (("score", RouterScore), ("dispatch", Dispatch)):
             value, valid = getattr(self, name), get_args(literal)
             if value not in valid:

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import traceback
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -34,7 +35,10 @@ def _type_name(tp: Any) -> str:
 
 
 def convert(raw: Any, tp: Any, key: str) -> Any:
-    """`raw` (a string from the command line, or a JSON value) as a value of type `tp`."""
+    """`raw` (a string from the command line, or a JSON value) as a value of type `tp`.
+    Surrounding spaces are dropped except for string fields (`train.sample_prompt="def "`)."""
+    if isinstance(raw, str) and tp is not str:
+        raw = raw.strip()
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
@@ -147,7 +151,7 @@ def apply_overrides(config: T, overrides: Iterable[str]) -> T:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key.path=value")
-        config = _set(config, key.split("."), raw.strip(), key, type(config))
+        config = _set(config, key.split("."), raw, key, type(config))
     return config
 
 
@@ -180,8 +184,30 @@ def load_python_file(path: str | Path) -> types.ModuleType:
     path = Path(path)
     module_spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    try:
+        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except SyntaxError as e:
+        raise ValueError(f"{path}:{e.lineno}: {e.msg} (the file is not valid Python)") from None
+    except Exception as e:
+        raise ValueError(f"{path}: running it failed: {_where(e, path)}") from e
     return module
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """`e` as "line N: Type: message", N the deepest line of `path` in its traceback."""
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+    at = f"line {lines[-1]}: " if lines else ""
+    return f"{at}{type(e).__name__}: {e}"
+
+
+def call_user_function(path: str | Path, fn: Any) -> Any:
+    """`fn()` from a user's file, its failure reported as one line naming the file and line."""
+    try:
+        return fn()
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: {fn.__name__}() failed: {_where(e, Path(path))}") from e
 
 
 def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunConfig:
@@ -202,13 +228,17 @@ def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunCo
             module = load_python_file(path)
             if not hasattr(module, "get_config"):
                 raise ValueError(f"config file {spec!r} must define get_config()")
-            config = module.get_config()
+            config = call_user_function(path, module.get_config)
         if isinstance(config, ModelConfig):
             config = RunConfig(model=config)
         if not isinstance(config, RunConfig):
             raise TypeError(f"{spec!r} gave {type(config).__name__}, expected RunConfig")
     elif spec in PRESETS:
         config = RunConfig(model=get_preset(spec))
+    elif Path(spec).exists() or spec.endswith((".yaml", ".yml", ".toml", ".ini", ".cfg")):
+        raise ValueError(
+            f"--config {spec!r}: give a preset name, a .py file with get_config() or a .json file"
+        )
     else:
         get_preset(spec)  # raises with the list of presets and the closest names
         raise AssertionError("unreachable")

@@ -72,6 +72,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "seq_len", "batch_size")
+        if self.seq_len < 2:
+            raise ValueError(
+                f"DataConfig.seq_len={self.seq_len} must be >= 2 (a row of one token has no "
+                "next token to predict)"
+            )
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count={self.worker_count!r} must be >= 0")
         if self.streams is not None:
@@ -133,6 +138,11 @@ class OptimConfig:
             )
         if self.weight_decay < 0:
             raise ValueError(f"OptimConfig.weight_decay={self.weight_decay!r} must be >= 0")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"OptimConfig.eps={self.eps!r} must be > 0")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
@@ -215,6 +225,11 @@ class TrainConfig:
         check_positive_ints(
             self, "steps", "microbatches", "eval_every", "log_every", "max_nonfinite_steps"
         )
+        if self.peak_flops_per_device is not None and not self.peak_flops_per_device > 0:
+            raise ValueError(
+                f"TrainConfig.peak_flops_per_device={self.peak_flops_per_device!r} must be > 0 "
+                "or None (None = the accelerator's known peak, or a measured rate on CPU)"
+            )
         if self.init_from_step is not None and self.init_from_step < 0:
             raise ValueError(f"TrainConfig.init_from_step={self.init_from_step!r} must be >= 0")
         if self.init_from == "":

@@ -35,6 +35,11 @@ def conversation(
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: 'messages' must be a non-empty list, got {messages!r:.80}")
     elif "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise ValueError(
+                    f"{where}: {key!r} must be a string, got {type(record[key]).__name__}"
+                )
         messages = [
             {"role": "user", "content": record["prompt"]},
             {"role": "assistant", "content": record["completion"]},

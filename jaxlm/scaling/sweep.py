@@ -14,7 +14,7 @@ from typing import Any
 
 from jaxlm import checkpoint
 from jaxlm.configs.model import ModelConfig
-from jaxlm.configs.overrides import apply_overrides, load_python_file
+from jaxlm.configs.overrides import apply_overrides, call_user_function, load_python_file
 from jaxlm.configs.run import RunConfig
 from jaxlm.files import read_json
 from jaxlm.metrics import flops_per_token, param_count
@@ -114,7 +114,7 @@ def load_sweep(path: str | Path) -> list[SweepRun]:
         raise FileNotFoundError(f"sweep file {str(path)!r} is not an existing .py file")
     module = load_python_file(path)
     if hasattr(module, "get_sweep"):
-        runs = module.get_sweep()
+        runs = call_user_function(path, module.get_sweep)
     elif hasattr(module, "SWEEP"):
         runs = module.SWEEP
     else:
@@ -138,6 +138,15 @@ def check_runs(runs: Iterable[SweepRun]) -> list[SweepRun]:
             )
         if run.name in seen:
             raise ValueError(f"run name {run.name!r} appears twice in the sweep")
+        budget = run.budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, int | float)
+            or not 0 < budget < math.inf
+        ):
+            raise ValueError(
+                f"run {run.name!r}: budget={budget!r} must be a finite number of FLOPs > 0, or None"
+            )
         seen.add(run.name)
     return runs
 
