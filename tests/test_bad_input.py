@@ -425,3 +425,29 @@ def test_a_null_completion_names_the_field():
 
 def test_a_warmup_as_long_as_the_run_is_noted(run):
     assert any("optim.warmup_steps=50 spans the whole 20-step schedule" in m for m in run[3])
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_a_bad_chat_or_pair_record_is_named_by_its_file_line(capsys, tmp_path, stdlib_cache, kind):
+    good = (
+        {"prompt": "hi", "completion": "hello"}
+        if kind == "sft"
+        else {"prompt": "hi", "chosen": "hello", "rejected": "bye"}
+    )
+    bad = (
+        {"messages": [{"role": "robot", "content": "x"}]}
+        if kind == "sft"
+        else {"prompt": "hi", "chosen": "same", "rejected": "same"}
+    )
+    lines = [json.dumps(good)] * 60 + [json.dumps(bad)] + [json.dumps(good)] * 10
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    extra = ["--set", "model.lora.rank=4"] if kind == "dpo" else []
+    rc, last, _ = _cli(
+        capsys,
+        "train",
+        *("--set", f"task.kind={kind}", "--set", f"data.dataset={tmp_path / 'd.jsonl'}", *extra),
+        *("--workdir", tmp_path / "w"),
+    )
+    assert rc == 2 and f"{tmp_path / 'd.jsonl'}:61: " in last, last
+    assert ("unknown role 'robot'" if kind == "sft" else "are the same reply") in last
+    assert not (tmp_path / "w").exists()

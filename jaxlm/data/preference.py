@@ -25,6 +25,7 @@ from grain import experimental as grain_experimental
 
 from jaxlm.data.chat import Template, conversation, encode_chat
 from jaxlm.data.pipeline import next_token_rows, token_bytes
+from jaxlm.data.sources import record_where
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.files import parse_json
 
@@ -148,7 +149,7 @@ def pair_stats(
     """Render and check every record of `source` (a bad one raises, naming its index)."""
     truncated = dropped = 0
     for i in range(len(source)):
-        where = f"{source!r} record {i}"
+        where = record_where(source, i)
         prompt, chosen, rejected = pair_conversations(source[i], where)
         lengths = [len(encode_reply(prompt, r, tokenizer, template)[0]) for r in (chosen, rejected)]
         truncated += sum(lengths) > seq_len

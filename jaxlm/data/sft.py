@@ -17,6 +17,7 @@ from grain import experimental as grain_experimental
 
 from jaxlm.data.chat import Template, conversation, encode_chat
 from jaxlm.data.pipeline import next_token_rows, token_bytes
+from jaxlm.data.sources import record_where
 from jaxlm.data.tokenizer import Tokenizer
 
 
@@ -65,7 +66,7 @@ def chat_stats(
     truncated = dropped = trained = 0
     for i in range(len(source)):
         _, train, cut = encode_record(
-            source[i], tokenizer, template, seq_len, train_on_prompt, f"{source!r} record {i}"
+            source[i], tokenizer, template, seq_len, train_on_prompt, record_where(source, i)
         )
         targets = int(train[1:].sum())
         truncated += cut

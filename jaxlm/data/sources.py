@@ -77,13 +77,14 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _documents(path: Path, text_key: str) -> Iterator[str]:
+def _documents(path: Path, text_key: str) -> Iterator[tuple[str, str]]:
+    """(where: "file:line" or the file, text) of each document of a local file."""
     if path.suffix == ".jsonl":
         text = read_text(path)
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip() and text_key == RECORD_KEY:
                 parse_json_line(line, path, n)  # whole records: checked as JSON objects here
-                yield line.strip()
+                yield f"{path}:{n}", line.strip()
             elif line.strip():
                 record = parse_json_line(line, path, n)
                 if text_key not in record:
@@ -93,9 +94,9 @@ def _documents(path: Path, text_key: str) -> Iterator[str]:
                         f"{path}:{n}: the {text_key!r} field must be a string, got "
                         f"{type(record[text_key]).__name__}"
                     )
-                yield record[text_key]
+                yield f"{path}:{n}", record[text_key]
     else:
-        yield read_text(path)
+        yield str(path), read_text(path)
 
 
 def _chunks(text: str, limit: int) -> Iterator[str]:
@@ -139,9 +140,10 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         super().__init__(file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
-        )
+        features = {"text": tfds.features.Text()}
+        if self._text_key == RECORD_KEY:  # where each record came from, for error messages
+            features["where"] = tfds.features.Text()
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         # First pass: which documents go to validation. Both splits must be non-empty, so a
@@ -149,7 +151,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         # single-document corpus gives the last ~5% of its lines to validation.
         keys = {}
         for i, path in enumerate(self._files):
-            for j, doc in enumerate(_documents(path, self._text_key)):
+            for j, (_, doc) in enumerate(_documents(path, self._text_key)):
                 if doc:
                     keys[(i, j)] = _hash(doc)
         if not keys:
@@ -172,7 +174,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         self, validation: set, cut: tuple | None, want_validation: bool
     ) -> Iterator[tuple[str, dict[str, str]]]:
         for i, path in enumerate(self._files):
-            for j, doc in enumerate(_documents(path, self._text_key)):
+            for j, (where, doc) in enumerate(_documents(path, self._text_key)):
                 if not doc:
                     continue
                 if (i, j) == cut:
@@ -180,9 +182,10 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
                     doc = tail if want_validation else head
                 elif ((i, j) in validation) != want_validation:
                     continue
-                # Whole records stay whole; long text is stored in chunks.
-                limit = len(doc) if self._text_key == RECORD_KEY else _MAX_CHUNK_CHARS
-                for k, chunk in enumerate(_chunks(doc, limit)):
+                if self._text_key == RECORD_KEY:  # whole records stay whole
+                    yield f"{i}-{j}-0", {"text": doc, "where": where}
+                    continue
+                for k, chunk in enumerate(_chunks(doc, _MAX_CHUNK_CHARS)):  # long text: chunks
                     yield f"{i}-{j}-{k}", {"text": chunk}
 
 
@@ -195,7 +198,7 @@ def _split_tail(text: str, percent: float) -> tuple[str, str]:
 
 
 # Bump when the prepared format or the split rule changes, so old caches are not reused.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 
 def _fingerprint(files: Sequence[Path], **settings: Any) -> str:
@@ -250,6 +253,13 @@ class TextSource:
     def __repr__(self) -> str:
         return f"TextSource({self.description}, {len(self)} records)"
 
+    def where(self, index: int) -> str:
+        """Where record `index` came from ("file.jsonl:LINE" for local files), for errors."""
+        record = self._source[index]
+        if isinstance(record, dict) and "where" in record:
+            return _text_of(record, "where")
+        return f"{self!r} record {index}"
+
 
 def _plain(x: Any) -> Any:
     """A decoded TFDS value as JSON types (bytes as text, arrays as lists)."""
@@ -281,6 +291,12 @@ class RecordSource(TextSource):
                 for values in zip(*messages.values(), strict=True)
             ]
         return json.dumps(record)
+
+
+def record_where(source: Sequence[Any], index: int) -> str:
+    """How errors name record `index` of `source`: its file and line where known."""
+    where = getattr(source, "where", None)
+    return where(index) if where is not None else f"{source!r} record {index}"
 
 
 def _tiny_shakespeare_offline(manual_dir: str, data_dir: str | None) -> None:
