@@ -177,7 +177,7 @@ def test_sample_cli_reproduces_the_training_sample_and_is_seeded(run):
     [
         (("--prompt", "x", "--top-p", "1.5"), r"top_p=1.5 must be in (0, 1]"),
         (("--prompt", "x", "--top-k", "0"), "top_k=0 must be an integer >= 1"),
-        (("--prompt", "x", "--temperature", "-1"), "temperature=-1.0 must be >= 0"),
+        (("--prompt", "x", "--temperature", "-1"), "temperature=-1.0 must be finite and >= 0"),
         (("--prompt", ""), "prompt 0 is empty"),
         (("--prompt", "x" * 200, "--max-new-tokens", "100"), "more than model.max_seq_len=256"),
     ],

@@ -119,7 +119,9 @@ def _sft_config(path, *overrides):
 def test_sft_plan_checks_every_record_before_anything_runs(tmp_path, stdlib_cache):
     good = RECORDS * 3
     bad = _write(tmp_path, [*good, json.dumps({"messages": [{"role": "bot", "content": "x"}]})])
-    with pytest.raises(ValueError, match=r"record \d+: message 0: unknown role .bot."):
+    # Named by the file's own line (the record's index in the hashed split means nothing).
+    where = rf"chat\.jsonl:{len(good) + 1}: message 0: unknown role .bot."
+    with pytest.raises(ValueError, match=where):
         RunPlan(_sft_config(bad))
     (tmp_path / "chat.jsonl").unlink()
     none = _write(tmp_path, [json.dumps({"prompt": "x" * 300, "completion": "y"})] * 40)
