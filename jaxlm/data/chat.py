@@ -14,6 +14,7 @@ from typing import Any
 
 from jaxlm.configs.run import CHAT_TEMPLATES as TEMPLATE_NAMES
 from jaxlm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from jaxlm.files import parse_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -24,10 +25,7 @@ def conversation(
     """The messages of a record, checked: a clear error naming `where` and the bad value.
     `need_reply=False` accepts a chat without an assistant turn (a prompt to answer)."""
     if isinstance(record, str):
-        try:
-            record = json.loads(record)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
+        record = parse_json(record, where)
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:

@@ -113,6 +113,31 @@ class _NextTokenTargets(grain.transforms.Map):
         )
 
 
+def record_stream(
+    source: Sequence[Any],
+    shard: int,
+    num_shards: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+) -> grain.MapDataset:
+    """Stream `shard` of `num_shards` over the records (i, i + n, ...), shuffled with `seed`
+    (differently each epoch) and repeated `num_epochs` times (None = endlessly)."""
+    if len(source) == 0:
+        raise ValueError(f"the corpus {source!r} is empty")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard} must be in [0, {num_shards})")
+    if num_shards > len(source):
+        raise ValueError(
+            f"{num_shards} data streams need at least as many records, but the corpus "
+            f"{source!r} holds {len(source)}; lower data.streams"
+        )
+    ds = grain.MapDataset.source(source)[shard::num_shards]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs) if num_epochs != 1 else ds
+
+
 def build_dataset(
     source: Sequence[str],
     tokenizer: Tokenizer,
@@ -135,19 +160,7 @@ def build_dataset(
     shuffled with `seed` (differently each epoch), tokenized, concatenated and split into rows of
     `seq_len` tokens (no token dropped or repeated), and batched.
     """
-    if len(source) == 0:
-        raise ValueError(f"the corpus {source!r} is empty")
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard={shard} must be in [0, {num_shards})")
-    if num_shards > len(source):
-        raise ValueError(
-            f"{num_shards} data streams need at least as many records, but the corpus "
-            f"{source!r} holds {len(source)}; lower data.streams"
-        )
-    ds = grain.MapDataset.source(source)[shard::num_shards]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+    ds = record_stream(source, shard, num_shards, seed, shuffle, num_epochs)
     ds = ds.map(_Tokenize(tokenizer, add_bos, add_eos))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count == 0 else 4))
     it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})

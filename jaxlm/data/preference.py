@@ -21,10 +21,10 @@ from typing import Any
 
 import grain
 import numpy as np
-from grain import experimental as grain_experimental
 
 from jaxlm.data.chat import Template, conversation, encode_chat
-from jaxlm.data.pipeline import next_token_rows, token_bytes
+from jaxlm.data.pipeline import next_token_rows, record_stream, token_bytes
+from jaxlm.data.sft import first_fit_batches
 from jaxlm.data.sources import record_where
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.files import parse_json
@@ -210,17 +210,8 @@ def build_preference_dataset(
 ) -> grain.IterDataset:
     """One stream of packed preference batches (the arguments of `build_dataset`, plus the
     template): the packed-text batch keys, with pairs as described in the module docstring."""
-    ds = grain.MapDataset.source(source)[shard::num_shards]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+    ds = record_stream(source, shard, num_shards, seed, shuffle, num_epochs)
     ds = ds.map(_EncodePair(tokenizer, template, seq_len)).filter(_Fits())
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count == 0 else 4))
-    it = grain_experimental.FirstFitPackIterDataset(
-        it,
-        length_struct={"tokens": seq_len, "half": seq_len, "train": seq_len},
-        num_packing_bins=max(2, batch_size),
-        shuffle_bins=False,
-    )
-    it = it.map(_PairTargets(tokenizer.pad_id, token_bytes(tokenizer)))
-    return it.batch(batch_size, drop_remainder=drop_remainder)
+    targets = _PairTargets(tokenizer.pad_id, token_bytes(tokenizer))
+    keys = ("tokens", "half", "train")
+    return first_fit_batches(ds, keys, targets, seq_len, batch_size, worker_count, drop_remainder)

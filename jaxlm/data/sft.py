@@ -16,7 +16,7 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from jaxlm.data.chat import Template, conversation, encode_chat
-from jaxlm.data.pipeline import next_token_rows, token_bytes
+from jaxlm.data.pipeline import next_token_rows, record_stream, token_bytes
 from jaxlm.data.sources import record_where
 from jaxlm.data.tokenizer import Tokenizer
 
@@ -129,17 +129,30 @@ def build_chat_dataset(
 ) -> grain.IterDataset:
     """One stream of packed chat batches (the same arguments as `build_dataset`, plus the
     template): stream i reads records i, i + n, ..., shuffled with `seed` each epoch."""
-    ds = grain.MapDataset.source(source)[shard::num_shards]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+    ds = record_stream(source, shard, num_shards, seed, shuffle, num_epochs)
     ds = ds.map(_Encode(tokenizer, template, seq_len, train_on_prompt)).filter(_HasTargets())
+    targets = _ChatTargets(tokenizer.pad_id, token_bytes(tokenizer))
+    return first_fit_batches(
+        ds, ("tokens", "train"), targets, seq_len, batch_size, worker_count, drop_remainder
+    )
+
+
+def first_fit_batches(
+    ds: grain.MapDataset,
+    keys: Sequence[str],
+    targets: grain.transforms.Map,
+    seq_len: int,
+    batch_size: int,
+    worker_count: int,
+    drop_remainder: bool,
+) -> grain.IterDataset:
+    """Encoded units (each whole: a conversation, a preference pair) first-fit packed into rows
+    of `seq_len` over `keys`, turned into batch keys by `targets`, and batched."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count == 0 else 4))
     it = grain_experimental.FirstFitPackIterDataset(
         it,
-        length_struct={"tokens": seq_len, "train": seq_len},
+        length_struct=dict.fromkeys(keys, seq_len),
         num_packing_bins=max(2, batch_size),
         shuffle_bins=False,
     )
-    it = it.map(_ChatTargets(tokenizer.pad_id, token_bytes(tokenizer)))
-    return it.batch(batch_size, drop_remainder=drop_remainder)
+    return it.map(targets).batch(batch_size, drop_remainder=drop_remainder)

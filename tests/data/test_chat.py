@@ -139,7 +139,7 @@ def test_plain_template_for_bytes_trains_on_replies_and_eos():
         ),
         ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
         ({"text": "hello"}, "expected 'messages' or 'prompt' \\+ 'completion'"),
-        ("{not json", "not JSON"),
+        ("{not json", "chat.jsonl:3:1:2: not valid JSON"),
     ],
 )
 def test_bad_conversations_are_named(record, match):
