@@ -31,6 +31,7 @@ from jaxlm.sample import (
 from jaxlm.sharding import make_mesh, use_mesh
 from jaxlm.step import TrainState, train_step
 from jaxlm.tasks import Task, get_task
+from jaxlm.tasks.reward import score_chats
 from jaxlm.tasks.sft import generate_replies
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "merge_lora",
     "param_count",
     "param_shardings",
+    "score_chats",
     "strategies",
     "train",
     "train_step",

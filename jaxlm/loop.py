@@ -41,7 +41,10 @@ def evaluate(plan: RunPlan, params: Any, max_batches: int = 0) -> dict[str, floa
         if not any(distributed.allgather_json(batch is not None)):
             break
         batch = it.empty_batch() if batch is None else batch
-        out = plan.eval_step(params, to_global(batch, plan.mesh, it.rows, it.global_batch))
+        batch = to_global(batch, plan.mesh, it.rows, it.global_batch)
+        if plan.rollouts is not None:  # online RL: greedy replies to the prompts, scored
+            batch = plan.rollouts.eval_batch(params, batch)
+        out = plan.eval_step(params, batch)
         i += 1
         for k, v in jax.device_get(out).items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -258,7 +261,7 @@ def train(
         _log(f"starting from the parameters of {source.workdir} (step {source.step})")
     else:
         start, state = 0, plan.init_state()
-    train_step = plan.train_step
+    train_step, rollouts = plan.train_step, plan.rollouts
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = metrics.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
@@ -331,6 +334,8 @@ def train(
             loop_start = _clock()
             for step in range(start + 1, total + 1):
                 batch = to_global(next(train_it), mesh, train_it.rows, train_it.global_batch)
+                if rollouts is not None:  # online RL: this step's replies from `state`
+                    batch = rollouts.train_batch(state, batch)
                 state, step_metrics = train_step(state, batch)
                 if pending is not None:
                     finish(*pending, settled=False)
@@ -350,7 +355,7 @@ def train(
                     shown = "  ".join(
                         f"{k.removeprefix('eval_')} {v:.4f}"
                         for k, v in result.items()
-                        if k not in ("eval_tokens", "eval_pairs")
+                        if k not in ("eval_tokens", "eval_pairs", "eval_prompts")
                     )
                     _log(f"eval at step {step}: {shown}")
                 if save_now:

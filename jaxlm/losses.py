@@ -75,6 +75,19 @@ def token_log_probs(
     return jnp.swapaxes(out, 0, 1).reshape(b, -1)[:, :t]
 
 
+def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array, chunk: int = 128) -> jax.Array:
+    """The entropy (nats) of the softmax at each position, float32, 0 where `mask` is off
+    ([B, T]; chunked like `cross_entropy_sums`)."""
+    b, t, _ = logits_BTV.shape
+
+    def one(logits: jax.Array, _: jax.Array, mask: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.where(mask, -jnp.sum(jnp.exp(logp) * logp, axis=-1), 0.0)
+
+    out = _over_chunks(one, logits_BTV, jnp.zeros((b, t), jnp.int32), mask_BT, chunk)
+    return jnp.swapaxes(out, 0, 1).reshape(b, -1)[:, :t]
+
+
 def aux_loss(aux: dict[str, jax.Array]) -> jax.Array:
     """The sum of the model's auxiliary losses (entries named `*_loss`, e.g. MoE balancing)."""
     terms = [jnp.sum(v) for k, v in aux.items() if k.endswith("_loss")]

@@ -57,9 +57,15 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Clipping (global norm) followed by AdamW, Adafactor or Lion with the schedule."""
-    lr = schedule(config, total_steps)
+def make_optimizer(
+    config: OptimConfig, total_steps: int, updates_per_step: int = 1
+) -> optax.GradientTransformation:
+    """Clipping (global norm) followed by AdamW, Adafactor or Lion with the schedule.
+
+    `updates_per_step` > 1 (several updates on one batch, as PPO's epochs on one rollout): the
+    schedule still follows the training step, the same for each of its updates."""
+    by_step = schedule(config, total_steps)
+    lr = by_step if updates_per_step == 1 else (lambda count: by_step(count // updates_per_step))
     if config.name == "adamw":
         opt = optax.adamw(
             lr,

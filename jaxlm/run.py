@@ -89,7 +89,7 @@ class RunPlan:
         self.rules = sharding.get_rules(config.mesh.rules)
         self.task: Task = get_task(config)
         self.optimizer: optax.GradientTransformation = make_optimizer(
-            config.optim, config.train.steps
+            config.optim, config.train.steps, self.task.updates_per_step
         )
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
         boxed = jax.eval_shape(self._init_boxed, rng)
@@ -179,6 +179,11 @@ class RunPlan:
         )
 
     @functools.cached_property
+    def rollouts(self) -> Any:
+        """The task's rollouts (`Task.make_rollouts`), or None for tasks that read fixed data."""
+        return self.task.make_rollouts(self)
+
+    @functools.cached_property
     def eval_step(self) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
         """`eval_step` jitted with the parameter and batch shardings; returns replicated sums."""
         step = functools.partial(eval_step, config=self.config, task=self.task)
@@ -235,8 +240,8 @@ def _abstract_params(config: RunConfig) -> Any:
 
 
 def _fresh(name: str) -> bool:
-    """Parameters a run may add to its source's: adapters and a score head."""
-    return is_adapter(name) or name.startswith("score/")
+    """Parameters a run may add to its source's: adapters, a score head and a value head."""
+    return is_adapter(name) or name.startswith(("score/", "value/"))
 
 
 def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = None) -> InitSource:

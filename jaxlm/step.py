@@ -70,7 +70,8 @@ def train_step(
     task: Task | None = None,
     tx: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on `batch` (split into `config.train.microbatches` with `lax.scan`).
+    """One optimizer update on `batch` (split into `config.train.microbatches` with `lax.scan`),
+    or `task.updates_per_step` of them in a row on the same batch (PPO's epochs on a rollout).
 
     The objective is the task's summed loss over the whole batch divided by its normalizer
     (for LM: the mean next-token cross-entropy over all masked-in tokens plus the z-loss), so k
@@ -82,14 +83,74 @@ def train_step(
     skipped: parameters and optimizer state stay as they were, the step counter still advances
     (it counts batches consumed, which the data order and checkpoints follow), and the
     `nonfinite_streak` / `nonfinite_total` counters go up. The streak resets on a good step.
+    With several updates per step, each is skipped on its own and the step counts as skipped
+    when any was; the step's loss terms are the mean over its updates.
     """
     task = task or get_task(config)
-    tx = tx or make_optimizer(config.optim, config.train.steps)
+    updates = task.updates_per_step
+    tx = tx or make_optimizer(config.optim, config.train.steps, updates)
+    trainable, frozen = partition(state.params, task.trainable)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def one(carry: Any, u: jax.Array) -> tuple[Any, Any]:
+        trainable, opt_state = carry
+        out = _update(
+            trainable, opt_state, frozen, batch, jax.random.fold_in(rng, u), config, task, tx
+        )
+        return (out[0], out[1]), out[2:]
+
+    if updates == 1:
+        (trainable, opt_state), (terms, grad_norm, param_norm, finite) = one(
+            (trainable, state.opt_state), jnp.zeros((), jnp.int32)
+        )
+    else:
+        (trainable, opt_state), (terms, grad_norm, param_norm, finite) = jax.lax.scan(
+            one, (trainable, state.opt_state), jnp.arange(updates)
+        )
+        terms = jax.tree.map(lambda x: jnp.mean(x, axis=0), terms)
+        grad_norm, param_norm, finite = grad_norm[-1], param_norm[-1], jnp.all(finite)
+    total = task.normalizer(batch)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    nonfinite_total = state.nonfinite_total + (~finite).astype(jnp.int32)
+    metrics = {
+        **task.metrics(terms, batch, total),
+        "aux_loss": terms["aux"],
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "skipped": (~finite).astype(jnp.float32),
+        "nonfinite_streak": streak.astype(jnp.float32),
+        "nonfinite_total": nonfinite_total.astype(jnp.float32),
+        "lr": schedule(config.optim, config.train.steps)(state.step),
+        **{n: terms[n] for n in losses.MOE_METRICS if n in terms},
+        **{
+            f"moe_expert_load_{i}": terms["moe_expert_load"][i]
+            for i in range(config.model.moe.num_experts if "moe_expert_load" in terms else 0)
+        },
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=merge(trainable, frozen),
+        opt_state=opt_state,
+        nonfinite_streak=streak,
+        nonfinite_total=nonfinite_total,
+    )
+    return new_state, metrics
+
+
+def _update(
+    trainable: Any,
+    opt_state: Any,
+    frozen: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    config: RunConfig,
+    task: Task,
+    tx: optax.GradientTransformation,
+) -> tuple[Any, Any, dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+    """One update of the trained parameters on `batch`: (trainable, opt_state, summed terms,
+    grad norm, param norm, finite); a non-finite update leaves both as they were."""
     k = config.train.microbatches
     total = task.normalizer(batch)
-    trainable, frozen = partition(state.params, task.trainable)
-
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(
         params: Any, mb: dict[str, jax.Array], i: jax.Array
@@ -111,12 +172,13 @@ def train_step(
         mbs = _microbatches(batch, k)
         # The accumulator has the structure of one microbatch's terms (incl. MoE statistics).
         one = jax.eval_shape(
-            lambda mb: task.loss_terms(state.params, mb, rng), jax.tree.map(lambda x: x[0], mbs)
+            lambda mb: task.loss_terms(merge(trainable, frozen), mb, rng),
+            jax.tree.map(lambda x: x[0], mbs),
         )
         zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), one)
         (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (mbs, jnp.arange(k)))
         terms = {n: v / k if n == "aux" or n.startswith("moe_") else v for n, v in terms.items()}
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     grad_norm, param_norm = global_norm(grads), global_norm(new_trainable)
     finite = (
@@ -125,36 +187,13 @@ def train_step(
         & jnp.isfinite(grad_norm)
         & jnp.isfinite(param_norm)
     )
-    new_trainable, opt_state = jax.tree.map(
+    new_trainable, new_opt_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old),
-        (new_trainable, opt_state),
-        (trainable, state.opt_state),
+        (new_trainable, new_opt_state),
+        (trainable, opt_state),
     )
-    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-    nonfinite_total = state.nonfinite_total + (~finite).astype(jnp.int32)
-    metrics = {
-        **task.metrics(terms, batch, total),
-        "aux_loss": terms["aux"],
-        "grad_norm": grad_norm,
-        "param_norm": jnp.where(finite, param_norm, global_norm(trainable)),
-        "skipped": (~finite).astype(jnp.float32),
-        "nonfinite_streak": streak.astype(jnp.float32),
-        "nonfinite_total": nonfinite_total.astype(jnp.float32),
-        "lr": schedule(config.optim, config.train.steps)(state.step),
-        **{n: terms[n] for n in losses.MOE_METRICS if n in terms},
-        **{
-            f"moe_expert_load_{i}": terms["moe_expert_load"][i]
-            for i in range(config.model.moe.num_experts if "moe_expert_load" in terms else 0)
-        },
-    }
-    new_state = state.replace(
-        step=state.step + 1,
-        params=merge(new_trainable, frozen),
-        opt_state=opt_state,
-        nonfinite_streak=streak,
-        nonfinite_total=nonfinite_total,
-    )
-    return new_state, metrics
+    param_norm = jnp.where(finite, param_norm, global_norm(trainable))
+    return new_trainable, new_opt_state, terms, grad_norm, param_norm, finite
 
 
 def eval_step(

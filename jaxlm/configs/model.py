@@ -202,6 +202,9 @@ class ModelConfig:
     # model's head, `score` [d_model, 1], as Hugging Face's *ForSequenceClassification with one
     # label), in place of the unembedding.
     head: Head = "lm"
+    # A value head beside the output (`value` [d_model, 1], one scalar per position, in the aux
+    # outputs as "values"): the critic of PPO (`task.kind=ppo`), sharing the policy's layers.
+    value_head: bool = False
     # Which of num_kv_heads/head_dim/mlp_dim were derived (given as None): overrides re-derive them.
     derived_fields: tuple[str, ...] = dataclasses.field(
         default=(), init=False, repr=False, compare=False
@@ -289,6 +292,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.prompt_tokens={self.prompt_tokens!r} must be in [0, "
                 f"max_seq_len={self.max_seq_len})"
+            )
+        if self.value_head and self.head != "lm":
+            raise ValueError(
+                f"ModelConfig.value_head=True is a language model's critic; model.head="
+                f"{self.head!r} has no policy to go with it"
             )
 
     def _check_lora(self) -> None:

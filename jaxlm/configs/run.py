@@ -147,9 +147,9 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft", "dpo", "reward")
+TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
-CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "tokenizer")
+CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "raw", "tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +163,15 @@ class TaskConfig:
     tokens only unless `train_on_prompt`; "dpo" = Direct Preference Optimisation on preference
     pairs (JSONL `prompt`, `chosen`, `rejected`; see `jaxlm.data.preference`) against the model
     without its adapters, with `beta`, `dpo_loss` ("sigmoid" or "ipo") and `label_smoothing`;
-    "reward" = a reward model (`model.head="score"`) on the same pairs, Bradley-Terry loss.
+    "reward" = a reward model (`model.head="score"`) on the same pairs, Bradley-Terry loss;
+    "ppo" / "grpo" = online RL (`jaxlm.tasks.rl`) on prompts (JSONL `prompt` + any fields the
+    reward reads): each step samples `group_size` replies of up to `max_new_tokens` per prompt
+    with the compiled sampler at `temperature`, scores them with `reward` (a Python function,
+    "file.py:name" or "module:name") or `reward_model` (a reward run's workdir), and takes
+    `ppo_epochs` clipped (`clip_eps`) policy updates on them, with a KL penalty `kl_coef` to the
+    model without its adapters; PPO adds a value head (`model.value_head`), GAE (`gamma`,
+    `gae_lambda`), a clipped value loss (`vf_coef`, `value_clip`); GRPO uses group-relative
+    advantages instead (no value model).
     """
 
     kind: str = "lm"
@@ -174,8 +182,38 @@ class TaskConfig:
     beta: float = 0.1
     dpo_loss: str = "sigmoid"
     label_smoothing: float = 0.0
+    # ppo / grpo: the reward, the rollouts, the updates.
+    reward: str = ""
+    reward_model: str = ""
+    group_size: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    clip_eps: float = 0.2
+    ppo_epochs: int = 2
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
 
     def __post_init__(self) -> None:
+        check_positive_ints(self, "group_size", "max_new_tokens", "ppo_epochs")
+        for name, low, high in (
+            ("temperature", 0.0, float("inf")),
+            ("clip_eps", 0.0, 1.0),
+            ("value_clip", 0.0, float("inf")),
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and low < value < high):
+                raise ValueError(f"TaskConfig.{name}={value!r} must be in ({low:g}, {high:g})")
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"TaskConfig.{name}={value!r} must be in [0, 1]")
+        for name in ("kl_coef", "vf_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < float("inf")):
+                raise ValueError(f"TaskConfig.{name}={value!r} must be a finite number >= 0")
         if self.kind not in TASK_KINDS:
             raise ValueError(
                 f"TaskConfig.kind={self.kind!r} is not a task; choose one of {TASK_KINDS}"

@@ -84,6 +84,7 @@ def make_iterator(
     num_streams: int | None = None,
     text_key: str | None = None,
     dataset_fn: Callable[..., grain.IterDataset] | None = None,
+    empty: Callable[[int], dict] | None = None,
 ) -> StreamIterator:
     """This process's batch iterator for `config` (train split, endless, shuffled, by default).
 
@@ -99,7 +100,8 @@ def make_iterator(
     at least one sequence, and the batch splits over processes, streams and the mesh's batch axes.
 
     `dataset_fn` (default `build_dataset`, packed text) builds each stream from the source with
-    `build_dataset`'s arguments; `text_key` overrides `config.text_key`.
+    `build_dataset`'s arguments; `text_key` overrides `config.text_key`; `empty(n)` makes the
+    `n` empty rows of an exhausted evaluation stream (default: empty packed-text rows).
     """
     check_batch_size(config.batch_size, mesh, jax.process_count())
     num_streams = num_streams or config.streams or jax.process_count()
@@ -150,4 +152,5 @@ def make_iterator(
         process_rows(mesh, config.batch_size),
         config.seq_len,
         pad_id=None if num_epochs is None else tokenizer.pad_id,
+        empty=empty,
     )

@@ -111,8 +111,10 @@ class _Builtin(Template):
 
 
 def builtin_template(name: str, tokenizer: Tokenizer) -> Template:
-    """One of the built-in templates: "chatml", "llama3" or "plain" (the byte tokenizer's: turns
-    as "### Role:" blocks, the tokenizer's EOS id after each assistant turn)."""
+    """One of the built-in templates: "chatml", "llama3", "plain" (the byte tokenizer's: turns
+    as "### Role:" blocks, the tokenizer's EOS id after each assistant turn) or "raw" (no
+    markers: a prompt is its text as is and the reply follows it directly, then EOS; for base
+    models and completion-style data)."""
     if name == "chatml":
         return _Builtin(name, "", "<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n")
     if name == "llama3":
@@ -123,6 +125,8 @@ def builtin_template(name: str, tokenizer: Tokenizer) -> Template:
             "<|eot_id|>",
             "<|start_header_id|>assistant<|end_header_id|>\n\n",
         )
+    if name == "raw":  # no markers: the turns' text back to back, EOS after the assistant's
+        return _Builtin(name, "", "", "", "", tokenizer.eos_id)
     if name == "plain":
         return _Builtin(name, "", "### {Role}:\n", "\n\n", "### Assistant:\n", tokenizer.eos_id)
     raise ValueError(f"unknown chat template {name!r}; choose one of {TEMPLATE_NAMES}")

@@ -277,6 +277,7 @@ class StreamIterator:
         rows: np.ndarray,
         seq_len: int,
         pad_id: int | None = None,
+        empty: Callable[[int], dict[str, np.ndarray]] | None = None,
     ) -> None:
         if global_batch % num_streams:
             raise ValueError(
@@ -284,6 +285,7 @@ class StreamIterator:
             )
         self.num_streams, self.global_batch, self.rows = num_streams, global_batch, rows
         self._per_stream, self._seq_len, self._pad_id = global_batch // num_streams, seq_len, pad_id
+        self._empty = empty or (lambda n: empty_rows(n, seq_len, pad_id or 0))
         self.streams = sorted({int(r) // self._per_stream for r in rows})
         self._its = {s: iter(make_stream(s)) for s in self.streams}
         self._exhausted: set[int] = set()
@@ -296,7 +298,7 @@ class StreamIterator:
         return self
 
     def empty_batch(self) -> dict[str, np.ndarray]:
-        return empty_rows(len(self.rows), self._seq_len, self._pad_id or 0)
+        return self._empty(len(self.rows))
 
     def __next__(self) -> dict[str, np.ndarray]:
         parts = []
@@ -309,7 +311,7 @@ class StreamIterator:
                         raise
                     self._exhausted.add(s)
             if s in self._exhausted:
-                batch = empty_rows(self._per_stream, self._seq_len, self._pad_id or 0)
+                batch = self._empty(self._per_stream)
             elif self._pad_id is not None:
                 batch = pad_batch(batch, self._per_stream, self._pad_id)
             parts.append(batch)

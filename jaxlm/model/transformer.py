@@ -100,7 +100,8 @@ class BlockGroup(nn.Module):
 
 class Transformer(nn.Module):
     """A decoder-only Transformer. Call with tokens [B, T]; returns (logits [B, T, V], cache, aux)
-    (with `config.head="score"`: scores [B, T, 1] in place of the logits).
+    (with `config.head="score"`: scores [B, T, 1] in place of the logits; with
+    `config.value_head`, aux["values"] [B, T] float32 holds the value head's outputs).
 
     `segment_ids` (default all ones) separate packed sequences; id 0 marks padding. Positions
     default to restarting at 0 in each segment. `aux` holds auxiliary per-layer outputs (e.g. MoE
@@ -244,6 +245,17 @@ class Transformer(nn.Module):
             )
             scores_BT1 = score("BTD,DO->BTO", x_BTD)
             return (scores_BT1[:, p:] if prepend else scores_BT1), cache, aux
+        if cfg.value_head:  # PPO's critic, on the policy's last hidden states
+            value = Einsum(
+                (cfg.d_model, 1),
+                ("embed", None),
+                kernel_init(cfg, 0, 1),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="value",
+            )
+            values_BT = value("BTD,DO->BTO", x_BTD)[..., 0].astype(jnp.float32)
+            aux = {**aux, "values": values_BT[:, p:] if prepend else values_BT}
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:

@@ -9,6 +9,7 @@ from jaxlm.tasks.base import Task, merge, param_names, partition
 from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
 from jaxlm.tasks.reward import RewardTask
+from jaxlm.tasks.rl import GRPOTask, PPOTask
 from jaxlm.tasks.sft import SFTTask
 
 if TYPE_CHECKING:
@@ -19,6 +20,8 @@ TASKS: dict[str, type[Task]] = {
     SFTTask.kind: SFTTask,
     DPOTask.kind: DPOTask,
     RewardTask.kind: RewardTask,
+    PPOTask.kind: PPOTask,
+    GRPOTask.kind: GRPOTask,
 }
 
 
@@ -34,7 +37,9 @@ __all__ = [
     "TASKS",
     "TASK_KINDS",
     "DPOTask",
+    "GRPOTask",
     "LMTask",
+    "PPOTask",
     "RewardTask",
     "SFTTask",
     "Task",

@@ -63,10 +63,30 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
     return out
 
 
+def adapterless_logits(model: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """Logits of the model (`ModelConfig` `model`) without its adapters (LoRA, prompt tuning):
+    the frozen base parameters alone, with no gradient (the reference of DPO, PPO and GRPO)."""
+    import dataclasses
+
+    from jaxlm.configs.model import LoRAConfig
+
+    base_model = dataclasses.replace(model, lora=LoRAConfig(), prompt_tokens=0, value_head=False)
+    base, _ = partition(params, lambda name: not (is_adapter(name) or name.startswith("value/")))
+    logits, _, _ = Transformer(base_model).apply(
+        {"params": jax.lax.stop_gradient(base)},
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+    )
+    return logits
+
+
 class Task:
     """Base class of the tasks. Subclasses set `kind` and implement the abstract methods."""
 
     kind: ClassVar[str] = ""
+    # Optimizer updates per training step, each on the whole batch (PPO's epochs on a rollout).
+    updates_per_step: int = 1
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -138,6 +158,13 @@ class Task:
     ) -> dict[str, jax.Array]:
         """Per-step metrics from the whole batch's summed terms (`total` = `normalizer`)."""
         return {"loss": terms["loss"] / total}
+
+    # --- batches made from the current parameters (online RL) ----------------------------------
+    def make_rollouts(self, plan: Any) -> Any:
+        """None, or an object whose `train_batch(state, batch)` and `eval_batch(params, batch)`
+        turn the iterator's batch into the batch the steps take (and its metrics), e.g. prompts
+        into sampled, scored replies (`jaxlm.tasks.rollout`). The loop calls it every step."""
+        return None
 
     # --- evaluation -----------------------------------------------------------------------
     def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

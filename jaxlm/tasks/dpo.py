@@ -14,18 +14,15 @@ reply, their margin, the accuracy (the chosen reward is the larger) and the poli
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxlm import losses
-from jaxlm.configs.model import LoRAConfig
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.model.lora import is_adapter
-from jaxlm.model.transformer import Transformer
-from jaxlm.tasks.base import partition
+from jaxlm.tasks.base import adapterless_logits
 from jaxlm.tasks.pairs import PairTask, pair_sums
 
 
@@ -76,15 +73,7 @@ class DPOTask(PairTask):
 
     def reference_logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         """Logits of the model without adapters: the frozen base parameters alone."""
-        model = dataclasses.replace(self.config.model, lora=LoRAConfig(), prompt_tokens=0)
-        base, _ = partition(params, lambda name: not is_adapter(name))
-        logits, _, _ = Transformer(model).apply(
-            {"params": jax.lax.stop_gradient(base)},
-            batch["tokens"],
-            batch["positions"],
-            batch["segment_ids"],
-        )
-        return logits
+        return adapterless_logits(self.config.model, params, batch)
 
     def pair_terms(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
