@@ -42,7 +42,13 @@ def _text(nb: nbformat.NotebookNode) -> str:
 
 def test_every_colab_is_committed_without_outputs():
     names = sorted(p.name for p in COLABS.glob("*.ipynb"))
-    assert names == ["finetune.ipynb", "quickstart.ipynb", "sampling.ipynb", "scaling_laws.ipynb"]
+    assert names == [
+        "align.ipynb",
+        "finetune.ipynb",
+        "quickstart.ipynb",
+        "sampling.ipynb",
+        "scaling_laws.ipynb",
+    ]
     for name in names:
         nb = nbformat.read(COLABS / name, as_version=4)
         nbformat.validate(nb)
@@ -95,3 +101,29 @@ def test_finetune_imports_trains_exports_and_transformers_agree(tmp_path, stdlib
     assert "imported:" in text and "reverse exact match after LoRA" in text
     assert text.count("same: True") == 2, text[-3000:]
     assert (tmp_path / "ft/hf_adapter/adapter_model.safetensors").is_file()
+
+
+def test_align_runs_sft_reward_model_dpo_and_online_rl(tmp_path, stdlib_cache):
+    params = "\n".join(
+        [
+            'ROOT = "align"',
+            "SFT_STEPS = 30",
+            "RM_STEPS = 4",
+            "DPO_STEPS = 4",
+            "RL_STEPS = 4",
+            'RL_KIND = "ppo"',
+        ]
+    )
+    nb = _run("align.ipynb", params, tmp_path)
+    text = _text(nb)
+    for line in (
+        "SFT greedy replies:",
+        "held-out pairwise accuracy:",
+        "held-out policy accuracy:",
+        "held-out greedy reward:",
+        "ppo greedy replies:",
+    ):
+        assert line in text, line
+    assert any(
+        o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])
+    )
