@@ -233,6 +233,9 @@ def train(
         source = check_init_source(plan, config.train.init_from, config.train.init_from_step)
     # The data next (a corpus that cannot be read fails here), and only then the workdir is made.
     train_it = plan.make_iterator()
+    # Weights a task reads besides the run's (a reward model, a frozen reference): checked and
+    # loaded before anything is written.
+    rollouts = plan.rollouts
     # Room for the checkpoints still to be written: `keep` + the one being written, less those
     # already on disk (they are replaced, not added to).
     existing = len(checkpoint.complete_steps(workdir))
@@ -261,7 +264,7 @@ def train(
         _log(f"starting from the parameters of {source.workdir} (step {source.step})")
     else:
         start, state = 0, plan.init_state()
-    train_step, rollouts = plan.train_step, plan.rollouts
+    train_step = plan.train_step
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = metrics.flops_per_token(config.model, config.data.seq_len) * tokens_per_step

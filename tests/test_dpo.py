@@ -1,6 +1,7 @@
 """DPO: preference records, the loss and its gradient against NumPy, packed sequence log-probs
 against each sequence's own forward pass, and learning a held-out preference (>= 90%)."""
 
+import dataclasses
 import json
 import random
 import re
@@ -12,11 +13,11 @@ import pytest
 
 from jaxlm import loop
 from jaxlm.configs.overrides import load_config
-from jaxlm.data import ByteTokenizer
+from jaxlm.data import ByteTokenizer, to_global
 from jaxlm.data.chat import builtin_template
 from jaxlm.data.preference import build_preference_dataset, encode_pair, pair_conversations
 from jaxlm.model.transformer import Transformer
-from jaxlm.run import RunPlan
+from jaxlm.run import RunPlan, load_for_eval
 from jaxlm.tasks.dpo import dpo_losses
 from jaxlm.tasks.pairs import pair_sums
 
@@ -162,10 +163,10 @@ def test_packing_keeps_pairs_whole_and_the_log_probs_equal_each_sequence_alone()
         assert not np.asarray(valid[b, int(seg[b].max()) // 2 :]).any()
 
 
-def test_dpo_without_adapters_is_refused(tmp_path):
+def test_dpo_without_adapters_or_a_reference_is_refused(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(30, 0)))
     cfg = load_config("tiny", ["task.kind=dpo", f"data.dataset={tmp_path / 'p.jsonl'}"])
-    with pytest.raises(ValueError, match=r"set model\.lora\.rank"):
+    with pytest.raises(ValueError, match=r"set model\.lora\.rank=8\) or prompt tuning"):
         RunPlan(cfg)
     with pytest.raises(ValueError, match=r"TaskConfig\.beta=0\.0 must be > 0"):
         load_config("tiny", ["task.kind=dpo", "task.beta=0"])
@@ -210,3 +211,59 @@ def test_dpo_learns_a_held_out_preference(tmp_path, monkeypatch):
     assert after["eval_accuracy"] >= 0.9 and after["eval_margin"] > 0, after
     logged = [h for h in result["history"] if "accuracy" in h]
     assert logged[-1]["rewards_chosen"] > logged[-1]["rewards_rejected"]
+
+
+def test_full_fine_tuning_dpo_learns_against_a_frozen_copy_of_its_start(tmp_path, monkeypatch):
+    """Without adapters the reference is the --init-from checkpoint, held frozen: at step 0
+    the policy equals it (every pair's loss is log 2), each batch's `ref_logp` is that model's
+    token log-probs however far the policy has moved, and DPO still learns the preference."""
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in _pairs(1200, 0)))
+    common = [f"data.dataset={path}", "data.seq_len=128", "data.batch_size=16"]
+    common += ["train.sample_tokens=0", "checkpoint.every=1000", "train.eval_batches=4"]
+    # The model to start from: 2 LM steps on a corpus of the pairs' prompts.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "words.txt").write_text(" ".join(p["prompt"] for p in _pairs(2000, 5)))
+    lm = ["train.steps=2", "train.eval_every=1000", "train.sample_tokens=0", "data.seq_len=128"]
+    loop.train(load_config("tiny", [f"data.dataset={corpus}", *lm]), tmp_path / "start")
+    config = load_config(
+        "tiny",
+        [
+            *common,
+            "task.kind=dpo",
+            "task.beta=0.1",
+            "train.steps=40",
+            "train.eval_every=40",
+            "train.log_every=1",
+            "optim.learning_rate=3e-3",
+            "optim.warmup_steps=5",
+            f"train.init_from={tmp_path / 'start'}",
+        ],
+    )
+    with pytest.raises(ValueError, match=r"a full fine-tune needs a frozen copy"):
+        RunPlan(
+            dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=None))
+        )
+    result = loop.train(config, tmp_path / "work")
+    assert result["history"][0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    plan = RunPlan(config)
+    after = loop.evaluate(plan, result["state"].params, max_batches=4)
+    assert after["eval_policy_accuracy"] >= 0.9 and after["eval_accuracy"] >= 0.9, after
+    # The reference is the starting checkpoint, bitwise, and scores each batch with it.
+    _, _, start_params, _ = load_for_eval(tmp_path / "start")
+    reference = plan.rollouts
+    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(start_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    it = plan.make_iterator()
+    batch = to_global(next(it), plan.mesh, it.rows, it.global_batch)
+    got = np.asarray(reference.train_batch(result["state"], batch)["ref_logp"])
+    model = Transformer(config.model)
+    logits = model.apply(
+        {"params": start_params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )[0]
+    logp = _log_softmax(np.asarray(logits))
+    tgt, mask = np.asarray(batch["targets"]), np.asarray(batch["mask"])
+    want = np.take_along_axis(logp, tgt[..., None], -1)[..., 0] * mask
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """Online RL (PPO, GRPO): advantages and losses against NumPy, rollouts against a forward pass
 of each sampled sequence, learning a checkable task, bitwise resume, and bad input."""
 
+import dataclasses
 import json
 import random
 
@@ -8,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
+import jaxlm
 from jaxlm import checkpoint, loop
 from jaxlm.configs.overrides import load_config
 from jaxlm.data import to_global
@@ -279,6 +282,19 @@ def test_online_rl_learns_the_checkable_task(rl_root, kind):
     assert any(h["clip_fraction"] > 0 for h in history)  # the second epoch's ratios move
     if kind == "ppo":
         assert history[-1]["value_loss"] < history[0]["value_loss"] + 0.1
+        # The export is the policy alone (merged LoRA, GPT-2 layout): no critic, same logits.
+        exported = jaxlm.export_lora(rl_root / kind, rl_root / "ppo_hf", mode="merged")
+        names = set()
+        for f in exported.glob("*.safetensors"):
+            names |= set(safetensors.numpy.load_file(f))
+        assert names and not [n for n in names if "value" in n]
+        back = jaxlm.import_hf(exported, rl_root / "ppo_back")
+        tokens = np.asarray([[100, 101, 2, 102, 103]])
+        logits = [
+            np.asarray(Transformer(c.model).apply({"params": p}, tokens)[0])
+            for c, _, p, _ in (load_for_eval(rl_root / kind), load_for_eval(back))
+        ]
+        np.testing.assert_allclose(logits[0], logits[1], atol=1e-4)
 
 
 def test_a_killed_run_resumes_bitwise(rl_root, tmp_path):
@@ -308,8 +324,6 @@ def test_bad_rewards_and_settings_are_refused(rl_root, tmp_path):
         RunPlan(_rl_config(rl_root, "grpo", "task.reward="))
     with pytest.raises(ValueError, match=r"set model\.value_head=true"):
         RunPlan(_rl_config(rl_root, "ppo", "model.value_head=false"))
-    with pytest.raises(ValueError, match=r"set model\.lora\.rank"):
-        RunPlan(_rl_config(rl_root, "grpo", "model.lora.rank=0"))
     with pytest.raises(ValueError, match=r"24 rows each, not a multiple of task.group_size=16"):
         RunPlan(_rl_config(rl_root, "grpo", "data.batch_size=24", "task.group_size=16"))
     with pytest.raises(ValueError, match=r"leaves no room for a prompt in data\.seq_len=48"):
@@ -358,3 +372,32 @@ def test_a_reward_model_scores_the_replies(rl_root, tmp_path):
         RunPlan(
             _rl_config(rl_root, "ppo", "task.reward=", f"task.reward_model={tmp_path / 'rm384'}")
         )
+
+
+def test_full_fine_tuning_rl_keeps_its_start_as_the_reference(rl_root, tmp_path):
+    """Without adapters every weight trains and the reference is a frozen copy of the SFT
+    checkpoint: after updates, a rollout's `ref_logp` is still the SFT model's log-probs and the
+    policy's differ; without --init-from or task.reference the run is refused."""
+    config = _rl_config(rl_root, "grpo", "model.lora.rank=0", "train.steps=3")
+    no_source = dataclasses.replace(config.train, init_from=None)
+    with pytest.raises(ValueError, match=r"a full fine-tune needs a frozen copy"):
+        RunPlan(dataclasses.replace(config, train=no_source))
+    result = loop.train(config, tmp_path / "full")
+    plan = RunPlan(config)
+    assert len(plan.trainable_names()) == len(jax.tree.leaves(result["state"].params))
+    it = plan.make_iterator()
+    prompts = to_global(next(it), plan.mesh, it.rows, it.global_batch)
+    out = {k: np.asarray(v) for k, v in plan.rollouts.train_batch(result["state"], prompts).items()}
+    _, _, sft_params, _ = load_for_eval(rl_root / "sft")
+    forward = jax.jit(lambda p, x: Transformer(plan.config.model).apply({"params": p}, x)[0])
+    moved = 0.0
+    for row in range(0, out["tokens"].shape[0], 7):
+        seq = out["tokens"][row][out["segment_ids"][row] > 0]
+        padded = np.zeros((1, 48), np.int32)
+        padded[0, : len(seq)] = seq
+        at = np.flatnonzero(out["mask"][row])
+        logp = _log_softmax(np.asarray(forward(sft_params, padded))[0])
+        want = [logp[i, seq[i + 1]] for i in at]
+        np.testing.assert_allclose(out["ref_logp"][row][at], want, rtol=1e-4, atol=1e-4)
+        moved = max(moved, float(np.abs(out["old_logp"][row][at] - want).max()))
+    assert moved > 1e-3  # the policy itself has moved away from the reference

@@ -171,7 +171,8 @@ class TaskConfig:
     `ppo_epochs` clipped (`clip_eps`) policy updates on them, with a KL penalty `kl_coef` to the
     model without its adapters; PPO adds a value head (`model.value_head`), GAE (`gamma`,
     `gae_lambda`), a clipped value loss (`vf_coef`, `value_clip`); GRPO uses group-relative
-    advantages instead (no value model).
+    advantages instead (no value model). The reference of dpo/ppo/grpo is the model without its
+    adapters, or for a full fine-tune a frozen copy of `reference` (default `train.init_from`).
     """
 
     kind: str = "lm"
@@ -185,6 +186,9 @@ class TaskConfig:
     # ppo / grpo: the reward, the rollouts, the updates.
     reward: str = ""
     reward_model: str = ""
+    # dpo / ppo / grpo: a run whose newest checkpoint is the frozen reference (default for a
+    # full fine-tune: train.init_from; with adapters: the model without them).
+    reference: str = ""
     group_size: int = 4
     max_new_tokens: int = 16
     temperature: float = 1.0

@@ -275,6 +275,16 @@ def save_hf(
     return out_dir
 
 
+def without_value_head(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+    """The policy alone: a PPO run's value head (its critic) has no Hugging Face counterpart
+    and is left out of exports."""
+    if not config.value_head:
+        return config, params
+    return dataclasses.replace(config, value_head=False), {
+        k: v for k, v in params.items() if k != "value"
+    }
+
+
 def export_checkpoint(
     workdir: str | Path,
     out_dir: str | Path,
@@ -288,6 +298,8 @@ def export_checkpoint(
     from jaxlm.run import load_for_eval
 
     run, _, params, tokenizer = load_for_eval(workdir, step)
+    model, params = without_value_head(run.model, params)
+    run = dataclasses.replace(run, model=model)
     if run.model.lora.rank:
         raise ValueError(
             f"{workdir} holds LoRA adapters: export with --lora merged (a plain model) or "

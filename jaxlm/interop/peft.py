@@ -40,7 +40,7 @@ _PARENT = {"query": "attn", "key": "attn", "value": "attn", "out": "attn"}
 _PREFIX = "base_model.model.model.layers.{i}."
 
 
-def _check_exportable(config: ModelConfig, model_type: str | None) -> None:
+def _check_exportable(config: ModelConfig, model_type: str | None, adapter: bool = True) -> None:
     from jaxlm.interop.hf_families import export_family
 
     if config.prompt_tokens:
@@ -49,7 +49,7 @@ def _check_exportable(config: ModelConfig, model_type: str | None) -> None:
             "transformers equivalent; sample them with jaxlm"
         )
     family = export_family(dataclasses.replace(config, lora=LoRAConfig()), model_type)
-    if family.model_type == "gpt2":
+    if adapter and family.model_type == "gpt2":
         raise ValueError(
             "PEFT adapters for GPT-2 are not supported (its q, k and v are one fused Conv1D); "
             "export with --lora merged"
@@ -122,17 +122,17 @@ def export_lora(
     """Export a LoRA run: `mode="merged"` writes a plain transformers model with W + scale·A B;
     `mode="adapter"` writes the PEFT adapter to `out_dir` and the frozen base model (plain
     transformers files) to `out_dir/base_model`, which `adapter_config.json` names."""
-    from jaxlm.interop.hf import save_hf
+    from jaxlm.interop.hf import save_hf, without_value_head
     from jaxlm.run import load_for_eval
     from jaxlm.tasks import partition
 
     if mode not in ("merged", "adapter"):
         raise ValueError(f"--lora {mode!r} must be 'merged' or 'adapter'")
     run, _, params, tokenizer = load_for_eval(workdir, step)
-    config = run.model
+    config, params = without_value_head(run.model, params)
     if not config.lora.rank:
         raise ValueError(f"{workdir} has no LoRA adapters (model.lora.rank=0); drop --lora")
-    _check_exportable(config, model_type)
+    _check_exportable(config, model_type, adapter=mode == "adapter")
     out_dir = Path(out_dir)
     if mode == "merged":
         plain, merged = merge_lora(config, params)

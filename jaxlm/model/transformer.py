@@ -235,26 +235,11 @@ class Transformer(nn.Module):
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         if cfg.head == "score":
-            score = Einsum(
-                (cfg.d_model, 1),
-                ("embed", None),
-                kernel_init(cfg, 0, 1),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name="score",
-            )
-            scores_BT1 = score("BTD,DO->BTO", x_BTD)
+            scores_BT1 = _scalar_head(cfg, "score")("BTD,DO->BTO", x_BTD)
             return (scores_BT1[:, p:] if prepend else scores_BT1), cache, aux
         if cfg.value_head:  # PPO's critic, on the policy's last hidden states
-            value = Einsum(
-                (cfg.d_model, 1),
-                ("embed", None),
-                kernel_init(cfg, 0, 1),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name="value",
-            )
-            values_BT = value("BTD,DO->BTO", x_BTD)[..., 0].astype(jnp.float32)
+            values_BT = _scalar_head(cfg, "value")("BTD,DO->BTO", x_BTD)[..., 0]
+            values_BT = values_BT.astype(jnp.float32)
             aux = {**aux, "values": values_BT[:, p:] if prepend else values_BT}
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
@@ -273,6 +258,18 @@ class Transformer(nn.Module):
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         return logits_BTV, cache, aux
+
+
+def _scalar_head(cfg: ModelConfig, name: str) -> Einsum:
+    """A [d_model, 1] projection of the last hidden states (a reward or value head)."""
+    return Einsum(
+        (cfg.d_model, 1),
+        ("embed", None),
+        kernel_init(cfg, 0, 1),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+    )
 
 
 def abstract_params(config: ModelConfig) -> Any:

@@ -6,7 +6,9 @@ y_w and rejected y_l reply, the per-pair loss is
 - sigmoid (`task.dpo_loss="sigmoid"`): −(1 − ε) log σ(β h) − ε log σ(−β h), ε = label smoothing;
 - IPO (`"ipo"`, Azar et al., 2023): (h − 1 / (2β))².
 The reference is the model without its adapters (LoRA or prompt tuning): the frozen base
-weights are already in the run's parameters, so no second copy of them is held. The implicit
+weights are already in the run's parameters, so no second copy of them is held. A full
+fine-tune's reference is a frozen copy of the model it started from (`jaxlm.tasks.reference`),
+whose token log-probs each batch carries as `ref_logp`. The implicit
 rewards β (log π − log π_ref) of each reply give the metrics: rewards of the chosen and rejected
 reply, their margin, the accuracy (the chosen reward is the larger) and the policy accuracy
 (the chosen reply is the more likely under the policy alone).
@@ -21,9 +23,9 @@ import jax.numpy as jnp
 
 from jaxlm import losses
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.model.lora import is_adapter
 from jaxlm.tasks.base import adapterless_logits
 from jaxlm.tasks.pairs import PairTask, pair_sums
+from jaxlm.tasks.reference import Reference, check_reference_given, has_adapters, load_reference
 
 
 def dpo_losses(
@@ -46,7 +48,8 @@ def dpo_losses(
 
 class DPOTask(PairTask):
     """DPO on packed preference pairs (`jaxlm.data.preference`): the batch keys are the packed
-    text keys, `mask` on the reply targets; only the adapters train."""
+    text keys, `mask` on the reply targets (and `ref_logp` with a frozen reference); with
+    adapters only they train, else every parameter."""
 
     kind = "dpo"
     extra_metrics: ClassVar[dict[str, str]] = {
@@ -61,15 +64,22 @@ class DPOTask(PairTask):
         model = self.config.model
         if model.head != "lm":
             raise ValueError(f"task.kind=dpo trains a language model; model.head={model.head!r}")
-        if not (model.lora.rank or model.prompt_tokens):
-            raise ValueError(
-                "task.kind=dpo trains adapters against the model without them (its reference): "
-                "set model.lora.rank (e.g. --set model.lora.rank=8) or model.prompt_tokens"
-            )
+        check_reference_given(self.config)
         super().check(tokenizer)
 
-    def trainable(self, name: str) -> bool:
-        return is_adapter(name)
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        spec = super().batch_spec()
+        if self.frozen_reference:  # the reference's token log-probs, added by `Reference`
+            spec["ref_logp"] = (spec["tokens"][0], jnp.float32)
+        return spec
+
+    @property
+    def frozen_reference(self) -> bool:
+        """Whether the reference is a frozen copy (a full fine-tune, or `task.reference`)."""
+        return not has_adapters(self.config.model) or bool(self.config.task.reference)
+
+    def make_rollouts(self, plan: Any) -> Any:
+        return Reference(plan, load_reference(plan)) if self.frozen_reference else None
 
     def reference_logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         """Logits of the model without adapters: the frozen base parameters alone."""
@@ -82,8 +92,11 @@ class DPOTask(PairTask):
         targets, mask, segments = batch["targets"], batch["mask"], batch["segment_ids"]
         logits, aux = self.forward(params, batch, rng)
         policy = pair_sums(losses.token_log_probs(logits, targets, mask), segments, mask)
-        ref_logits = self.reference_logits(params, batch)
-        ref = pair_sums(losses.token_log_probs(ref_logits, targets, mask), segments, mask)
+        if "ref_logp" in batch:
+            ref_tokens = batch["ref_logp"]
+        else:
+            ref_tokens = losses.token_log_probs(self.reference_logits(params, batch), targets, mask)
+        ref = pair_sums(ref_tokens, segments, mask)
         (pc, pr, valid), (rc, rr, _) = policy, ref
         per_pair = dpo_losses(pc, pr, rc, rr, task.beta, task.dpo_loss, task.label_smoothing)
         return {

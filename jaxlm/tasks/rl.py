@@ -4,8 +4,9 @@ from the current policy by the compiled sampler (`jaxlm.tasks.rollout`).
 A step: sample replies to the batch's prompts (GRPO: `group_size` per prompt) at
 `task.temperature`; score each with the reward (a Python function or a reward model); take
 `task.ppo_epochs` updates of the clipped objective on them. The policy is the model with its
-adapters (LoRA or prompt tuning); the reference is the same model without them (no second copy
-of the weights), and the KL penalty keeps the policy near it:
+adapters (LoRA or prompt tuning) and the reference the same model without them (no second copy
+of the weights); a full fine-tune's reference is a frozen copy of the model it started from
+(`jaxlm.tasks.reference`). The KL penalty keeps the policy near it:
 - PPO (Ouyang et al., 2022): the per-token reward is −kl_coef · (log π − log π_ref), plus the
   reply's reward at its last token; advantages by GAE over a value head sharing the policy's
   layers (`model.value_head`), whitened over the batch; loss = clipped surrogate + vf_coef ·
@@ -34,9 +35,9 @@ from jaxlm.data.pipeline import StreamIterator
 from jaxlm.data.prompts import build_prompt_dataset, empty_prompts, prompt_stats
 from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.model.lora import is_adapter
 from jaxlm.tasks import rl_losses
 from jaxlm.tasks.base import Task, adapterless_logits
+from jaxlm.tasks.reference import check_reference_given, reference_logits
 
 
 class RLTask(Task):
@@ -68,11 +69,7 @@ class RLTask(Task):
         flag = f"task.kind={self.kind}"
         if config.model.head != "lm":
             raise ValueError(f"{flag} trains a language model; model.head={config.model.head!r}")
-        if not (config.model.lora.rank or config.model.prompt_tokens):
-            raise ValueError(
-                f"{flag} trains adapters against the model without them (its reference): set "
-                "model.lora.rank (e.g. --set model.lora.rank=8) or model.prompt_tokens"
-            )
+        check_reference_given(config)
         if self.uses_values and not config.model.value_head:
             raise ValueError(
                 f"{flag} needs a critic: set model.value_head=true (it starts fresh on a run "
@@ -164,7 +161,8 @@ class RLTask(Task):
         return Rollouts(plan)
 
     def trainable(self, name: str) -> bool:
-        return is_adapter(name) or (self.uses_values and name.startswith("value/"))
+        value = self.uses_values and name.startswith("value/")
+        return super().trainable(name) or value
 
     # --- log-probs, values, advantages ----------------------------------------------------
     def _scaled(self, logits: jax.Array) -> jax.Array:
@@ -179,10 +177,17 @@ class RLTask(Task):
         logits = self._scaled(logits)
         return losses.token_log_probs(logits, batch["targets"], batch["mask"]), logits, aux
 
-    def reference_log_probs(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        """log π_ref of each target: the model without its adapters, at the same temperature."""
-        logits = self._scaled(adapterless_logits(self.config.model, params, batch))
-        return losses.token_log_probs(logits, batch["targets"], batch["mask"])
+    def reference_log_probs(
+        self, params: Any, batch: dict[str, jax.Array], reference: Any = None
+    ) -> jax.Array:
+        """log π_ref of each target at the same temperature: the frozen `reference` parameters
+        (a full fine-tune's, `jaxlm.tasks.reference`), else the model without its adapters."""
+        model = self.config.model
+        if reference is None:
+            logits = adapterless_logits(model, params, batch)
+        else:
+            logits = reference_logits(model, reference, batch)
+        return losses.token_log_probs(self._scaled(logits), batch["targets"], batch["mask"])
 
     def advantages(
         self, rollout: dict[str, jax.Array]

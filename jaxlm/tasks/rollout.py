@@ -34,6 +34,7 @@ from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.model.transformer import Transformer, param_shardings
 from jaxlm.sample import Greedy, Temperature, _model_continue, _model_start
 from jaxlm.sharding import BATCH_AXES, use_mesh
+from jaxlm.tasks.reference import load_reference
 
 if TYPE_CHECKING:
     from jaxlm.configs.run import RunConfig
@@ -208,6 +209,7 @@ class Rollouts:
             self.reward_config = rm_config.model
             shardings = param_shardings(rm_config.model, plan.mesh, self.config.mesh.rules)
             self.reward_params = jax.device_put(params, shardings)
+        self.reference_params = load_reference(plan)
         self._records: dict[str, list[dict[str, Any]]] = {}
         batch = NamedSharding(plan.mesh, PartitionSpec(BATCH_AXES))
         replicated = NamedSharding(plan.mesh, PartitionSpec())
@@ -256,6 +258,7 @@ class Rollouts:
         self,
         params: Any,
         reward_params: Any,
+        reference_params: Any,
         prompt_BP: jax.Array,
         lengths_B: jax.Array,
         reply_BN: jax.Array,
@@ -266,7 +269,7 @@ class Rollouts:
         rows = assemble(prompt_BP, lengths_B, reply_BN, num_B, self.tokenizer.pad_id)
         valid = lengths_B > 0
         old_logp, _, aux = task.policy(params, rows)
-        ref_logp = task.reference_log_probs(params, rows)
+        ref_logp = task.reference_log_probs(params, rows, reference_params)
         if reward_params is not None:
             scores, _, _ = Transformer(self.reward_config).apply(
                 {"params": reward_params}, rows["tokens"], rows["positions"], rows["segment_ids"]
@@ -322,7 +325,14 @@ class Rollouts:
             reply, num = self._sample[greedy](params, rng, step, batch["tokens"], batch["lengths"])
             reward = self._rewards(batch, reply, num, split)
             return self._score(
-                params, self.reward_params, batch["tokens"], batch["lengths"], reply, num, reward
+                params,
+                self.reward_params,
+                self.reference_params,
+                batch["tokens"],
+                batch["lengths"],
+                reply,
+                num,
+                reward,
             )
 
     def train_batch(self, state: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
