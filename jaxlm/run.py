@@ -244,12 +244,15 @@ def _fresh(name: str) -> bool:
     return is_adapter(name) or name.startswith(("score/", "value/"))
 
 
-def check_init_source(plan: RunPlan, workdir: str | Path, step: int | None = None) -> InitSource:
+def check_init_source(
+    plan: RunPlan, workdir: str | Path, step: int | None = None, what: str = "train.init_from"
+) -> InitSource:
     """The checkpoint of `workdir` (at `step`, default the newest) that `plan`'s run can start
-    from; a clear error if `workdir` is not a run, has no such checkpoint, holds a model of
-    another architecture or used another tokenizer."""
+    from (or compare with: `what` names the setting in errors); a clear error if `workdir` is
+    not a run, has no such checkpoint, holds a model of another architecture or used another
+    tokenizer."""
     workdir = Path(workdir)
-    flag = f"train.init_from={str(workdir)!r}"
+    flag = f"{what}={str(workdir)!r}"
     steps = checkpoint.complete_steps(workdir)
     if not (workdir / checkpoint.CONFIG_FILE).is_file() and not steps:
         raise FileNotFoundError(

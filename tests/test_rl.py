@@ -401,3 +401,16 @@ def test_full_fine_tuning_rl_keeps_its_start_as_the_reference(rl_root, tmp_path)
         np.testing.assert_allclose(out["ref_logp"][row][at], want, rtol=1e-4, atol=1e-4)
         moved = max(moved, float(np.abs(out["old_logp"][row][at] - want).max()))
     assert moved > 1e-3  # the policy itself has moved away from the reference
+
+
+def test_a_reference_of_another_vocabulary_is_refused_before_anything_is_written(rl_root, tmp_path):
+    sft = [*COMMON, "task.kind=sft", f"data.dataset={rl_root / 'sft.jsonl'}", "data.batch_size=8"]
+    sft += ["train.steps=1", "train.eval_every=1000", "train.eval_batches=1"]
+    loop.train(load_config("tiny", [*sft, "model.vocab_size=384"]), tmp_path / "other")
+    config = _rl_config(rl_root, "grpo", f"task.reference={tmp_path / 'other'}")
+    with pytest.raises(
+        ValueError,
+        match=r"task\.reference=.* another architecture \(model\.vocab_size: 384 there, 320 here",
+    ):
+        loop.train(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

@@ -69,7 +69,8 @@ def load_reference(plan: RunPlan) -> Any:
     check_reference_given(config)
     where = config.task.reference or config.train.init_from
     step = None if config.task.reference else config.train.init_from_step
-    source = check_init_source(plan, where, step)
+    what = "task.reference" if config.task.reference else "train.init_from"
+    source = check_init_source(plan, where, step, what)
     model = base_model(config.model)
     shardings = param_shardings(model, plan.mesh, plan.rules)
     abstract = jax.tree.map(
