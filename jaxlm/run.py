@@ -287,7 +287,12 @@ def check_init_source(
         )
         raise ValueError(
             f"{flag} holds a model of another architecture ({'; '.join(fields) or first}; first "
-            f"parameter that differs: {first}); use that run's model config"
+            f"parameter that differs: {first}); "
+            + (
+                "use that run's model config"
+                if what == "train.init_from"
+                else "a reference must have the policy's architecture"
+            )
         )
     saved = workdir / checkpoint.CHECKPOINT_DIR / str(step) / "tokenizer" / "metadata"
     if saved.is_file() and json.loads(saved.read_text()) != checkpoint.tokenizer_files(

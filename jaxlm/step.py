@@ -94,9 +94,8 @@ def train_step(
 
     def one(carry: Any, u: jax.Array) -> tuple[Any, Any]:
         trainable, opt_state = carry
-        out = _update(
-            trainable, opt_state, frozen, batch, jax.random.fold_in(rng, u), config, task, tx
-        )
+        key = rng if updates == 1 else jax.random.fold_in(rng, u)  # one: the streams as before
+        out = _update(trainable, opt_state, frozen, batch, key, config, task, tx)
         return (out[0], out[1]), out[2:]
 
     if updates == 1:

@@ -4,6 +4,7 @@ of each sampled sequence, learning a checkable task, bitwise resume, and bad inp
 import dataclasses
 import json
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,43 @@ def test_group_advantages_and_clipped_losses_match_numpy():
     )
     inside = ~(((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0)))
     np.testing.assert_allclose(grad, -adv * ratio * inside * mask, rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_advantages_are_gae_of_the_kl_penalised_reward_whitened():
+    """PPOTask.advantages against NumPy: per-action reward −kl_coef·(log π − log π_ref), the
+    reply's reward added at its last action, GAE, then whitened over all actions."""
+    from jaxlm.tasks.rl import PPOTask
+
+    config = load_config(
+        "tiny",
+        ["task.kind=ppo", "model.value_head=true", "task.kl_coef=0.3", "task.gamma=0.9"],
+    )
+    rng = np.random.default_rng(4)
+    b, t = 3, 10
+    mask = np.zeros((b, t), bool)
+    for row, (start, n) in enumerate([(1, 4), (3, 6), (0, 1)]):
+        mask[row, start : start + n] = True
+    old, ref, values = (rng.normal(size=(b, t)).astype(np.float32) * mask for _ in range(3))
+    reward = rng.normal(size=b).astype(np.float32)
+    rollout = {"mask": mask, "old_logp": old, "ref_logp": ref, "old_values": values}
+    adv, ret = PPOTask(config).advantages({**rollout, "reward": jnp.asarray(reward)})
+    gamma, lam, kl = 0.9, config.task.gae_lambda, 0.3
+    want_adv, want_ret = np.zeros((b, t)), np.zeros((b, t))
+    for row in range(b):
+        at = np.flatnonzero(mask[row])
+        r = -kl * (old[row, at] - ref[row, at])
+        r[-1] += reward[row]
+        v = values[row, at]
+        running = 0.0
+        for k in reversed(range(len(at))):
+            delta = r[k] + gamma * (v[k + 1] if k + 1 < len(at) else 0.0) - v[k]
+            running = delta + gamma * lam * running
+            want_adv[row, at[k]] = running
+            want_ret[row, at[k]] = running + v[k]
+    flat = want_adv[mask]
+    whitened = (want_adv - flat.mean()) / np.sqrt(flat.var() + 1e-8) * mask
+    np.testing.assert_allclose(adv, whitened, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -224,6 +262,8 @@ def test_a_rollout_is_the_sampled_reply_scored_by_each_forward_pass(rl_root):
     out = {k: np.asarray(v) for k, v in plan.rollouts.train_batch(state, prompts).items()}
     again = plan.rollouts.train_batch(state, prompts)
     np.testing.assert_array_equal(np.asarray(again["tokens"]), out["tokens"])  # deterministic
+    later = plan.rollouts.train_batch(state.replace(step=state.step + 1), prompts)
+    assert (np.asarray(later["tokens"]) != out["tokens"]).any()  # each step has its own key
     tok, records = plan.tokenizer, plan.rollouts.records("train")
     model = Transformer(plan.config.model)
     base_model = Transformer(load_config("tiny", ["model.vocab_size=320"]).model)
@@ -249,7 +289,9 @@ def test_a_rollout_is_the_sampled_reply_scored_by_each_forward_pass(rl_root):
         assert out["reward"][row] == want
         full = seq[None]
         at = np.flatnonzero(out["mask"][row])
-        assert len(at) == len(reply)
+        # The actions: the positions whose target is a reply token (the last prompt token
+        # predicts the first reply token).
+        np.testing.assert_array_equal(at, np.arange(n_prompt - 1, n_prompt - 1 + len(reply)))
         padded = np.zeros((1, 48), np.int32)  # one compile; causal: padding comes after
         padded[0, : full.shape[1]] = full[0]
         for f, p, key in ((policy, state.params, "old_logp"), (reference, base, "ref_logp")):
@@ -258,8 +300,11 @@ def test_a_rollout_is_the_sampled_reply_scored_by_each_forward_pass(rl_root):
             want_lp = [logp[i, full[0, i + 1]] for i in at]
             np.testing.assert_allclose(out[key][row][at], want_lp, rtol=1e-4, atol=1e-4)
     assert len(replies) > 3  # sampled, not greedy
-    adv = rl_losses.group_advantages(jnp.asarray(out["reward"]), out["valid"], 8)
-    np.testing.assert_allclose(out["advantages"], np.asarray(adv)[:, None] * out["mask"], atol=1e-6)
+    groups = out["reward"].reshape(-1, 8).astype(np.float64)
+    adv = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)
+    np.testing.assert_allclose(
+        out["advantages"], adv.reshape(-1)[:, None] * out["mask"], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])
@@ -281,7 +326,10 @@ def test_online_rl_learns_the_checkable_task(rl_root, kind):
         assert all(np.isfinite(h[name]) for h in history)
     assert any(h["clip_fraction"] > 0 for h in history)  # the second epoch's ratios move
     if kind == "ppo":
-        assert history[-1]["value_loss"] < history[0]["value_loss"] + 0.1
+        first, last = (
+            np.mean([h["value_loss"] for h in part]) for part in (history[:10], history[-10:])
+        )
+        assert last < first, (first, last)  # the critic learns the returns
         # The export is the policy alone (merged LoRA, GPT-2 layout): no critic, same logits.
         exported = jaxlm.export_lora(rl_root / kind, rl_root / "ppo_hf", mode="merged")
         names = set()
@@ -298,11 +346,12 @@ def test_online_rl_learns_the_checkable_task(rl_root, kind):
 
 
 def test_a_killed_run_resumes_bitwise(rl_root, tmp_path):
+    """PPO, whose state holds the most: adapters, value head, optimizer, RNG, data position."""
     extra = ["train.steps=4", "checkpoint.every=2", "train.eval_every=1000"]
-    straight = loop.train(_rl_config(rl_root, "grpo", *extra), tmp_path / "a")
-    cut = _rl_config(rl_root, "grpo", *extra, "train.steps=2")
+    straight = loop.train(_rl_config(rl_root, "ppo", *extra), tmp_path / "a")
+    cut = _rl_config(rl_root, "ppo", *extra, "train.steps=2")
     loop.train(cut, tmp_path / "b")
-    resumed = loop.train(_rl_config(rl_root, "grpo", *extra), tmp_path / "b")
+    resumed = loop.train(_rl_config(rl_root, "ppo", *extra), tmp_path / "b")
     for a, b in zip(
         jax.tree.leaves(straight["state"].params),
         jax.tree.leaves(resumed["state"].params),
@@ -331,21 +380,34 @@ def test_bad_rewards_and_settings_are_refused(rl_root, tmp_path):
     with pytest.raises(ValueError, match=r"TaskConfig\.clip_eps=0\.0 must be in \(0, 1\)"):
         _rl_config(rl_root, "grpo", "task.clip_eps=0")
     # A NaN reward is found when it happens, before the update: nothing is written for it.
-    config = _rl_config(rl_root, "grpo", f"task.reward={fn}:nan_for_b", "task.temperature=2")
-    with pytest.raises(ValueError, match=r"returned nan for reply \d+ .*must be finite"):
+    with pytest.raises(
+        ValueError, match=r"model\.lora\.dropout=0\.1: .* set model\.lora\.dropout=0"
+    ):
+        RunPlan(_rl_config(rl_root, "grpo", "model.lora.dropout=0.1"))
+    # A NaN reward stops the run at that step, before its update: the checkpoints before it stay.
+    config = _rl_config(
+        rl_root, "grpo", f"task.reward={fn}:nan_for_b", "checkpoint.every=1", "task.temperature=3"
+    )
+    with pytest.raises(ValueError, match=r"step (\d+): .*returned nan for reply \d+ .*finite") as e:
         loop.train(config, tmp_path / "nan")
-    assert not checkpoint.complete_steps(tmp_path / "nan")
+    step = int(re.match(r"step (\d+)", str(e.value)).group(1))
+    saved = checkpoint.complete_steps(tmp_path / "nan")
+    assert (max(saved) if saved else 0) == step - 1
 
 
-def test_a_reward_model_scores_the_replies(rl_root, tmp_path):
-    """With task.reward_model, a reply's reward is the reward model's score at its last token
-    (the model run alone on the sequence); a reward model of another vocabulary is refused."""
+def test_a_reward_model_scores_the_replies_as_it_scores_chats(rl_root, tmp_path):
+    """With task.reward_model, a reply that ended its turn gets the reward model's score of the
+    rendered chat (prompt, reply and the template's whole end of turn: `score_chats`); a reply
+    cut at the budget its score at the last token; a reward model of another vocabulary is
+    refused."""
     pairs = [
         {"id": i, "prompt": x, "chosen": x, "rejected": "z"} for i, x in enumerate(LETTERS * 20)
     ]
     _write(tmp_path / "pairs.jsonl", pairs)
     rm_overrides = [
         *COMMON,
+        "task.chat_template=plain",  # its end of turn is EOS then a blank line
+        "data.seq_len=128",
         "model.head=score",
         "task.kind=reward",
         f"data.dataset={tmp_path / 'pairs.jsonl'}",
@@ -355,17 +417,53 @@ def test_a_reward_model_scores_the_replies(rl_root, tmp_path):
         "train.eval_batches=1",
     ]
     loop.train(load_config("tiny", rm_overrides), tmp_path / "rm")
-    config = _rl_config(rl_root, "ppo", "task.reward=", f"task.reward_model={tmp_path / 'rm'}")
+    config = _rl_config(
+        rl_root,
+        "ppo",
+        "task.chat_template=plain",
+        "task.reward=",
+        f"task.reward_model={tmp_path / 'rm'}",
+    )
     plan, state = _start(config)
+    rollouts, tok = plan.rollouts, plan.tokenizer
+    assert tok.decode(rollouts.tail) == "\n\n"
     it = plan.make_iterator()
     prompts = to_global(next(it), plan.mesh, it.rows, it.global_batch)
-    out = {k: np.asarray(v) for k, v in plan.rollouts.train_batch(state, prompts).items()}
-    rm_config, _, rm_params, _ = load_for_eval(tmp_path / "rm")
-    scorer = Transformer(rm_config.model)
-    for row in range(0, out["tokens"].shape[0], 5):
-        full = out["tokens"][row][out["segment_ids"][row] > 0]
-        score = np.asarray(scorer.apply({"params": rm_params}, full[None])[0])[0, -1, 0]
-        np.testing.assert_allclose(out["reward"][row], score, rtol=1e-4, atol=1e-5)
+    out = rollouts.train_batch(state, prompts)  # sampled replies, scored on the devices
+    assert np.isfinite(np.asarray(out["reward"])).all()
+    # Hand-made replies: "b" then EOS (a finished turn) on even rows, "cd" cut off on odd ones.
+    b = config.data.batch_size
+    reply = np.full((b, 4), tok.pad_id, np.int32)
+    num = np.zeros(b, np.int32)
+    for row in range(b):
+        ids = [*tok.encode("b"), tok.eos_id] if row % 2 == 0 else tok.encode("cd")
+        reply[row, : len(ids)], num[row] = ids, len(ids)
+    with jaxlm.use_mesh(plan.mesh, plan.rules):
+        scored = rollouts._score(
+            state.params,
+            rollouts.reward_params,
+            rollouts.reference_params,
+            prompts["tokens"],
+            prompts["lengths"],
+            jnp.asarray(reply),
+            jnp.asarray(num),
+            jnp.zeros(b, jnp.float32),
+        )
+    got = np.asarray(scored["reward"])
+    rm_config, mesh, rm_params, _ = load_for_eval(tmp_path / "rm")
+    records = rollouts.records("train")
+    texts = [records[int(i)]["prompt"] for i in np.asarray(prompts["record"])]
+    chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": "b"}] for t in texts]
+    with jaxlm.use_mesh(mesh, rm_config.mesh.rules):
+        want = jaxlm.score_chats(rm_config, rm_params, tok, chats[::2])
+    np.testing.assert_allclose(got[::2], want, rtol=1e-4, atol=1e-5)
+    scorer = jax.jit(lambda p, x: Transformer(rm_config.model).apply({"params": p}, x)[0])
+    tokens = np.asarray(prompts["tokens"])
+    for row in range(1, b, 6):
+        n = int(np.asarray(prompts["lengths"])[row])
+        seq = np.concatenate([tokens[row, :n], reply[row, :2]])
+        score = np.asarray(scorer(rm_params, seq[None]))[0, -1, 0]
+        np.testing.assert_allclose(got[row], score, rtol=1e-4, atol=1e-5)
     other = [*rm_overrides, "model.vocab_size=384"]
     loop.train(load_config("tiny", other), tmp_path / "rm384")
     with pytest.raises(ValueError, match=r"model\.vocab_size=384, the policy 320"):
@@ -403,7 +501,9 @@ def test_full_fine_tuning_rl_keeps_its_start_as_the_reference(rl_root, tmp_path)
     assert moved > 1e-3  # the policy itself has moved away from the reference
 
 
-def test_a_reference_of_another_vocabulary_is_refused_before_anything_is_written(rl_root, tmp_path):
+def test_a_reference_of_another_vocabulary_or_with_adapters_is_refused_before_writing(
+    rl_root, tmp_path
+):
     sft = [*COMMON, "task.kind=sft", f"data.dataset={rl_root / 'sft.jsonl'}", "data.batch_size=8"]
     sft += ["train.steps=1", "train.eval_every=1000", "train.eval_batches=1"]
     loop.train(load_config("tiny", [*sft, "model.vocab_size=384"]), tmp_path / "other")
@@ -414,3 +514,8 @@ def test_a_reference_of_another_vocabulary_is_refused_before_anything_is_written
     ):
         loop.train(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+    lora = [*sft, "model.lora.rank=8", "model.lora.targets=query,value,out,up,down"]
+    loop.train(load_config("tiny", lora), tmp_path / "with_lora")
+    config = _rl_config(rl_root, "grpo", f"task.reference={tmp_path / 'with_lora'}")
+    with pytest.raises(ValueError, match=r"holds adapters .* would silently lose"):
+        loop.train(config, tmp_path / "work")

@@ -162,8 +162,9 @@ class Task:
     # --- batches made from the current parameters (online RL) ----------------------------------
     def make_rollouts(self, plan: Any) -> Any:
         """None, or an object whose `train_batch(state, batch)` and `eval_batch(params, batch)`
-        turn the iterator's batch into the batch the steps take (and its metrics), e.g. prompts
-        into sampled, scored replies (`jaxlm.tasks.rollout`). The loop calls it every step."""
+        turn the iterator's batch into the batch the steps take, e.g. prompts into sampled,
+        scored replies (`jaxlm.tasks.rollout`). Made once per run (`RunPlan.rollouts`); the loop
+        calls `train_batch` every step and `eval_batch` on every eval batch."""
         return None
 
     # --- evaluation -----------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""The reference policy of DPO, PPO and GRPO when the whole model trains (no adapters).
+"""The reference policy of DPO, PPO and GRPO as a frozen copy of a model (full fine-tuning).
 
 With LoRA or prompt tuning the reference is the model without its adapters: the frozen base
 weights are already in the run's parameters. A full fine-tune changes those, so its reference is
-a frozen copy of the model it started from: the newest checkpoint of `task.reference` (a run's
-workdir), by default `train.init_from` (at `train.init_from_step`). The copy is loaded once, in
-the policy's shardings, with no gradient or optimizer state (one more set of weights in memory).
+a frozen copy of the model it started from: `train.init_from` (at `train.init_from_step`), or
+the newest checkpoint of `task.reference` (a run's workdir; with adapters too, in place of the
+model without them). A reference holding adapters itself is refused (they would be lost). The
+copy is loaded once, in the policy's shardings, with no gradient or optimizer state (one more
+set of weights in memory).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def reference_logits(model: ModelConfig, params: Any, batch: dict[str, jax.Array
 
 
 def load_reference(plan: RunPlan) -> Any:
-    """The frozen reference parameters of `plan`'s full fine-tune, or None with adapters.
+    """The frozen reference parameters of `plan`'s run: of `task.reference` when it is set,
+    else of a full fine-tune's `train.init_from`; None for a run with adapters and no
+    `task.reference` (its reference is the model without them).
 
     The source is checked like `--init-from` (architecture, tokenizer) before anything loads."""
     from jaxlm.run import _abstract_params, _shapes, check_init_source
@@ -71,6 +75,12 @@ def load_reference(plan: RunPlan) -> Any:
     step = None if config.task.reference else config.train.init_from_step
     what = "task.reference" if config.task.reference else "train.init_from"
     source = check_init_source(plan, where, step, what)
+    if has_adapters(source.config.model):
+        raise ValueError(
+            f"{what}={str(where)!r} holds adapters (LoRA or prompt tuning), which a reference "
+            "would silently lose; use a plain run: export it merged (jaxlm convert --to-hf "
+            "--lora merged) and import that (jaxlm convert --from-hf)"
+        )
     model = base_model(config.model)
     shardings = param_shardings(model, plan.mesh, plan.rules)
     abstract = jax.tree.map(

@@ -70,6 +70,15 @@ class RLTask(Task):
         if config.model.head != "lm":
             raise ValueError(f"{flag} trains a language model; model.head={config.model.head!r}")
         check_reference_given(config)
+        for name, value in (
+            ("model.lora.dropout", config.model.lora.dropout),
+            ("model.moe.router_jitter", config.model.moe.router_jitter),
+        ):
+            if value:
+                raise ValueError(
+                    f"{name}={value}: {flag}'s ratio π/π_old compares the policy with itself at "
+                    f"rollout time, which noise in the update would bias; set {name}=0"
+                )
         if self.uses_values and not config.model.value_head:
             raise ValueError(
                 f"{flag} needs a critic: set model.value_head=true (it starts fresh on a run "

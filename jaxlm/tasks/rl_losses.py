@@ -95,7 +95,8 @@ def clipped_value_loss(
 
 
 def k3_kl(logp_BT: jax.Array, ref_logp_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    """Per-action estimates exp(d) − d − 1, d = log π_ref − log π, of KL(π ‖ π_ref): unbiased
-    and never negative (Schulman's k3; GRPO's KL term). Zero off the mask."""
+    """Per-action estimates exp(d) − d − 1, d = log π_ref − log π, of KL(π ‖ π_ref): never
+    negative, and unbiased for actions sampled from π (Schulman's k3; GRPO's KL term, whose
+    actions come from the rollout's policy). Zero off the mask."""
     d = (ref_logp_BT - logp_BT) * mask_BT
     return (jnp.exp(d) - d - 1.0) * mask_BT

@@ -24,10 +24,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, distributed
 from jaxlm.configs.overrides import call_user_function, load_python_file
 from jaxlm.data import open_source
-from jaxlm.data.chat import stop_ids
+from jaxlm.data.chat import Template, encode_chat, get_template, stop_ids
 from jaxlm.data.prompts import load_records
 from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
@@ -136,10 +136,13 @@ def check_reward(config: RunConfig, tokenizer: Tokenizer, source: Sequence[str] 
             f"{what} was trained with another tokenizer than data.tokenizer="
             f"{config.data.tokenizer!r}: it must read the policy's tokens"
         )
-    if rm.model.max_seq_len < config.data.seq_len:
+    template = get_template(task.chat_template, tokenizer)
+    need = config.data.seq_len + len(turn_tail(template, tokenizer, stop_ids(template, tokenizer)))
+    room = rm.model.max_seq_len - rm.model.prompt_tokens
+    if room < need:
         raise ValueError(
-            f"{what} reads at most model.max_seq_len={rm.model.max_seq_len} tokens, fewer "
-            f"than a rollout's data.seq_len={config.data.seq_len}"
+            f"{what} reads at most {room} tokens (model.max_seq_len less prompt_tokens), fewer "
+            f"than a rollout's {need} (data.seq_len and the end of the assistant's turn)"
         )
 
 
@@ -185,6 +188,16 @@ def reply_texts(
     return out
 
 
+def turn_tail(template: Template, tokenizer: Tokenizer, stops: Sequence[int]) -> list[int]:
+    """The tokens a rendered chat has after the stop token that ends an assistant turn (e.g.
+    the newline after chatml's <|im_end|>): what a sampled reply lacks to look like the chats
+    a reward model was trained on."""
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    ids, train = encode_chat(turns, tokenizer, template)
+    ends = [i for i, (t, m) in enumerate(zip(ids, train, strict=True)) if m and t in stops]
+    return list(ids[ends[-1] + 1 :]) if ends else []
+
+
 def _host(x: jax.Array) -> np.ndarray:
     """The whole global array on this host (gathered from every process)."""
     if jax.process_count() == 1:
@@ -199,7 +212,9 @@ class Rollouts:
         self.plan, self.task, self.config = plan, plan.task, plan.config
         task = self.config.task
         self.tokenizer = plan.tokenizer
-        self.stops = stop_ids(self.task.template(self.tokenizer), self.tokenizer)
+        template = self.task.template(self.tokenizer)
+        self.stops = stop_ids(template, self.tokenizer)
+        self.tail = turn_tail(template, self.tokenizer, self.stops)
         self.reward_fn = load_reward_function(task.reward) if task.reward else None
         self.reward_params, self.reward_config = None, None
         if task.reward_model:
@@ -271,11 +286,7 @@ class Rollouts:
         old_logp, _, aux = task.policy(params, rows)
         ref_logp = task.reference_log_probs(params, rows, reference_params)
         if reward_params is not None:
-            scores, _, _ = Transformer(self.reward_config).apply(
-                {"params": reward_params}, rows["tokens"], rows["positions"], rows["segment_ids"]
-            )
-            last = jnp.maximum(lengths_B + num_B - 1, 0)[:, None]
-            reward_B = jnp.take_along_axis(scores[..., 0].astype(jnp.float32), last, axis=1)[:, 0]
+            reward_B = self._model_rewards(reward_params, prompt_BP, lengths_B, reply_BN, num_B)
         zeros = jnp.zeros_like(old_logp)
         values = aux["values"] * rows["mask"] if "values" in aux else zeros
         out = {
@@ -289,6 +300,35 @@ class Rollouts:
         }
         out["advantages"], out["returns"] = task.advantages(out)
         return {k: jax.lax.stop_gradient(v) for k, v in out.items()}
+
+    def _model_rewards(
+        self,
+        reward_params: Any,
+        prompt_BP: jax.Array,
+        lengths_B: jax.Array,
+        reply_BN: jax.Array,
+        num_B: jax.Array,
+    ) -> jax.Array:
+        """The reward model's score at the last token of prompt + reply, where a reward model
+        reads it in training: a reply that ended its turn gets the rest of the template's end
+        of turn after its stop token (e.g. chatml's newline), as the rendered chat has."""
+        tail = self.tail
+        if tail:
+            n, k = reply_BN.shape[1], len(tail)
+            last = jnp.take_along_axis(reply_BN, jnp.maximum(num_B - 1, 0)[:, None], axis=1)
+            stopped = (num_B > 0) & jnp.isin(last[:, 0], jnp.asarray(self.stops, jnp.int32))
+            j = jnp.arange(n + k)[None, :] - num_B[:, None]
+            extended = jnp.pad(reply_BN, ((0, 0), (0, k)), constant_values=self.tokenizer.pad_id)
+            tail_tokens = jnp.asarray(tail, jnp.int32)[jnp.clip(j, 0, k - 1)]
+            use = stopped[:, None] & (j >= 0) & (j < k)
+            reply_BN = jnp.where(use, tail_tokens, extended)
+            num_B = num_B + k * stopped.astype(num_B.dtype)
+        rows = assemble(prompt_BP, lengths_B, reply_BN, num_B, self.tokenizer.pad_id)
+        scores, _, _ = Transformer(self.reward_config).apply(
+            {"params": reward_params}, rows["tokens"], rows["positions"], rows["segment_ids"]
+        )
+        last = jnp.maximum(lengths_B + num_B - 1, 0)[:, None]
+        return jnp.take_along_axis(scores[..., 0].astype(jnp.float32), last, axis=1)[:, 0]
 
     # --- on the host ----------------------------------------------------------------------------
     def records(self, split: str) -> list[dict[str, Any]]:
@@ -311,11 +351,28 @@ class Rollouts:
             table = self.records(split)
             records = [table[int(index[r])] for r in rows]
             texts = reply_texts(reply_h[rows], num_h[rows], self.tokenizer, self.stops)
-            spec = self.config.task.reward
-            values = call_user_function(spec, lambda: self.reward_fn(texts, records))
             host = np.zeros((b,), np.float32)
-            host[rows] = check_rewards(values, records, spec)
+            host[rows] = self._call_reward(texts, records)
         return jax.make_array_from_callback((b,), self._batch_sharding, lambda i: host[i])
+
+    def _call_reward(self, texts: list[str], records: list[dict[str, Any]]) -> np.ndarray:
+        """The checked rewards, computed once, on process 0, and shared with the others (an
+        error there is raised on every process)."""
+        spec = self.config.task.reward
+        if jax.process_count() == 1:
+            values = call_user_function(spec, lambda: self.reward_fn(texts, records))
+            return check_rewards(values, records, spec)
+        out: Any = None
+        if jax.process_index() == 0:
+            try:
+                values = call_user_function(spec, lambda: self.reward_fn(texts, records))
+                out = check_rewards(values, records, spec).tolist()
+            except Exception as e:  # shared, so no process waits for process 0 forever
+                out = f"{type(e).__name__}: {e}"
+        out = distributed.allgather_json(out)[0]
+        if isinstance(out, str):
+            raise ValueError(f"the reward function failed on process 0: {out}")
+        return np.asarray(out, np.float32)
 
     def _run(
         self, params: Any, rng: Any, step: Any, batch: dict[str, jax.Array], greedy: bool
@@ -338,7 +395,10 @@ class Rollouts:
     def train_batch(self, state: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The scored rollout of this step: replies sampled at `task.temperature` with the
         step's key from `state`'s parameters."""
-        return self._run(state.params, state.rng, state.step, batch, greedy=False)
+        try:
+            return self._run(state.params, state.rng, state.step, batch, greedy=False)
+        except ValueError as e:
+            raise ValueError(f"step {int(state.step) + 1}: {e}") from e
 
     def eval_batch(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The scored greedy replies to the eval split's prompts."""
