@@ -8,18 +8,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+# Logits of at most this many elements (32 MiB in float32) are taken whole when no chunk size
+# is given: their float32 softmax costs less memory than a loop and recomputation cost time.
+WHOLE_LOGITS_MAX = 1 << 23
+DEFAULT_CHUNK = 128
+
 
 def _over_chunks(
     fn: Callable[..., Any],
     logits_BTV: jax.Array,
     targets_BT: jax.Array,
     mask_BT: jax.Array,
-    chunk: int,
+    chunk: int | None,
 ) -> Any:
     """`fn(logits, targets, mask)` on chunks of `chunk` positions, under `jax.checkpoint` (so
     neither a float32 copy of the logits nor more than one chunk's softmax is ever held, forward
-    or backward); outputs stacked as [n chunks, ...]. Padded positions have mask 0."""
-    b, t, _ = logits_BTV.shape
+    or backward); outputs stacked as [n chunks, ...]. Padded positions have mask 0.
+
+    `chunk=None`: logits of at most `WHOLE_LOGITS_MAX` elements in one piece, without the loop
+    or the recomputation (as one chunk of all positions), larger ones in `DEFAULT_CHUNK`s."""
+    b, t, v = logits_BTV.shape
+    if chunk is None:
+        if b * t * v <= WHOLE_LOGITS_MAX:
+            return jax.tree.map(lambda x: x[None], fn(logits_BTV, targets_BT, mask_BT))
+        chunk = DEFAULT_CHUNK
     chunk = min(chunk, t)
     pad = -t % chunk
     if pad:
@@ -43,7 +55,7 @@ def _target_terms(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
 
 
 def cross_entropy_sums(
-    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int = 128
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int | None = None
 ) -> dict[str, jax.Array]:
     """Sums over masked-in tokens of -log p(target) and of logsumexp² (for z-loss), and the count.
 
@@ -61,7 +73,7 @@ def cross_entropy_sums(
 
 
 def token_log_probs(
-    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int = 128
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, chunk: int | None = None
 ) -> jax.Array:
     """log p(target) at each position, float32, 0 where `mask` is off ([B, T]; chunked like
     `cross_entropy_sums`)."""
@@ -75,7 +87,7 @@ def token_log_probs(
     return jnp.swapaxes(out, 0, 1).reshape(b, -1)[:, :t]
 
 
-def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array, chunk: int = 128) -> jax.Array:
+def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array, chunk: int | None = None) -> jax.Array:
     """The entropy (nats) of the softmax at each position, float32, 0 where `mask` is off
     ([B, T]; chunked like `cross_entropy_sums`)."""
     b, t, _ = logits_BTV.shape

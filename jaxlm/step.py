@@ -54,6 +54,14 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def _grad_norm(grads: Any) -> jax.Array:
+    """`global_norm(grads)`, as the same expression as `optax.clip_by_global_norm`'s when every
+    gradient is float32 (so XLA computes the one norm once)."""
+    if all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads)):
+        return optax.tree.norm(grads)
+    return global_norm(grads)
+
+
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     # Row j of microbatch i is row j * k + i: every device's rows feed every microbatch.
     def split(x: jax.Array) -> jax.Array:
@@ -79,9 +87,9 @@ def train_step(
     auxiliary losses. Only the parameters the task trains get gradients and updates; the others
     are returned bitwise unchanged.
 
-    If the loss, the gradients or the updated parameters are not all finite, the update is
-    skipped: parameters and optimizer state stay as they were, the step counter still advances
-    (it counts batches consumed, which the data order and checkpoints follow), and the
+    If the loss or the gradients are not all finite (or their global norm overflows), the
+    update is skipped: parameters and optimizer state stay as they were, the step counter still
+    advances (it counts batches consumed, which the data order and checkpoints follow), and the
     `nonfinite_streak` / `nonfinite_total` counters go up. The streak resets on a good step.
     With several updates per step, each is skipped on its own and the step counts as skipped
     when any was; the step's loss terms are the mean over its updates.
@@ -177,21 +185,20 @@ def _update(
         zero_terms = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), one)
         (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (mbs, jnp.arange(k)))
         terms = {n: v / k if n == "aux" or n.startswith("moe_") else v for n, v in terms.items()}
+    # Finite loss and gradients give a finite update (every optimizer here divides by at least
+    # eps), so the decision needs no pass over the updated parameters and the select below fuses
+    # into the optimizer's own elementwise pass. The norm is optax's own expression for float32
+    # gradients, so XLA computes it once for clipping and this metric.
+    grad_norm = _grad_norm(grads)
+    finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(terms["aux"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    grad_norm, param_norm = global_norm(grads), global_norm(new_trainable)
-    finite = (
-        jnp.isfinite(terms["loss"])
-        & jnp.isfinite(terms["aux"])
-        & jnp.isfinite(grad_norm)
-        & jnp.isfinite(param_norm)
-    )
     new_trainable, new_opt_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old),
         (new_trainable, new_opt_state),
         (trainable, opt_state),
     )
-    param_norm = jnp.where(finite, param_norm, global_norm(trainable))
+    param_norm = global_norm(new_trainable)
     return new_trainable, new_opt_state, terms, grad_norm, param_norm, finite
 
 

@@ -15,6 +15,7 @@ Head = Literal["lm", "score"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
+CPU_UNROLL_MAX_LAYERS = 8  # scan_unroll=None unrolls scanned models this deep on CPU
 
 
 def _check_choice(name: str, value: object, literal: object) -> None:
@@ -192,6 +193,10 @@ class ModelConfig:
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     scan_layers: bool = True
+    # Layers per iteration of the scanned loop (the parameters stay stacked either way). None =
+    # on CPU, all of them for models of up to CPU_UNROLL_MAX_LAYERS layers (XLA's CPU while loop
+    # costs 10-15% of a small model's step), else 1 (compile time flat in depth).
+    scan_unroll: int | None = None
     remat: RematPolicy = "none"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
@@ -274,6 +279,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={value!r} must be > 0 or None (no cap)")
         if self.sliding_window is not None:
             check_positive_ints(self, "sliding_window")
+        if self.scan_unroll is not None:
+            check_positive_ints(self, "scan_unroll")
         if self.moe.enabled and self.scan_layers:
             m = self.moe
             if m.first_dense or self.num_layers % m.every:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
-from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
 from jaxlm.model import kv_cache
 from jaxlm.model.attention import Attention, attention_mask, segment_positions, softcap
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
@@ -214,6 +214,7 @@ class Transformer(nn.Module):
                 split_rngs={"params": True, "router": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=length,
+                unroll=scan_unroll(cfg, length),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             kwargs = {} if grouped else {"moe": cfg.moe.enabled}
@@ -258,6 +259,14 @@ class Transformer(nn.Module):
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         return logits_BTV, cache, aux
+
+
+def scan_unroll(cfg: ModelConfig, length: int) -> int:
+    """Iterations of the `length`-step layer loop to unroll (`ModelConfig.scan_unroll`)."""
+    if cfg.scan_unroll is not None:
+        return min(cfg.scan_unroll, length)
+    cpu = jax.default_backend() == "cpu"
+    return length if cpu and cfg.num_layers <= CPU_UNROLL_MAX_LAYERS else 1
 
 
 def _scalar_head(cfg: ModelConfig, name: str) -> Einsum:

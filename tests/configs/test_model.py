@@ -24,6 +24,7 @@ from jaxlm.model.transformer import abstract_params
         ),
         (dict(position="rope", head_dim=15), r"head_dim=15 must be even with position='rope'"),
         (dict(sliding_window=0), r"sliding_window=0 must be an integer >= 1"),
+        (dict(scan_unroll=0), r"scan_unroll=0 must be an integer >= 1"),
         (
             dict(d_model=65, num_heads=4),
             r"d_model=65 is not divisible by num_heads=4; set head_dim",

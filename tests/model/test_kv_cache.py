@@ -19,7 +19,7 @@ CASES = {
     "gqa_rope_llama": LLAMA,
     "mqa_window_softcaps": VARIANTS["mqa_qknorm_softcap_window_llama3rope"],
     "sinusoidal": VARIANTS["sinusoidal_gelu_explicit_head_dim"],
-    "gqa_rope_scanned": dataclasses.replace(LLAMA, scan_layers=True),
+    "gqa_rope_scanned": dataclasses.replace(LLAMA, scan_layers=True, scan_unroll=1),
     "mha_learned_scanned": dataclasses.replace(GPT2, scan_layers=True),
     # Dropless MoE routes each token on its own, so cached decoding matches exactly.
     "moe_every_2nd_scanned": dataclasses.replace(

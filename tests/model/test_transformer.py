@@ -166,10 +166,12 @@ def _stack_layers(params, num_layers):
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
+# scan_unroll=1: XLA's while loop over the layers (as on TPU); None: on CPU, unrolled in the scan.
+@pytest.mark.parametrize("unroll", [1, None])
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
-def test_scan_equals_unrolled(name):
+def test_scan_equals_unrolled(name, unroll):
     unrolled = VARIANTS[name]
-    scanned = dataclasses.replace(unrolled, scan_layers=True)
+    scanned = dataclasses.replace(unrolled, scan_layers=True, scan_unroll=unroll)
     params, tokens = _params(unrolled), _tokens(unrolled.vocab_size)
     stacked = _stack_layers(dict(params), unrolled.num_layers)
     assert jax.tree.structure(stacked) == jax.tree.structure(random_params(scanned))
@@ -192,7 +194,7 @@ def _loss_and_grad(cfg):
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_qkv_proj"])
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_equals_no_remat(policy, scan):
-    base = dataclasses.replace(LLAMA, scan_layers=scan)
+    base = dataclasses.replace(LLAMA, scan_layers=scan, scan_unroll=1)  # the rolled loop
     want_loss, want_grad = _loss_and_grad(base)
     got_loss, got_grad = _loss_and_grad(dataclasses.replace(base, remat=policy))
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
