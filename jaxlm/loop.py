@@ -20,7 +20,7 @@ from jaxlm.configs.overrides import to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data import as_stream_state, to_global
 from jaxlm.run import RunPlan, check_init_source, load_for_eval, state_from_source
-from jaxlm.sample import generate
+from jaxlm.sample import generate, strategies
 from jaxlm.sharding import use_mesh
 
 
@@ -397,7 +397,16 @@ def train(
         try:
             with use_mesh(mesh, config.mesh.rules):
                 new = generate(
-                    config.model, state.params, [prompt], budget, pad_id=tokenizer.pad_id
+                    config.model,
+                    state.params,
+                    [prompt],
+                    budget,
+                    key=config.seed,
+                    chain=strategies(
+                        config.train.sample_temperature, top_p=config.train.sample_top_p
+                    ),
+                    stop_tokens=[tokenizer.eos_id],
+                    pad_id=tokenizer.pad_id,
                 )
         except KeyboardInterrupt:  # training is done and saved: only the sample is cut short
             _log(f"interrupted the closing sample; the run is complete and saved at step {step}")

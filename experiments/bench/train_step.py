@@ -1,19 +1,27 @@
-"""Train-step speed on this machine: jaxlm vs a minimal hand-written Flax GPT of the same shape.
+"""Train-step speed and compile time on this machine: jaxlm vs a minimal hand-written Flax GPT.
 
-Prints, as its last line, one JSON object: `step_s`, `tokens_per_s`, `achieved_flops`,
-`cpu_mfu` (= achieved model FLOP/s / float32 matmul FLOP/s measured in this process),
-`scan_step_s` (the same model with `scan_layers=True`),
-`baseline_step_s` (the minimal GPT with the same shapes and optimizer), and
-`speed_vs_baseline` (baseline_step_s / step_s; >= 1 means jaxlm is at least as fast).
+Two shapes: "matched" (vocab 1024, d 256, 4 layers, seq 256, batch 16) and "nanogpt" (nanoGPT's
+CPU recipe: 4 layers, 4 heads, d 128, MLP 512, block 64, batch 12). At each, four steps are timed
+in interleaved rounds (the order rotates each round): jaxlm's default layout (scanned, which on
+CPU unrolls the loop for models of up to 8 layers), jaxlm unrolled (`scan_layers=False`), jaxlm
+scanned with XLA's while loop (`scan_unroll=1`, as on TPU) and the minimal GPT (same shapes,
+AdamW, no clipping, no checks). `vs_minimal_*` is the median over rounds of the minimal step's
+time divided by jaxlm's in the same round (>= 1: jaxlm at least as fast); `cpu_mfu` is the
+default layout's model FLOP/s over the float32 matmul FLOP/s measured in this process.
 
-    python experiments/bench/train_step.py [--steps 3] [--rounds 6] [--seq-len 256] [--batch 16]
+`compile_s` times tracing + XLA compilation of the train step (matched shape, one device, nothing
+run): the minimal GPT, jaxlm's default at 4 layers, and the while loop at 4 / 16 / 48 layers.
+
+Prints one JSON object as its last line.
+
+    python experiments/bench/train_step.py [--rounds 6] [--skip-compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import statistics
 import time
 
 import flax.linen as nn
@@ -22,89 +30,105 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.configs import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from jaxlm.configs import (
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 from jaxlm.metrics import flops_per_token, measure_matmul_flops
-from jaxlm.run import init_train_state, make_train_step
-from jaxlm.sharding import make_mesh
+from jaxlm.run import RunPlan
+from jaxlm.sharding import make_mesh, use_mesh
 
-VOCAB, D, LAYERS, HEADS, MLP = 1024, 256, 4, 4, 1024
+SHAPES = {
+    "matched": dict(vocab=1024, d=256, layers=4, heads=4, mlp=1024, seq=256, batch=16, steps=2),
+    "nanogpt": dict(vocab=1024, d=128, layers=4, heads=4, mlp=512, seq=64, batch=12, steps=10),
+}
 
 
 class _Block(nn.Module):
+    heads: int
+    mlp: int
+
     @nn.compact
     def __call__(self, x):
         b, t, d = x.shape
         h = nn.LayerNorm()(x)
-        q, k, v = jnp.split(nn.Dense(3 * d)(h).reshape(b, t, 3 * HEADS, d // HEADS), 3, axis=2)
-        s = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(d // HEADS)
+        qkv = nn.Dense(3 * d)(h).reshape(b, t, 3 * self.heads, d // self.heads)
+        q, k, v = jnp.split(qkv, 3, axis=2)
+        s = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(d // self.heads)
         s = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], s, -1e9)
         a = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, d)
         x = x + nn.Dense(d)(a)
         h = nn.LayerNorm()(x)
-        return x + nn.Dense(d)(jax.nn.gelu(nn.Dense(MLP)(h)))
+        return x + nn.Dense(d)(jax.nn.gelu(nn.Dense(self.mlp)(h)))
 
 
 class _MinimalGPT(nn.Module):
+    """GPT-2 style: token + learned position embeddings, pre-norm blocks, tied output."""
+
+    vocab: int
+    d: int
+    layers: int
+    heads: int
+    mlp: int
+
     @nn.compact
     def __call__(self, tokens):
-        embed = nn.Embed(VOCAB, D)
-        x = (
-            embed(tokens)
-            + self.param("pos", nn.initializers.normal(0.02), (tokens.shape[1], D))[None]
-        )
-        for _ in range(LAYERS):
-            x = _Block()(x)
+        embed = nn.Embed(self.vocab, self.d)
+        pos = self.param("pos", nn.initializers.normal(0.02), (tokens.shape[1], self.d))
+        x = embed(tokens) + pos[None]
+        for _ in range(self.layers):
+            x = _Block(self.heads, self.mlp)(x)
         return embed.attend(nn.LayerNorm()(x))
 
 
-class _Timer:
-    """Seconds per step of `fn`, the best of several rounds (rounds interleave between timers)."""
+def _minimal_step(s: dict):
+    gpt = _MinimalGPT(s["vocab"], s["d"], s["layers"], s["heads"], s["mlp"])
+    tx = optax.adamw(3e-4, weight_decay=0.1)
 
-    def __init__(self, fn, state, batch):
-        self.fn, self.state, self.batch = fn, state, batch
-        self.state, out = fn(state, batch)  # compile
-        jax.block_until_ready(out)
-        self.best = float("inf")
+    def step(carry, batch):
+        params, opt_state = carry
 
-    def round(self, steps):
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, out = self.fn(self.state, self.batch)
-        jax.block_until_ready(out)
-        self.best = min(self.best, (time.perf_counter() - start) / steps)
+        def loss(p):
+            logits = gpt.apply(p, batch["tokens"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    def init():
+        params = gpt.init(jax.random.key(0), jnp.zeros((s["batch"], s["seq"]), jnp.int32))
+        return params, tx.init(params)
+
+    return jax.jit(step, donate_argnums=0), init
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    args = parser.parse_args()
-    b, t = args.batch, args.seq_len
-
-    # Layers unrolled: on CPU, XLA's while loop for nn.scan costs ~10% per step at this size
-    # (reported as scan_step_s); scanning pays off in compile time for deep models on TPU.
-    model = ModelConfig(
-        vocab_size=VOCAB,
-        d_model=D,
-        num_layers=LAYERS,
-        num_heads=HEADS,
-        mlp_dim=MLP,
-        max_seq_len=t,
-        activation="gelu_tanh",
-        scan_layers=False,
-    )
-    config = RunConfig(
-        model=model,
-        data=DataConfig(seq_len=t, batch_size=b),
+def _config(s: dict, **model: object) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(
+            vocab_size=s["vocab"],
+            d_model=s["d"],
+            num_layers=s["layers"],
+            num_heads=s["heads"],
+            mlp_dim=s["mlp"],
+            max_seq_len=s["seq"],
+            activation="gelu_tanh",
+            **model,
+        ),
+        data=DataConfig(seq_len=s["seq"], batch_size=s["batch"]),
         optim=OptimConfig(warmup_steps=0, schedule="constant"),
         train=TrainConfig(steps=1000),
     )
-    mesh = make_mesh(config.mesh, jax.devices()[:1])
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, (b, t + 1)).astype(np.int32)
-    batch = {
+
+
+def _batch(s: dict) -> dict[str, np.ndarray]:
+    b, t = s["batch"], s["seq"]
+    tokens = np.random.default_rng(0).integers(0, s["vocab"], (b, t + 1)).astype(np.int32)
+    return {
         "tokens": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "mask": np.ones((b, t), bool),
@@ -112,66 +136,99 @@ def main() -> None:
         "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
         "target_bytes": np.full((b,), t, np.int32),
     }
-    ours = _Timer(
-        make_train_step(config, mesh), init_train_state(config, mesh, 0), jax.device_put(batch)
-    )
-    scanned = dataclasses.replace(config, model=dataclasses.replace(model, scan_layers=True))
-    scan = _Timer(
-        make_train_step(scanned, mesh), init_train_state(scanned, mesh, 0), jax.device_put(batch)
-    )
 
-    gpt = _MinimalGPT()
-    params = gpt.init(jax.random.key(0), batch["tokens"])
-    tx = optax.adamw(3e-4, weight_decay=0.1)
 
-    @jax.jit
-    def baseline_step(carry, tokens_targets):
-        params, opt_state = carry
-        x, y = tokens_targets
+class _Timer:
+    """Seconds per step of `fn`, one entry per round (rounds interleave between timers)."""
 
-        def loss(p):
-            logits = gpt.apply(p, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def __init__(self, fn, state, batch) -> None:
+        self.fn, self.state, self.batch, self.times = fn, state, batch, []
+        self.state, out = fn(state, batch)  # compile
+        jax.block_until_ready(out)
 
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
+    def round(self, steps: int) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, out = self.fn(self.state, self.batch)
+        jax.block_until_ready(out)
+        self.times.append((time.perf_counter() - start) / steps)
 
-    baseline = _Timer(baseline_step, (params, tx.init(params)), (batch["tokens"], batch["targets"]))
-    # This machine is noisy: interleave the three (rotating which goes first, so none always
-    # follows the matmul measurement) and keep each one's best round.
+
+def _speed(s: dict, rounds: int) -> dict:
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    batch = jax.device_put(_batch(s))
+    timers = {}
+    for layout, model in (
+        ("default", {}),
+        ("unrolled", {"scan_layers": False}),
+        ("while_loop", {"scan_unroll": 1}),
+    ):
+        plan = RunPlan(_config(s, **model), mesh=mesh)
+        timers[layout] = _Timer(plan.train_step, plan.init_state(0), batch)
+    step, init = _minimal_step(s)
+    timers["minimal"] = _Timer(step, init(), {k: batch[k] for k in ("tokens", "targets")})
+    order = list(timers.values())
+    for r in range(rounds):
+        for timer in order[r % len(order) :] + order[: r % len(order)]:
+            timer.round(s["steps"])
+    minimal = timers["minimal"].times
+    out: dict = {"config": {k: v for k, v in s.items() if k != "steps"}}
+    for layout, timer in timers.items():
+        out[f"{layout}_step_s"] = round(min(timer.times), 4)
+        if layout != "minimal":
+            ratios = [m / t for m, t in zip(minimal, timer.times, strict=True)]
+            out[f"vs_minimal_{layout}"] = round(statistics.median(ratios), 3)
+    tokens = s["batch"] * s["seq"]
+    out["tokens_per_s"] = round(tokens / min(timers["default"].times))
+    out["achieved_flops"] = flops_per_token(_config(s).model, s["seq"]) * out["tokens_per_s"]
+    return out
+
+
+def _compile_seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn.lower(*args).compile()
+    return round(time.perf_counter() - start, 2)
+
+
+def _compile_times(s: dict) -> dict:
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    out = {}
+    step, init = _minimal_step(s)
+    batch = {
+        k: jax.ShapeDtypeStruct((s["batch"], s["seq"]), jnp.int32) for k in ("tokens", "targets")
+    }
+    out["minimal_4"] = _compile_seconds(step, jax.eval_shape(init), batch)
+    for name, layers, model in (
+        ("default_4", 4, {}),
+        ("while_loop_4", 4, {"scan_unroll": 1}),
+        ("while_loop_16", 16, {"scan_unroll": 1}),
+        ("while_loop_48", 48, {"scan_unroll": 1}),
+    ):
+        plan = RunPlan(_config({**s, "layers": layers}, **model), mesh=mesh)
+        with use_mesh(plan.mesh, plan.rules):
+            out[name] = _compile_seconds(
+                plan.train_step.jitted, plan.abstract_state, plan.abstract_batch()
+            )
+    out["default_4_vs_minimal"] = round(out["default_4"] / out["minimal_4"], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--shapes", default="matched,nanogpt", help="comma-separated")
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args()
     matmul = measure_matmul_flops()
-    timers = [ours, scan, baseline]
-    for r in range(args.rounds):
-        for timer in timers[r % 3 :] + timers[: r % 3]:
-            timer.round(args.steps)
-    matmul = max(matmul, measure_matmul_flops())
-    step_s, scan_s, baseline_s = ours.best, scan.best, baseline.best
-    achieved = flops_per_token(model, t) * b * t / step_s
-    print(
-        json.dumps(
-            {
-                "config": {
-                    "vocab": VOCAB,
-                    "d_model": D,
-                    "layers": LAYERS,
-                    "heads": HEADS,
-                    "mlp": MLP,
-                    "seq_len": t,
-                    "batch": b,
-                    "dtype": "float32",
-                },
-                "step_s": round(step_s, 4),
-                "tokens_per_s": round(b * t / step_s),
-                "achieved_flops": achieved,
-                "matmul_flops": matmul,
-                "cpu_mfu": round(achieved / matmul, 3),
-                "scan_step_s": round(scan_s, 4),
-                "baseline_step_s": round(baseline_s, 4),
-                "speed_vs_baseline": round(baseline_s / step_s, 3),
-            }
-        )
-    )
+    result: dict = {"dtype": "float32", "devices": 1}
+    for name in args.shapes.split(","):
+        result[name] = _speed(SHAPES[name], args.rounds)
+    result["matmul_flops"] = matmul = max(matmul, measure_matmul_flops())
+    for name in args.shapes.split(","):
+        result[name]["cpu_mfu"] = round(result[name]["achieved_flops"] / matmul, 3)
+    if not args.skip_compile:
+        result["compile_s"] = _compile_times(SHAPES["matched"])
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

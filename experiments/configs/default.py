@@ -1,7 +1,7 @@
 """The default `jaxlm train` job, spelled out: the "small" model on the stdlib corpus."""
 
-from jaxlm.configs import RunConfig, get_preset
+from jaxlm.configs import RunConfig, default_job
 
 
 def get_config() -> RunConfig:
-    return RunConfig(model=get_preset("small"))
+    return default_job()

@@ -1,7 +1,7 @@
 """Typed, frozen configuration: the model architecture, the run, presets and overrides."""
 
 from jaxlm.configs.model import LoRAConfig, ModelConfig, MoEConfig
-from jaxlm.configs.presets import PRESETS, get_preset
+from jaxlm.configs.presets import PRESETS, default_job, get_preset
 from jaxlm.configs.run import (
     CheckpointConfig,
     DataConfig,
@@ -24,5 +24,6 @@ __all__ = [
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
+    "default_job",
     "get_preset",
 ]

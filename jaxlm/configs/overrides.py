@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 from jaxlm.configs.model import ModelConfig
-from jaxlm.configs.presets import PRESETS, get_preset
+from jaxlm.configs.presets import PRESETS, default_job, get_preset
 from jaxlm.configs.run import RunConfig
 from jaxlm.files import read_json
 
@@ -217,7 +217,7 @@ def load_config(spec: str | None = None, overrides: Iterable[str] = ()) -> RunCo
     Overrides are applied last.
     """
     if spec is None:
-        config = RunConfig(model=get_preset("small"))
+        config = default_job()
     elif spec.endswith((".py", ".json")):
         path = Path(spec)
         if not path.is_file():

@@ -254,6 +254,9 @@ class TrainConfig:
     peak_flops_per_device: float | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 64
+    # The closing sample: temperature then nucleus (top-p) sampling with `seed`; 0 = greedy.
+    sample_temperature: float = 0.8
+    sample_top_p: float = 0.95
     # A step whose loss, gradients or new parameters are not finite is skipped (state unchanged
     # but for the step counter); this many in a row stop the run with an error.
     max_nonfinite_steps: int = 10
@@ -280,6 +283,13 @@ class TrainConfig:
             raise ValueError("TrainConfig.eval_batches and sample_tokens must be >= 0")
         if self.z_loss < 0:
             raise ValueError(f"TrainConfig.z_loss={self.z_loss!r} must be >= 0")
+        if not self.sample_temperature >= 0:
+            raise ValueError(
+                f"TrainConfig.sample_temperature={self.sample_temperature!r} must be >= 0 "
+                "(0 = greedy)"
+            )
+        if not 0 < self.sample_top_p <= 1:
+            raise ValueError(f"TrainConfig.sample_top_p={self.sample_top_p!r} must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

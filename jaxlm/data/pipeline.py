@@ -138,6 +138,29 @@ def record_stream(
     return ds.repeat(num_epochs) if num_epochs != 1 else ds
 
 
+SHUFFLE_WINDOW_TOKENS = 1 << 19
+SHUFFLE_WINDOW_MAX_ROWS = 4096
+
+
+def shuffle_window_rows(seq_len: int, batch_size: int = 1) -> int:
+    """Rows per window of the packed-row shuffle: about `SHUFFLE_WINDOW_TOKENS` tokens, at most
+    `SHUFFLE_WINDOW_MAX_ROWS` rows (each is made in Python) and at least one batch."""
+    return max(batch_size, min(SHUFFLE_WINDOW_MAX_ROWS, SHUFFLE_WINDOW_TOKENS // seq_len))
+
+
+def grain_state(state: Any) -> Any:
+    """A Grain iterator state as Grain made it, from its JSON round trip: Grain compares the
+    `remainder_slices` of a packing iterator with tuples, which JSON turns into lists."""
+    if isinstance(state, dict):
+        return {
+            k: {n: tuple(v) for n, v in s.items()} if k == "remainder_slices" else grain_state(s)
+            for k, s in state.items()
+        }
+    if isinstance(state, list):  # e.g. the states of worker processes
+        return [grain_state(s) for s in state]
+    return state
+
+
 def build_dataset(
     source: Sequence[str],
     tokenizer: Tokenizer,
@@ -158,12 +181,22 @@ def build_dataset(
 
     Records are split into `num_shards` streams first (stream i reads records i, i + n, ...), then
     shuffled with `seed` (differently each epoch), tokenized, concatenated and split into rows of
-    `seq_len` tokens (no token dropped or repeated), and batched.
+    `seq_len` tokens (no token dropped or repeated); with `shuffle`, the rows are shuffled again
+    in windows of `shuffle_window_rows(seq_len)` (about 1M tokens), then batched.
+
+    The row shuffle is what makes a batch a sample of many documents: without it the rows of one
+    long document (a 16k-character record is 128 rows of 128 bytes) fill many consecutive
+    batches, so training loss is measured on text the model has just been fitted to, and the
+    updates follow one document at a time.
     """
     ds = record_stream(source, shard, num_shards, seed, shuffle, num_epochs)
     ds = ds.map(_Tokenize(tokenizer, add_bos, add_eos))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count == 0 else 4))
     it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    if shuffle:
+        it = grain_experimental.WindowShuffleIterDataset(
+            it, window_size=shuffle_window_rows(seq_len, batch_size), seed=seed + 7919 * shard
+        )
     it = it.map(_NextTokenTargets(tokenizer.pad_id, token_bytes(tokenizer)))
     it = it.batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
@@ -342,7 +375,7 @@ class StreamIterator:
         if missing:
             raise ValueError(f"the saved data position lacks streams {missing}")
         for s, it in self._its.items():
-            it.set_state(state["streams"][str(s)])
+            it.set_state(grain_state(state["streams"][str(s)]))
 
 
 def as_stream_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -377,4 +410,4 @@ class DataIterator:
         return self._it.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(state)
+        self._it.set_state(grain_state(state))

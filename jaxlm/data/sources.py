@@ -28,7 +28,9 @@ from jaxlm.files import parse_json_line, read_text
 tfds.disable_progress_bar()
 
 DEFAULT_CORPUS = "stdlib"
-_MAX_CHUNK_CHARS = 64 * 1024
+# Long documents are stored as records of at most this many characters, so that shuffled
+# records (and the row shuffle after packing) mix many places of the corpus into every batch.
+MAX_CHUNK_CHARS = 16 * 1024
 # `text_key` for whole records: each `.jsonl` line is kept as its JSON text (chat data).
 RECORD_KEY = "*"
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -121,7 +123,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     `.jsonl` files give one document per line (field `text_key`); any other file is one document.
     A document goes to validation when the hash of its text falls below `validation_percent`
     (deterministic and stable under reordering or adding files), and is stored as chunks of at
-    most 64k characters.
+    most `MAX_CHUNK_CHARS` (16k) characters.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -185,7 +187,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
                 if self._text_key == RECORD_KEY:  # whole records stay whole
                     yield f"{i}-{j}-0", {"text": doc, "where": where}
                     continue
-                for k, chunk in enumerate(_chunks(doc, _MAX_CHUNK_CHARS)):  # long text: chunks
+                for k, chunk in enumerate(_chunks(doc, MAX_CHUNK_CHARS)):  # long text: chunks
                     yield f"{i}-{j}-{k}", {"text": chunk}
 
 
@@ -198,7 +200,7 @@ def _split_tail(text: str, percent: float) -> tuple[str, str]:
 
 
 # Bump when the prepared format or the split rule changes, so old caches are not reused.
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4
 
 
 def _fingerprint(files: Sequence[Path], **settings: Any) -> str:

@@ -267,3 +267,21 @@ def test_worker_processes_are_deterministic_and_resume():
     resumed, _ = batches(2, 3, state)
     for got, want in zip(first + resumed, uninterrupted, strict=True):
         np.testing.assert_array_equal(got["tokens"], want["tokens"])
+
+
+def test_shuffled_batches_mix_rows_of_many_documents():
+    # Ten documents of 40 rows each, one letter per document. Packed in order, a batch of 8 rows
+    # would hold one document; the row shuffle draws every batch from the whole window.
+    docs = [chr(ord("a") + i) * (64 * 40) for i in range(10)]
+    letters = np.asarray([TOK.encode(chr(ord("a") + i))[0] for i in range(10)])
+
+    def docs_per_batch(shuffle):
+        it = DataIterator(build_dataset(docs, TOK, seq_len=64, batch_size=8, shuffle=shuffle))
+        counts = []
+        for _ in range(10):
+            tokens = next(it)["tokens"]
+            counts.append(len(set(letters[np.isin(letters, tokens)])))
+        return counts
+
+    assert max(docs_per_batch(False)) <= 2  # consecutive rows: one document, or two at a seam
+    assert min(docs_per_batch(True)) >= 4, docs_per_batch(True)

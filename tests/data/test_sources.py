@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxlm.data import open_source, stdlib_files
-from jaxlm.data.sources import _hash
+from jaxlm.data.sources import MAX_CHUNK_CHARS, _hash
 
 DOCS = [f"document {i}\n" + "line of text\n" * (i % 7 + 1) for i in range(200)]
 
@@ -45,7 +45,9 @@ def test_long_documents_are_chunked_at_line_breaks(tmp_path):
     train = open_source(str(tmp_path / "*.txt"), "train")
     val = open_source(str(tmp_path / "*.txt"), "validation")
     chunks = [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
-    assert all(len(c) <= 64 * 1024 for c in chunks)
+    assert (
+        all(len(c) <= MAX_CHUNK_CHARS for c in chunks) and len(chunks) >= 200_000 // MAX_CHUNK_CHARS
+    )
     assert all(c.endswith("\n") for c in chunks)
     assert sorted("".join(chunks)) == sorted(line * 200 + "tiny\n")
 
