@@ -405,7 +405,7 @@ def train(
                     chain=strategies(
                         config.train.sample_temperature, top_p=config.train.sample_top_p
                     ),
-                    stop_tokens=[tokenizer.eos_id],
+                    stop_tokens=[tokenizer.eos_id] if config.data.add_eos else [],
                     pad_id=tokenizer.pad_id,
                 )
         except KeyboardInterrupt:  # training is done and saved: only the sample is cut short

@@ -151,11 +151,13 @@ def test_sample_cli_reproduces_the_training_sample_and_is_seeded(run):
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
 
-    # Greedy from the step-40 checkpoint = the greedy sample the training run printed at step 40.
-    greedy = sample(
-        "--step", "40", "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "16"
+    # The step-40 checkpoint, sampled as the training run samples (temperature 0.8, top-p 0.95,
+    # the run's seed 0) = the sample that run printed at step 40; greedy is another text.
+    closing = ("--step", "40", "--prompt", "def ", "--max-new-tokens", "16")
+    assert (
+        sample(*closing, "--temperature", "0.8", "--top-p", "0.95", "--seed", "0") == first.stdout
     )
-    assert greedy == first.stdout
+    assert sample(*closing, "--temperature", "0") != first.stdout
     args = (
         "--prompt",
         "import ",
