@@ -257,7 +257,7 @@ class TrainConfig:
     # The closing sample: temperature then nucleus (top-p) sampling with `seed`; 0 = greedy.
     sample_temperature: float = 0.8
     sample_top_p: float = 0.95
-    # A step whose loss, gradients or new parameters are not finite is skipped (state unchanged
+    # A step whose loss or gradients are not finite is skipped (state unchanged
     # but for the step counter); this many in a row stop the run with an error.
     max_nonfinite_steps: int = 10
     # Start a new run from the parameters of another run (or an imported model) in this workdir,

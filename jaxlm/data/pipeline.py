@@ -182,7 +182,7 @@ def build_dataset(
     Records are split into `num_shards` streams first (stream i reads records i, i + n, ...), then
     shuffled with `seed` (differently each epoch), tokenized, concatenated and split into rows of
     `seq_len` tokens (no token dropped or repeated); with `shuffle`, the rows are shuffled again
-    in windows of `shuffle_window_rows(seq_len)` (about 1M tokens), then batched.
+    in windows of `shuffle_window_rows(seq_len)` (about 512k tokens), then batched.
 
     The row shuffle is what makes a batch a sample of many documents: without it the rows of one
     long document (a 16k-character record is 128 rows of 128 bytes) fill many consecutive
