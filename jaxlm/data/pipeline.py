@@ -142,10 +142,26 @@ SHUFFLE_WINDOW_TOKENS = 1 << 19
 SHUFFLE_WINDOW_MAX_ROWS = 4096
 
 
-def shuffle_window_rows(seq_len: int, batch_size: int = 1) -> int:
+def shuffle_window_rows(seq_len: int, batch_size: int = 1, epoch_chars: int | None = None) -> int:
     """Rows per window of the packed-row shuffle: about `SHUFFLE_WINDOW_TOKENS` tokens, at most
-    `SHUFFLE_WINDOW_MAX_ROWS` rows (each is made in Python) and at least one batch."""
-    return max(batch_size, min(SHUFFLE_WINDOW_MAX_ROWS, SHUFFLE_WINDOW_TOKENS // seq_len))
+    `SHUFFLE_WINDOW_MAX_ROWS` rows (each is made in Python), no more than an epoch of a stream of
+    `epoch_chars` characters holds (a small corpus: a longer window would only re-read it), and
+    at least one batch."""
+    rows = min(SHUFFLE_WINDOW_MAX_ROWS, SHUFFLE_WINDOW_TOKENS // seq_len)
+    if epoch_chars is not None:
+        rows = min(rows, -(-epoch_chars // seq_len))
+    return max(batch_size, rows)
+
+
+_SMALL_STREAM_RECORDS = 256
+
+
+def _stream_chars(source: Sequence[Any], shard: int, num_shards: int) -> int | None:
+    """Characters in stream `shard`'s records, when it has few enough to count (else None)."""
+    records = range(shard, len(source), num_shards)
+    if len(records) > _SMALL_STREAM_RECORDS:
+        return None
+    return sum(len(source[i]) for i in records)
 
 
 def grain_state(state: Any) -> Any:
@@ -195,7 +211,11 @@ def build_dataset(
     it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
     if shuffle:
         it = grain_experimental.WindowShuffleIterDataset(
-            it, window_size=shuffle_window_rows(seq_len, batch_size), seed=seed + 7919 * shard
+            it,
+            window_size=shuffle_window_rows(
+                seq_len, batch_size, _stream_chars(source, shard, num_shards)
+            ),
+            seed=seed + 7919 * shard,
         )
     it = it.map(_NextTokenTargets(tokenizer.pad_id, token_bytes(tokenizer)))
     it = it.batch(batch_size, drop_remainder=drop_remainder)
