@@ -165,8 +165,10 @@ def test_sharded_lora_steps_equal_one_device(one_device, overrides):
     _, _, want_state, want = one_device
     _, _, state, losses = _train(_train_config(*overrides), jax.devices())
     np.testing.assert_allclose(losses, want, rtol=1e-5)
+    # Adam divides by the gradient's own size, so where a gradient is near zero a sharded sum's
+    # rounding can move a weight by a small fraction of the learning rate (1e-2): atol is lr/100.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
         jax.device_get(state.params),
         jax.device_get(want_state.params),
     )
