@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxlm import compilation_cache
 from jaxlm.configs.overrides import load_config
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 
@@ -623,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    compilation_cache.enable()  # before anything compiles
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:

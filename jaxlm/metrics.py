@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.configs.model import ModelConfig
 
@@ -151,7 +153,8 @@ PEAK_FLOPS_PER_DEVICE = {
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of a float32 [size x size] matmul on the first device, measured now."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    # From NumPy: a jax.random draw would compile a program of its own (0.4 s on a CPU).
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
     best = float("inf")
@@ -203,6 +206,23 @@ def drop_records_after(path: str | os.PathLike, step: int) -> None:
         os.replace(tmp, path)
 
 
+def _summary_writer() -> type:
+    """tensorboardX's `SummaryWriter`, imported without PyTorch when that is not loaded yet:
+    tensorboardX imports torch (where installed) only to accept torch tensors, which jaxlm never
+    passes, and that import alone adds seconds to every run's start."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events."""
 
@@ -214,9 +234,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"))
             except ImportError:  # TensorBoard events are optional; metrics.jsonl is not
                 self._tb = None
 

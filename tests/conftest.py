@@ -17,6 +17,19 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _xla_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session's processes (pytest-xdist workers
+    and the CLI processes tests start; `jaxlm` commands read $JAXLM_XLA_CACHE): each program is
+    compiled once per session, not once per process."""
+    from jaxlm import compilation_cache
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    os.environ[compilation_cache.ENV] = str(root / "xla-cache")
+    compilation_cache.enable()
+
+
 @pytest.fixture(scope="session")
 def _session_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jaxlm-cache")

@@ -51,12 +51,15 @@ def stdlib_files() -> list[Path]:
     (hundred-line hex tables that are not Python anyone writes).
     """
     root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    # os.walk, pruning excluded directories before descending: an interpreter's lib/ may hold
+    # tens of thousands of installed files under site-packages.
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _TEST_DIRS]
+        found += [Path(top, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = set(path.relative_to(root).parts[:-1])
-        if parts & _TEST_DIRS or path.name.startswith("test_"):
-            continue
-        if "encodings" in parts:
+    for path in sorted(found):
+        if "encodings" in path.relative_to(root).parts[:-1]:
             with path.open(encoding="utf-8", errors="replace") as f:
                 if "Character Mapping Codec" in f.readline():
                     continue
