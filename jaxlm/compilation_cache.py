@@ -37,7 +37,7 @@ def enable(path: str | os.PathLike | None = None) -> str | None:
     """Turn the persistent compilation cache on (at `path`, or as the module docstring says)
     and return its directory; None when it is turned off. Call before the first compile."""
     setting = os.environ.get(ENV, "")
-    if path is None and setting.lower() in OFF and setting:
+    if path is None and setting.lower() in OFF:
         return None
     directory = path or setting or jax.config.jax_compilation_cache_dir or str(cache_dir() / "xla")
     directory = os.fspath(directory)

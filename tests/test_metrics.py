@@ -1,6 +1,10 @@
-"""FLOPs per token against matmul FLOPs counted from the traced program."""
+"""FLOPs per token against matmul FLOPs counted from the traced program; the metric writer."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,8 @@ from jaxlm.configs import get_preset
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 from jaxlm.model.transformer import Transformer
 from tests.random_params import random_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _subjaxprs(value):
@@ -71,3 +77,19 @@ def test_training_state_bytes():
     cfg = dataclasses.replace(get_preset("tiny"), param_dtype="bfloat16")
     n = param_count(cfg).total
     assert training_state_bytes(cfg) == {"params": 2 * n, "optimizer": 8 * n}
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    # tensorboardX imports torch where installed (seconds, hundreds of MB); jaxlm keeps it out,
+    # and torch still imports afterwards for whoever wants it.
+    code = (
+        "import sys; from jaxlm.metrics import MetricWriter; "
+        f"w = MetricWriter({str(tmp_path)!r}); w.write(3, {{'loss': 1.5}}); w.close(); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "import importlib.util; assert importlib.util.find_spec('torch') is None or "
+        "__import__('torch').tensor(1.0).item() == 1.0"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    assert b"loss" in events.read_bytes()
