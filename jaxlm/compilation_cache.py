@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import tempfile
 
 import jax
 
@@ -35,12 +37,25 @@ MAX_BYTES = 4 << 30
 
 def enable(path: str | os.PathLike | None = None) -> str | None:
     """Turn the persistent compilation cache on (at `path`, or as the module docstring says)
-    and return its directory; None when it is turned off. Call before the first compile."""
+    and return its directory; None when it is turned off, or when a local directory cannot be
+    created or written (said on stderr, naming it). Call before the first compile."""
     setting = os.environ.get(ENV, "")
     if path is None and setting.lower() in OFF:
         return None
     directory = path or setting or jax.config.jax_compilation_cache_dir or str(cache_dir() / "xla")
     directory = os.fspath(directory)
+    if "://" not in directory:  # a local directory: usable, or said once and left off
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as e:
+            print(
+                f"note: the XLA compilation cache {directory!r} cannot be written ({e}); "
+                f"compiling without it (set ${ENV} to a writable directory, or to 'off')",
+                file=sys.stderr,
+            )
+            return None
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     if importlib.util.find_spec("filelock") is not None:  # JAX's eviction needs file locks

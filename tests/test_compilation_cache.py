@@ -62,3 +62,13 @@ def test_off_leaves_jax_as_it_was_and_a_path_wins(monkeypatch, tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "x")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_directory_that_cannot_be_written_is_named_and_left_off(tmp_path, capsys):
+    before = jax.config.jax_compilation_cache_dir
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert compilation_cache.enable(blocker / "xla") is None
+    assert jax.config.jax_compilation_cache_dir == before
+    err = capsys.readouterr().err
+    assert str(blocker / "xla") in err and "cannot be written" in err
