@@ -77,6 +77,43 @@ def test_einsum_bias_covers_the_weight_output_dims():
 
 
 @pytest.mark.parametrize(
+    "eqn, x_shape, w_shape, merged",
+    [
+        ("BTNH,NHD->BTD", (2, 7, 4, 5), (4, 5, 3), "ZNH,NHD->ZD"),  # the attention output
+        ("ABTD,DF->ABTF", (2, 3, 4, 5), (5, 6), "ZD,DF->ZF"),  # three leading dims
+        ("TBD,DF->BTF", (7, 2, 3), (3, 6), None),  # leading dims reordered: left as is
+        ("BD,DF->BF", (7, 3), (3, 6), None),  # one leading dim: nothing to merge
+    ],
+)
+def test_einsum_merged_leading_dims_match_numpy(eqn, x_shape, w_shape, merged):
+    """Einsum runs x's leading pass-through dims as one matmul dim; the result (with the bias and
+    a LoRA adapter on the same equation) is NumPy's einsum of the equation as written."""
+    from jaxlm.configs import LoRAConfig
+    from jaxlm.model.layers import merge_leading
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    assert merge_leading(eqn, x)[0] == (merged or eqn)
+    lora = LoRAConfig(rank=2, alpha=4.0, targets="query")
+    layer = Einsum(
+        w_shape, (None,) * len(w_shape), jax.nn.initializers.normal(1.0), True, lora=lora
+    )
+    params = nn.meta.unbox(layer.init(jax.random.key(0), eqn, x)["params"])
+    params = jax.tree.map(lambda p: p + rng.standard_normal(p.shape).astype(np.float32), params)
+    got = layer.apply({"params": params}, eqn, x)
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
+    a, bb = np.asarray(params["lora_a"]), np.asarray(params["lora_b"])
+    x_np = np.asarray(x, np.float64)
+    ins, out = eqn.split("->")
+    x_l, w_l = ins.split(",")
+    in_l = "".join(c for c in w_l if c in x_l)
+    out_l = "".join(c for c in w_l if c not in x_l)
+    delta = np.einsum(f"{x_l},{in_l}r,r{out_l}->{out}", x_np, a, bb)
+    want = np.einsum(eqn, x_np, w) + b + lora.scale * delta
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
     "kind, use_bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)]
 )
 def test_norms_match_numpy(kind, use_bias):
