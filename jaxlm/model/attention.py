@@ -9,12 +9,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.model import kv_cache
+from jaxlm.model.attend import attend
 from jaxlm.model.layers import Einsum, kernel_init, make_norm
 from jaxlm.model.positions import apply_rope
 from jaxlm.sharding import constrain
-
-# Masked logits get this instead of -inf, so a row with nothing visible gives a finite softmax.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(
@@ -50,11 +48,6 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
     )
     start = jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
     return index - start
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(x / cap): a smooth bound on |x| (Gemma 2); identity when cap is None."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Attention(nn.Module):
@@ -112,25 +105,13 @@ class Attention(nn.Module):
             kv = (k_BSKH, v_BSKH)
             k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
 
-        # Both products are plain batched matmuls over (B, K), with the logits kept 4-D: the G
-        # query heads sharing a kv head are stacked along the query axis (Q = G * T, ordered
-        # (G, T)). On CPU, XLA runs the 5-D [B, K, G, T, S] form about 2x slower, even at G=1.
         b, t = q_BTNH.shape[:2]
         q_BKGTH = jnp.transpose((q_BTNH * h**-0.5).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
-        logits_BKQS = jnp.einsum(
-            "BKQH,BSKH->BKQS",
-            q_BKGTH.reshape(b, k, g * t, h),
-            k_BSKH,
-            preferred_element_type=jnp.float32,
+        # Without a cache the mask is causal by index (`Transformer`), so blocks may be skipped.
+        out_BKGTH = attend(
+            q_BKGTH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, causal=kv is None
         )
-        logits_BKQS = softcap(logits_BKQS, cfg.attn_logit_softcap)
-        mask_BQS = jnp.tile(mask_BTS, (1, g, 1)) if g > 1 else mask_BTS
-        logits_BKQS = jnp.where(mask_BQS[:, None], logits_BKQS, _MASK_VALUE)
-        probs_BKQS = jax.nn.softmax(logits_BKQS, axis=-1).astype(cfg.dtype)
-        out_BKQH = jnp.einsum("BKQS,BSKH->BKQH", probs_BKQS, v_BSKH)
-        out_BTNH = jnp.transpose(out_BKQH.reshape(b, k, g, t, h), (0, 3, 1, 2, 4)).reshape(
-            b, t, n, h
-        )
+        out_BTNH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
         out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = Einsum(
             (n, h, d),

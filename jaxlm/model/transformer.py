@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jaxlm import sharding
 from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
 from jaxlm.model import kv_cache
-from jaxlm.model.attention import Attention, attention_mask, segment_positions, softcap
+from jaxlm.model.attend import softcap
+from jaxlm.model.attention import Attention, attention_mask, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
 from jaxlm.model.mlp import MLP
 from jaxlm.model.moe import MoE
