@@ -67,10 +67,9 @@ class Attention(nn.Module):
 
         Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T],
         causal by index (key s hidden from query t whenever s > t; `attend` skips such blocks).
-        With a
-        cache layer `kv` = (k, v), each [B, S, K, H], the new keys and values are written at
-        slots positions[b, 0] .. positions[b, 0] + T - 1 and the queries attend over all S slots
-        (`mask_BTS` is [B, T, S]).
+        With a cache layer `kv` = (k, v), each [B, S, K, H], the new keys and values are written
+        at slots positions[b, 0] .. positions[b, 0] + T - 1 and the queries attend over all S
+        slots (`mask_BTS` is [B, T, S]).
         """
         cfg = self.config
         d, n, k, h, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
