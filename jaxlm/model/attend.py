@@ -6,8 +6,8 @@ backward over [B, K, Q, S] several times; the backward here is the one FlashAtte
 (dS = P ∘ (dP - rowsum(dO ∘ O))), which needs only the probabilities and the output. On the
 2-core CPU that is 1.6x faster for the core (forward + backward), and splitting causal queries
 into two halves, the first of which attends over only the first half of the keys, saves a
-quarter of the [T, T] work: together the core runs in about half the time (measured by
-`experiments/bench/train_step.py`).
+quarter of the [T, T] work: together the core runs in about half the time (42-44 -> 22-24 ms
+at the matched shape of `experiments/bench/train_step.py`, whose whole step went 0.62 -> 0.52 s).
 """
 
 from __future__ import annotations
