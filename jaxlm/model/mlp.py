@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 
@@ -9,12 +11,41 @@ from jaxlm.configs.model import ModelConfig
 from jaxlm.model.layers import Einsum, kernel_init
 from jaxlm.sharding import constrain
 
+
+def recomputed(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """Elementwise `f` whose backward pass keeps only the input and recomputes the derivative.
+
+    Autodiff of GELU keeps its tanh (or erf) for the backward pass, so XLA writes it out as a
+    second [B, T, F] tensor next to the output and reads both back; here the forward is one
+    pass (input in, output out) and the backward one more (input and cotangent in, gradient out).
+    The optimization barrier stops XLA from merging the backward's recomputation with the
+    forward's (CSE), which would bring the stored intermediate back. On the 2-core CPU the train
+    step of `experiments/bench/train_step.py` (matched shape, GELU) ran 4% faster.
+    """
+
+    @jax.custom_vjp
+    def g(x: jax.Array) -> jax.Array:
+        return f(x)
+
+    def fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return f(x), x
+
+    def bwd(x: jax.Array, ct: jax.Array) -> tuple[jax.Array]:
+        return jax.vjp(f, jax.lax.optimization_barrier(x))[1](ct)
+
+    g.defvjp(fwd, bwd)
+    return g
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+    name: recomputed(f)
+    for name, f in {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "swiglu": jax.nn.silu,
+        "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+    }.items()
 }
 
 
