@@ -386,7 +386,7 @@ def train(
         }
 
     sample = ""
-    if config.train.sample_tokens and config.model.head == "lm":
+    if config.train.sample_tokens and config.model.head == "lm" and config.model.causal:
         # Every process takes part (the parameters are spread over all of them); one prints.
         prompt = tokenizer.encode(config.train.sample_prompt) or [tokenizer.bos_id]
         prompt = [tokenizer.bos_id, *prompt] if config.data.add_bos else prompt

@@ -475,6 +475,11 @@ def _check_chain(chain: Sequence[Strategy], config: ModelConfig) -> tuple[Strate
             f"model.head={config.head!r}: this model scores sequences (`jaxlm score`), it has no "
             "vocabulary to sample from"
         )
+    if not config.causal:
+        raise ValueError(
+            "model.causal=False: a bidirectional model does not predict the next token and "
+            "cannot decode with a KV cache; it fills masks instead"
+        )
     chain = tuple(chain)
     for s in chain:
         if not isinstance(s, Strategy):

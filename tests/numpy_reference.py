@@ -99,8 +99,8 @@ def _attention(x_TD, p, pos_T, seg_T, cfg):
     q, k, v = proj("query"), proj("key"), proj("value")
     visible = np.zeros((t, t), dtype=bool)
     for i in range(t):
-        for j in range(i + 1):
-            near = cfg.sliding_window is None or i - j < cfg.sliding_window
+        for j in range(t if not cfg.causal else i + 1):
+            near = cfg.sliding_window is None or abs(i - j) < cfg.sliding_window
             visible[i, j] = seg_T[i] == seg_T[j] and near
     heads = []
     for n in range(cfg.num_heads):

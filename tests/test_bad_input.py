@@ -309,6 +309,20 @@ def test_sample_refuses_top_k_beyond_the_vocabulary(capsys, run):
     assert f"top_k=100000 is more than the model's {config.model.vocab_size} token ids" in last
 
 
+@pytest.mark.parametrize("kind", ["lm", "sft"])
+def test_next_token_training_refuses_a_bidirectional_model(capsys, tmp_path, corpus, kind):
+    work = tmp_path / "work"
+    rc, last, _ = _cli(
+        capsys,
+        "train",
+        *("--config", "tiny-llama", "--set", "model.causal=false", "--set", f"task.kind={kind}"),
+        *("--set", f"data.dataset={corpus}", "--workdir", work),
+    )
+    assert rc == 2, last
+    assert f"task.kind={kind} predicts each next token, but model.causal=False" in last, last
+    assert not work.exists()
+
+
 # --- a second probe: values out of range, user Python files, paths, hints ----------------------
 
 

@@ -180,6 +180,10 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     sliding_window: int | None = None
+    # False: bidirectional attention (an encoder, e.g. for masked LM): every token sees its whole
+    # segment, before and after it (a sliding window then spans W - 1 tokens on each side). Such
+    # a model cannot decode with a KV cache and cannot train for next-token prediction.
+    causal: bool = True
     attn_bias: bool = True
     # Bias on the attention output projection; None = same as attn_bias. False with attn_bias=True
     # puts biases on the query/key/value projections only (Qwen2).

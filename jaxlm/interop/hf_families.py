@@ -198,6 +198,7 @@ def _requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
             "head_dim": (cfg.d_model // cfg.num_heads,),
             "qk_norm": (False,),
             "sliding_window": (None,),
+            "causal": (True,),
             "moe.enabled": (False,),
             "attn_logit_softcap": (None,),
             "final_logit_softcap": (None,),
@@ -211,6 +212,7 @@ def _requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
         "qk_norm": (family.qk_norm,),
         "moe.enabled": (family.moe is not None,),
         "mlp_bias": (False,),
+        "causal": (True,),
     }
     if family.bias == "attention_bias":
         need["use_attn_out_bias"] = (cfg.attn_bias,)

@@ -21,17 +21,21 @@ def attention_mask(
     q_segment_BT: jax.Array,
     k_segment_BS: jax.Array,
     sliding_window: int | None,
+    causal: bool = True,
 ) -> jax.Array:
     """[B, T, S] booleans: key s is visible to query t.
 
-    Visible means causal (k_index <= q_index), in the same segment (packed sequences; segment 0
-    is padding and sees only padding), and, with a window W, q_index - k_index < W.
+    Visible means in the same segment (packed sequences; segment 0 is padding and sees only
+    padding), causal (k_index <= q_index) unless `causal=False` (bidirectional), and, with a
+    window W, q_index - k_index < W (|q_index - k_index| < W when bidirectional).
     """
     q = q_index_BT[:, :, None]
     k = k_index_BS[:, None, :]
-    mask = (k <= q) & (q_segment_BT[:, :, None] == k_segment_BS[:, None, :])
+    mask = q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
+    if causal:
+        mask &= k <= q
     if sliding_window is not None:
-        mask &= q - k < sliding_window
+        mask &= jnp.abs(q - k) < sliding_window
     return mask
 
 
@@ -65,8 +69,9 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """(output [B, T, D], updated cache layer or None).
 
-        Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T],
-        causal by index (key s hidden from query t whenever s > t; `attend` skips such blocks).
+        Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T]; for a
+        causal model (`config.causal`) it must be causal by index (key s hidden from query t
+        whenever s > t; `attend` skips such blocks), for a bidirectional one it may be any mask.
         With a cache layer `kv` = (k, v), each [B, S, K, H], the new keys and values are written
         at slots positions[b, 0] .. positions[b, 0] + T - 1 and the queries attend over all S
         slots (`mask_BTS` is [B, T, S]).
@@ -108,10 +113,9 @@ class Attention(nn.Module):
 
         b, t = q_BTNH.shape[:2]
         q_BKGTH = jnp.transpose((q_BTNH * h**-0.5).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
-        # Without a cache the mask is causal by index (`Transformer`), so blocks may be skipped.
-        out_BKGTH = attend(
-            q_BKGTH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, causal=kv is None
-        )
+        # Without a cache a causal model's mask is causal by index, so blocks may be skipped.
+        causal = kv is None and cfg.causal
+        out_BKGTH = attend(q_BKGTH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, causal=causal)
         out_BTNH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
         out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = Einsum(

@@ -100,9 +100,10 @@ class BlockGroup(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only Transformer. Call with tokens [B, T]; returns (logits [B, T, V], cache, aux)
-    (with `config.head="score"`: scores [B, T, 1] in place of the logits; with
-    `config.value_head`, aux["values"] [B, T] float32 holds the value head's outputs).
+    """A Transformer: a decoder (causal attention) or, with `config.causal=False`, an encoder
+    (bidirectional attention within each segment). Call with tokens [B, T]; returns (logits
+    [B, T, V], cache, aux) (with `config.head="score"`: scores [B, T, 1] in place of the logits;
+    with `config.value_head`, aux["values"] [B, T] float32 holds the value head's outputs).
 
     `segment_ids` (default all ones) separate packed sequences; id 0 marks padding. Positions
     default to restarting at 0 in each segment. `aux` holds auxiliary per-layer outputs (e.g. MoE
@@ -111,7 +112,8 @@ class Transformer(nn.Module):
     With a `KVCache`, the T tokens of row b are the ones at positions cache.lengths[b] ..
     cache.lengths[b] + T - 1 (unless `positions` says otherwise); their keys and values are
     written to the cache, they attend causally to everything before them in the row, and the
-    returned cache has `lengths` = last position + 1. `segment_ids` must be None then.
+    returned cache has `lengths` = last position + 1. `segment_ids` must be None then, and the
+    model causal.
     """
 
     config: ModelConfig
@@ -137,6 +139,11 @@ class Transformer(nn.Module):
         # positions move up by P); with a cache they are written by the prefill call only.
         prepend = p > 0 and (cache is None or prepend_prompt)
         if cache is not None:
+            if not cfg.causal:
+                raise ValueError(
+                    "a bidirectional model (model.causal=False) cannot decode with a KV cache: "
+                    "every token's output depends on the tokens after it"
+                )
             if segment_ids_BT is not None:
                 raise ValueError("segment_ids cannot be combined with a KV cache")
             if t + prepend * p > cache.max_length:
@@ -171,7 +178,7 @@ class Transformer(nn.Module):
             n = t + prepend * p
             index_BT = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
             mask_BTS = attention_mask(
-                index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window
+                index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window, cfg.causal
             )
             if prepend:
                 sees_prompt = (index_BT[:, None, :] < p) & (segment_ids_BT[:, :, None] > 0)

@@ -81,6 +81,16 @@ def adapterless_logits(model: Any, params: Any, batch: dict[str, jax.Array]) -> 
     return logits
 
 
+def check_causal(config: RunConfig) -> None:
+    """A clear error when a task that predicts the next token gets a bidirectional model."""
+    if not config.model.causal:
+        raise ValueError(
+            f"task.kind={config.task.kind} predicts each next token, but model.causal=False lets "
+            "every position see the tokens after it; train a bidirectional model with a "
+            "masked objective, or set model.causal=True"
+        )
+
+
 class Task:
     """Base class of the tasks. Subclasses set `kind` and implement the abstract methods."""
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxlm import losses
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.tasks.base import adapterless_logits
+from jaxlm.tasks.base import adapterless_logits, check_causal
 from jaxlm.tasks.pairs import PairTask, pair_sums
 from jaxlm.tasks.reference import Reference, check_reference_given, has_adapters, load_reference
 
@@ -64,6 +64,7 @@ class DPOTask(PairTask):
         model = self.config.model
         if model.head != "lm":
             raise ValueError(f"task.kind=dpo trains a language model; model.head={model.head!r}")
+        check_causal(self.config)
         check_reference_given(self.config)
         super().check(tokenizer)
 

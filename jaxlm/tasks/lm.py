@@ -14,7 +14,7 @@ from jaxlm import losses
 from jaxlm.data import make_iterator
 from jaxlm.data.pipeline import StreamIterator
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.tasks.base import Task
+from jaxlm.tasks.base import Task, check_causal
 
 
 class LMTask(Task):
@@ -29,6 +29,7 @@ class LMTask(Task):
                 f"task.kind={self.kind} trains a language model, but model.head="
                 f"{self.config.model.head!r}; a reward model trains with task.kind=reward"
             )
+        check_causal(self.config)
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         b, t = self.config.data.batch_size, self.config.data.seq_len

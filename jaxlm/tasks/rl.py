@@ -36,7 +36,7 @@ from jaxlm.data.prompts import build_prompt_dataset, empty_prompts, prompt_stats
 from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.tasks import rl_losses
-from jaxlm.tasks.base import Task, adapterless_logits
+from jaxlm.tasks.base import Task, adapterless_logits, check_causal
 from jaxlm.tasks.reference import check_reference_given, reference_logits
 
 
@@ -69,6 +69,7 @@ class RLTask(Task):
         flag = f"task.kind={self.kind}"
         if config.model.head != "lm":
             raise ValueError(f"{flag} trains a language model; model.head={config.model.head!r}")
+        check_causal(config)
         check_reference_given(config)
         for name, value in (
             ("model.lora.dropout", config.model.lora.dropout),

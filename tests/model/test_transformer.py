@@ -50,6 +50,9 @@ VARIANTS = {
         LLAMA, activation="relu", rope_scaling="linear", rope_scaling_factor=2.0, mlp_bias=True
     ),
     "no_positions": dataclasses.replace(GPT2, position="none"),
+    # Encoders: bidirectional attention within each segment (padding still sees only padding).
+    "bidirectional_gpt2": dataclasses.replace(GPT2, causal=False),
+    "bidirectional_gqa_window": dataclasses.replace(LLAMA, causal=False, sliding_window=3),
 }
 
 B, T = 2, 12
@@ -111,6 +114,38 @@ def test_causality_by_gradient(name):
     future = np.triu(np.ones((T, T), bool), k=1)
     assert np.all(influence_TS[future] == 0.0)
     assert np.all(influence_TS[~future] > 0.0)
+
+
+@pytest.mark.parametrize("name", ["bidirectional_gpt2", "bidirectional_gqa_window"])
+def test_bidirectional_influence_is_exactly_the_segment(name):
+    """In a packed row of a bidirectional model, d output[t] / d (embedding at s) is nonzero
+    exactly when s and t share a segment (after and before t alike): zero across segments."""
+    cfg = VARIANTS[name]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size, shape=(1, T))
+    segments = jnp.asarray([[1] * 7 + [2] * 5], jnp.int32)
+
+    def readout(delta_TD):
+        def add_delta(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if isinstance(context.module, Embed) and context.method_name == "__call__":
+                out = out + delta_TD[None]
+            return out
+
+        with nn.intercept_methods(add_delta):
+            logits_TV = Transformer(cfg).apply({"params": params}, tokens, segment_ids_BT=segments)
+        return logits_TV[0][0] @ readout_V
+
+    readout_V = jax.random.normal(jax.random.key(1), (cfg.vocab_size,))
+    influence_TS = np.abs(np.asarray(jax.jacrev(readout)(jnp.zeros((T, cfg.d_model))))).sum(-1)
+    seg = np.asarray(segments[0])
+    same = seg[:, None] == seg[None, :]
+    assert np.all(influence_TS[~same] == 0.0)
+    # Every layer widens the reach by window - 1 positions each way (two layers here).
+    reach = T if cfg.sliding_window is None else cfg.num_layers * (cfg.sliding_window - 1)
+    near = np.abs(np.arange(T)[:, None] - np.arange(T)[None, :]) <= reach
+    assert np.all(influence_TS[same & near] > 0.0)
+    assert np.all(influence_TS[same & ~near] == 0.0)
+    assert np.any(np.triu(influence_TS, k=1) > 0), "no token sees the ones after it"
 
 
 def test_sliding_window_limits_influence():
@@ -251,3 +286,19 @@ def test_attention_output_bias_follows_attn_bias_by_default():
         cfg = dataclasses.replace(LLAMA, attn_bias=attn_bias)
         assert cfg.attn_out_bias is None and cfg.use_attn_out_bias == attn_bias
         assert ("b" in _params(cfg)["layers_0"]["attn"]["out"]) == attn_bias
+
+
+def test_a_bidirectional_model_refuses_cached_decoding_sampling_and_decoder_export():
+    from jaxlm.interop.hf_families import export_family
+    from jaxlm.model.kv_cache import init_cache
+    from jaxlm.sample import generate
+
+    cfg = VARIANTS["bidirectional_gpt2"]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"model.causal=False\) cannot decode with a KV cache"):
+        Transformer(cfg).apply({"params": params}, tokens, cache=init_cache(cfg, B, T))
+    with pytest.raises(ValueError, match=r"model\.causal=False: a bidirectional model"):
+        generate(cfg, params, [[1, 2, 3]], 4)
+    with pytest.raises(ValueError, match=r"causal=False \(needs \(True,\)\)"):
+        export_family(cfg, "gpt2")
+    export_family(GPT2, "gpt2")  # the same model, causal, is GPT-2
