@@ -91,13 +91,11 @@ def test_explicit_positions_match_reference():
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
-def test_causality_by_gradient(name):
-    """d logits[t] / d (token embedding at s) is exactly zero for every s > t."""
-    cfg = VARIANTS[name]
-    params, tokens = _params(cfg), _tokens(cfg.vocab_size, shape=(1, T))
+def _influence(cfg, params, tokens_1T, **kw):
+    """[T, T]: |d (random readout of logits[t]) / d (token embedding at s)|, summed over D; zero
+    exactly where output t does not depend on token s."""
 
-    def logits_given_delta(delta_TD):
+    def readout(delta_TD):
         def add_delta(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if isinstance(context.module, Embed) and context.method_name == "__call__":
@@ -105,12 +103,20 @@ def test_causality_by_gradient(name):
             return out
 
         with nn.intercept_methods(add_delta):
-            logits_TV = Transformer(cfg).apply({"params": params}, tokens)[0][0]
+            logits_TV = Transformer(cfg).apply({"params": params}, tokens_1T, **kw)[0][0]
         return logits_TV @ readout_V  # a random readout: zero only where logits[t] do not move
 
     readout_V = jax.random.normal(jax.random.key(1), (cfg.vocab_size,))
-    jac_TTD = jax.jacrev(logits_given_delta)(jnp.zeros((T, cfg.d_model)))
-    influence_TS = np.abs(np.asarray(jac_TTD)).sum(axis=-1)
+    t = tokens_1T.shape[1]
+    return np.abs(np.asarray(jax.jacrev(readout)(jnp.zeros((t, cfg.d_model))))).sum(axis=-1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_causality_by_gradient(name):
+    """d logits[t] / d (token embedding at s) is exactly zero for every s > t."""
+    cfg = VARIANTS[name]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size, shape=(1, T))
+    influence_TS = _influence(cfg, params, tokens)
     future = np.triu(np.ones((T, T), bool), k=1)
     assert np.all(influence_TS[future] == 0.0)
     assert np.all(influence_TS[~future] > 0.0)
@@ -123,20 +129,7 @@ def test_bidirectional_influence_is_exactly_the_segment(name):
     cfg = VARIANTS[name]
     params, tokens = _params(cfg), _tokens(cfg.vocab_size, shape=(1, T))
     segments = jnp.asarray([[1] * 7 + [2] * 5], jnp.int32)
-
-    def readout(delta_TD):
-        def add_delta(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if isinstance(context.module, Embed) and context.method_name == "__call__":
-                out = out + delta_TD[None]
-            return out
-
-        with nn.intercept_methods(add_delta):
-            logits_TV = Transformer(cfg).apply({"params": params}, tokens, segment_ids_BT=segments)
-        return logits_TV[0][0] @ readout_V
-
-    readout_V = jax.random.normal(jax.random.key(1), (cfg.vocab_size,))
-    influence_TS = np.abs(np.asarray(jax.jacrev(readout)(jnp.zeros((T, cfg.d_model))))).sum(-1)
+    influence_TS = _influence(cfg, params, tokens, segment_ids_BT=segments)
     seg = np.asarray(segments[0])
     same = seg[:, None] == seg[None, :]
     assert np.all(influence_TS[~same] == 0.0)
