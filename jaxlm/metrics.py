@@ -67,12 +67,17 @@ def param_count(config: ModelConfig) -> ParamCount:
     embedding = c.vocab_size * d
     if c.position == "learned":
         embedding += c.max_seq_len * d
+    embedding += c.type_vocab_size * d
     if c.head == "score":
         embedding += d  # the [D, 1] score head in place of any unembedding
     elif not c.tie_embeddings:
         embedding += d * c.vocab_size
+    if c.head == "mlm":  # dense [D, D] + bias, its norm, and the output bias [V]
+        embedding += d * d + d + norm + c.vocab_size
+    # the final norm (pre-LN) and the embedding norm
+    top_norms = norm * ((c.norm_position == "pre") + c.embed_norm)
     adapters = _adapter_params(c)
-    base = dense_layers + moe_layers + norm + embedding + adapters
+    base = dense_layers + moe_layers + top_norms + embedding + adapters
     return ParamCount(
         total=base + num_moe * moe_all,
         embedding=embedding,
@@ -120,6 +125,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
         (c.num_layers - num_moe) * (attn + (3 if c.gated else 2) * d * f)
         + num_moe * (attn + moe_active)
         + d * (1 if c.head == "score" else c.vocab_size)
+        + d * d * (c.head == "mlm")  # the masked-LM head's dense transform
     )
     attention = 2 * c.num_layers * n * h * seq_len
     return float(6 * matmul + 6 * attention)

@@ -127,7 +127,7 @@ def _mlp(x_TD, p, cfg):
     return out + p["down"]["b"] if cfg.mlp_bias else out
 
 
-def forward(params, tokens_BT, cfg, segment_ids_BT=None, positions_BT=None):
+def forward(params, tokens_BT, cfg, segment_ids_BT=None, positions_BT=None, token_types_BT=None):
     """Logits [B, T, V] in float64 for unrolled-layout `params`."""
     p = _f64(params)
     tokens_BT = np.asarray(tokens_BT)
@@ -146,11 +146,28 @@ def forward(params, tokens_BT, cfg, segment_ids_BT=None, positions_BT=None):
             x = x + p["pos_embed"]["embedding"][pos.astype(int)]
         elif cfg.position == "sinusoidal":
             x = x + _sinusoidal(pos, cfg.d_model)
+        if cfg.type_vocab_size:
+            types = np.zeros(t, int) if token_types_BT is None else np.asarray(token_types_BT[row])
+            x = x + p["type_embed"]["embedding"][types]
+        if cfg.embed_norm:
+            x = _norm(x, p["embed_norm"], cfg)
         for i in range(cfg.num_layers):
             layer = p[f"layers_{i}"]
-            x = x + _attention(_norm(x, layer["attn_norm"], cfg), layer["attn"], pos, seg, cfg)
-            x = x + _mlp(_norm(x, layer["mlp_norm"], cfg), layer["mlp"], cfg)
-        x = _norm(x, p["final_norm"], cfg)
+            if cfg.norm_position == "pre":
+                x = x + _attention(_norm(x, layer["attn_norm"], cfg), layer["attn"], pos, seg, cfg)
+                x = x + _mlp(_norm(x, layer["mlp_norm"], cfg), layer["mlp"], cfg)
+            else:  # post-LN: normalise each residual sum
+                x = _norm(x + _attention(x, layer["attn"], pos, seg, cfg), layer["attn_norm"], cfg)
+                x = _norm(x + _mlp(x, layer["mlp"], cfg), layer["mlp_norm"], cfg)
+        if cfg.norm_position == "pre":
+            x = _norm(x, p["final_norm"], cfg)
+        if cfg.head == "mlm":
+            head = p["mlm_transform"]
+            x = x @ head["dense"]["w"] + head["dense"]["b"]
+            x = _norm(_act(cfg.activation, x), head["norm"], cfg)
         unembed = p["embed"]["embedding"].T if cfg.tie_embeddings else p["unembed"]["w"]
-        out.append(_cap(x @ unembed, cfg.final_logit_softcap))
+        logits = x @ unembed
+        if cfg.head == "mlm":
+            logits = logits + p["output_bias"]
+        out.append(_cap(logits, cfg.final_logit_softcap))
     return np.stack(out)

@@ -11,7 +11,8 @@ PositionKind = Literal["learned", "sinusoidal", "rope", "none"]
 RopeScaling = Literal["none", "linear", "llama3"]
 InitKind = Literal["normal", "xavier", "kaiming"]
 DType = Literal["float32", "bfloat16", "float16"]
-Head = Literal["lm", "score"]
+Head = Literal["lm", "score", "mlm"]
+NormPosition = Literal["pre", "post"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -165,6 +166,13 @@ class ModelConfig:
     norm: Norm = "layernorm"
     norm_bias: bool = True
     norm_eps: float = 1e-5
+    # "pre": x + f(norm(x)) in each block and a final norm (GPT-2, Llama); "post": norm(x + f(x))
+    # and no final norm (the original Transformer and BERT).
+    norm_position: NormPosition = "pre"
+    # A norm on the embeddings (token + position + token type) before the first block (BERT).
+    embed_norm: bool = False
+    # Token-type (segment A/B) embeddings added to the token embeddings; 0 = none. BERT: 2.
+    type_vocab_size: int = 0
     position: PositionKind = "learned"
     rope_theta: float = 10_000.0
     # RoPE frequency scaling for long context: "linear" divides every frequency by the factor;
@@ -209,7 +217,8 @@ class ModelConfig:
     prompt_tokens: int = 0
     # The output: "lm" = logits over the vocabulary; "score" = one scalar per position (a reward
     # model's head, `score` [d_model, 1], as Hugging Face's *ForSequenceClassification with one
-    # label), in place of the unembedding.
+    # label), in place of the unembedding; "mlm" = BERT's masked-LM head: logits over the
+    # vocabulary from dense + activation + norm, then the (tied) unembedding plus a bias.
     head: Head = "lm"
     # A value head beside the output (`value` [d_model, 1], one scalar per position, in the aux
     # outputs as "values"): the critic of PPO (`task.kind=ppo`), sharing the policy's layers.
@@ -252,6 +261,8 @@ class ModelConfig:
             ("dtype", DType),
             ("param_dtype", DType),
             ("remat", RematPolicy),
+            ("norm_position", NormPosition),
+            ("head", Head),
         ):
             _check_choice(name, getattr(self, name), literal)
         if self.position == "rope" and self.head_dim % 2:
@@ -303,6 +314,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.prompt_tokens={self.prompt_tokens!r} must be in [0, "
                 f"max_seq_len={self.max_seq_len})"
+            )
+        if (
+            not isinstance(self.type_vocab_size, int)
+            or isinstance(self.type_vocab_size, bool)
+            or self.type_vocab_size < 0
+        ):
+            raise ValueError(
+                f"ModelConfig.type_vocab_size={self.type_vocab_size!r} must be an integer >= 0 "
+                "(0 = no token-type embeddings)"
+            )
+        if self.head == "mlm" and self.gated:
+            raise ValueError(
+                f"ModelConfig.head='mlm' applies one activation in its dense transform; "
+                f"activation={self.activation!r} is gated; choose one of "
+                f"{[a for a in get_args(Activation) if a not in GATED_ACTIVATIONS]}"
             )
         if self.value_head and self.head != "lm":
             raise ValueError(

@@ -161,13 +161,12 @@ class Embed(nn.Module):
     init_std: float
     dtype: str = "float32"
     param_dtype: str = "float32"
+    axes: tuple[str | None, str | None] = ("vocab", "embed")
 
     def setup(self) -> None:
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(
-                jax.nn.initializers.normal(self.init_std), ("vocab", "embed")
-            ),
+            nn.with_logical_partitioning(jax.nn.initializers.normal(self.init_std), self.axes),
             (self.vocab_size, self.features),
             self.param_dtype,
         )

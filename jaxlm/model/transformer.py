@@ -14,7 +14,7 @@ from jaxlm.model import kv_cache
 from jaxlm.model.attend import softcap
 from jaxlm.model.attention import Attention, attention_mask, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
-from jaxlm.model.mlp import MLP
+from jaxlm.model.mlp import ACTIVATIONS, MLP
 from jaxlm.model.moe import MoE
 from jaxlm.model.positions import LearnedPositions, sinusoidal
 
@@ -29,7 +29,8 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, aux) so it can be scanned."""
+    """Pre-LN: x + attn(norm(x)), then x + mlp(norm(x)); post-LN (`norm_position="post"`):
+    norm(x + attn(x)), then norm(x + mlp(x)). Returns (x, aux) so it can be scanned."""
 
     config: ModelConfig
     moe: bool = False  # a Mixture-of-Experts feed-forward instead of the dense MLP
@@ -44,16 +45,23 @@ class Block(nn.Module):
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
         """(x, (aux, updated cache layer or None))."""
         cfg = self.config
-        h = make_norm(cfg, "attn_norm")(x_BTD)
+        attn_norm, mlp_norm = make_norm(cfg, "attn_norm"), make_norm(cfg, "mlp_norm")
+        pre = cfg.norm_position == "pre"
+        h = attn_norm(x_BTD) if pre else x_BTD
         attn_BTD, kv = Attention(cfg, name="attn")(h, positions_BT, mask_BTS, kv)
         x_BTD = x_BTD + attn_BTD
-        h = make_norm(cfg, "mlp_norm")(x_BTD)
+        if not pre:  # post-LN: the norm follows the residual sum
+            x_BTD = attn_norm(x_BTD)
+        h = mlp_norm(x_BTD) if pre else x_BTD
         aux: dict[str, jax.Array] = {}
         if self.moe:
             ff_BTD, aux = MoE(cfg, name="moe")(h)
         else:
             ff_BTD = MLP(cfg, name="mlp")(h)
-        x_BTD = sharding.constrain(x_BTD + ff_BTD, ("act_batch", "act_length", "act_embed"))
+        x_BTD = x_BTD + ff_BTD
+        if not pre:
+            x_BTD = mlp_norm(x_BTD)
+        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
         return x_BTD, (aux, kv)
 
 
@@ -106,8 +114,9 @@ class Transformer(nn.Module):
     with `config.value_head`, aux["values"] [B, T] float32 holds the value head's outputs).
 
     `segment_ids` (default all ones) separate packed sequences; id 0 marks padding. Positions
-    default to restarting at 0 in each segment. `aux` holds auxiliary per-layer outputs (e.g. MoE
-    losses), empty for dense models.
+    default to restarting at 0 in each segment. `token_types` [B, T] (default all zeros) pick
+    token-type embeddings, for models with `config.type_vocab_size` > 0 (BERT's sentence A/B).
+    `aux` holds auxiliary per-layer outputs (e.g. MoE losses), empty for dense models.
 
     With a `KVCache`, the T tokens of row b are the ones at positions cache.lengths[b] ..
     cache.lengths[b] + T - 1 (unless `positions` says otherwise); their keys and values are
@@ -126,10 +135,16 @@ class Transformer(nn.Module):
         segment_ids_BT: jax.Array | None = None,
         cache: Any = None,
         prepend_prompt: bool = False,
+        token_types_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         cfg = self.config
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
+        if token_types_BT is not None and not cfg.type_vocab_size:
+            raise ValueError(
+                "token_types were given, but this model has no token-type embeddings "
+                "(model.type_vocab_size=0)"
+            )
         b, t = tokens_BT.shape
         if t + cfg.prompt_tokens > cfg.max_seq_len:
             extra = f" + {cfg.prompt_tokens} prompt-tuning tokens" * bool(cfg.prompt_tokens)
@@ -203,6 +218,24 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + LearnedPositions(cfg, name="pos_embed")(positions_BT)
         elif cfg.position == "sinusoidal":
             x_BTD = x_BTD + sinusoidal(positions_BT, cfg.d_model, cfg.dtype)
+        if cfg.type_vocab_size:
+            types = Embed(
+                cfg.type_vocab_size,
+                cfg.d_model,
+                cfg.init_std,
+                cfg.dtype,
+                cfg.param_dtype,
+                axes=(None, "embed"),
+                name="type_embed",
+            )
+            if token_types_BT is None:
+                token_types_BT = jnp.zeros((b, t), jnp.int32)
+            types_BTD = types(token_types_BT)
+            if prepend:  # the prompt-tuning embeddings carry no token type
+                types_BTD = jnp.pad(types_BTD, ((0, 0), (p, 0), (0, 0)))
+            x_BTD = x_BTD + types_BTD
+        if cfg.embed_norm:
+            x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
         grouped = cfg.moe.enabled and cfg.moe.every > 1 and cfg.scan_layers
@@ -242,7 +275,8 @@ class Transformer(nn.Module):
             k, v = (sharding.constrain(x, kv_cache.KV_AXES) for x in kv)
             cache = kv_cache.KVCache(k=k, v=v, lengths=positions_BT[:, -1] + 1)
 
-        x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        if cfg.norm_position == "pre":  # post-LN blocks end in a norm already
+            x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         if cfg.head == "score":
             scores_BT1 = _scalar_head(cfg, "score")("BTD,DO->BTO", x_BTD)
             return (scores_BT1[:, p:] if prepend else scores_BT1), cache, aux
@@ -250,6 +284,8 @@ class Transformer(nn.Module):
             values_BT = _scalar_head(cfg, "value")("BTD,DO->BTO", x_BTD)[..., 0]
             values_BT = values_BT.astype(jnp.float32)
             aux = {**aux, "values": values_BT[:, p:] if prepend else values_BT}
+        if cfg.head == "mlm":
+            x_BTD = MLMTransform(cfg, name="mlm_transform")(x_BTD)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
@@ -262,11 +298,40 @@ class Transformer(nn.Module):
                 name="unembed",
             )
             logits_BTV = unembed("BTD,DV->BTV", x_BTD)
+        if cfg.head == "mlm":
+            bias_V = self.param(
+                "output_bias",
+                nn.with_logical_partitioning(jax.nn.initializers.zeros, ("vocab",)),
+                (cfg.vocab_size,),
+                cfg.param_dtype,
+            )
+            logits_BTV = logits_BTV + bias_V.astype(logits_BTV.dtype)[None, None, :]
         if prepend:
             logits_BTV = logits_BTV[:, p:]
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         return logits_BTV, cache, aux
+
+
+class MLMTransform(nn.Module):
+    """BERT's masked-LM head before the unembedding: norm(act(x W + b)), W [d_model, d_model]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = Einsum(
+            (cfg.d_model, cfg.d_model),
+            ("embed", None),
+            kernel_init(cfg, 0, 1),
+            use_bias=True,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="dense",
+        )
+        h_BTD = ACTIVATIONS[cfg.activation](dense("BTD,DE->BTE", x_BTD))
+        return make_norm(cfg, "norm")(h_BTD)
 
 
 def scan_unroll(cfg: ModelConfig, length: int) -> int:

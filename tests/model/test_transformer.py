@@ -53,6 +53,20 @@ VARIANTS = {
     # Encoders: bidirectional attention within each segment (padding still sees only padding).
     "bidirectional_gpt2": dataclasses.replace(GPT2, causal=False),
     "bidirectional_gqa_window": dataclasses.replace(LLAMA, causal=False, sliding_window=3),
+    # BERT: post-LN blocks, a norm on the embeddings, token types, the masked-LM head (tied).
+    "bert_post_ln_mlm": dataclasses.replace(
+        GPT2,
+        causal=False,
+        norm_position="post",
+        embed_norm=True,
+        type_vocab_size=2,
+        head="mlm",
+        activation="gelu",
+    ),
+    # A pre-LN encoder with an untied masked-LM head and RMSNorm.
+    "pre_ln_mlm_untied": dataclasses.replace(
+        LLAMA, causal=False, head="mlm", activation="relu", tie_embeddings=False, embed_norm=True
+    ),
 }
 
 B, T = 2, 12
@@ -295,3 +309,25 @@ def test_a_bidirectional_model_refuses_cached_decoding_sampling_and_decoder_expo
     with pytest.raises(ValueError, match=r"causal=False \(needs \(True,\)\)"):
         export_family(cfg, "gpt2")
     export_family(GPT2, "gpt2")  # the same model, causal, is GPT-2
+
+
+def test_token_types_match_reference_and_change_the_output():
+    cfg = VARIANTS["bert_post_ln_mlm"]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    types = jnp.asarray(np.random.default_rng(2).integers(0, 2, (B, T)), jnp.int32)
+    got = _logits(cfg, params, tokens, token_types_BT=types)
+    want = numpy_forward(params, tokens, cfg, token_types_BT=np.asarray(types))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(np.asarray(got) - np.asarray(_logits(cfg, params, tokens))).max() > 1e-2
+    with pytest.raises(ValueError, match="no token-type embeddings"):
+        Transformer(GPT2).init(jax.random.key(0), tokens, token_types_BT=types)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_param_count_is_the_number_of_parameters(name):
+    from jaxlm.metrics import param_count
+    from jaxlm.model.transformer import abstract_params
+
+    cfg = VARIANTS[name]
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(cfg)))
+    assert param_count(cfg).total == sum(x.size for x in leaves)
