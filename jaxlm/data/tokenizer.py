@@ -52,6 +52,9 @@ def _write_manifest(directory: str | os.PathLike, kind: str, tok: Tokenizer, **e
 class ByteTokenizer:
     """UTF-8 bytes shifted by 3 (ids 0, 1, 2 = pad, bos, eos): 259 ids, no training, exact.
 
+    Masked LM uses id 259 (`mask_id`, one past the bytes) as its [MASK] token, so a masked-LM
+    model on bytes needs model.vocab_size >= 260 (the byte presets have 320).
+
     `encode` uses the "surrogateescape" error handler, and so does `decode`: a byte sequence that is
     not valid UTF-8 decodes to lone surrogates U+DC80..U+DCFF and encodes back to the same bytes,
     so decode → encode is exact for any ids and encode → decode for any text. Use
@@ -62,6 +65,7 @@ class ByteTokenizer:
     offset = 3
     pad_id, bos_id, eos_id = 0, 1, 2
     vocab_size = 256 + offset
+    mask_id = vocab_size
 
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8", errors="surrogateescape")]
@@ -215,21 +219,30 @@ class HFTokenizer:
                     return i
             return -1
 
+        # An encoder's [CLS] and [SEP] play the parts of bos and eos (BERT: "[CLS] text [SEP]").
         self.bos_id = (
             find("bos_token", "<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
             if bos_id is None
             else bos_id
         )
+        if self.bos_id < 0:
+            self.bos_id = find("cls_token", "[CLS]")
         self.eos_id = (
             find("eos_token", "</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
             if eos_id is None
             else eos_id
         )
+        if self.eos_id < 0:
+            self.eos_id = find("sep_token", "[SEP]")
         self.pad_id = (
-            find("pad_token", "<pad>", "<|pad|>", "<|endoftext|>") if pad_id is None else pad_id
+            find("pad_token", "<pad>", "<|pad|>", "[PAD]", "<|endoftext|>")
+            if pad_id is None
+            else pad_id
         )
         if self.pad_id < 0:
             self.pad_id = self.eos_id
+        # The masked-LM [MASK] token, or -1 when the tokenizer has none.
+        self.mask_id = find("mask_token", "[MASK]", "<mask>")
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> HFTokenizer:
@@ -302,7 +315,7 @@ def _hf_chat_settings(directory: Path) -> dict[str, Any]:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     specials = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
         value = config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):

@@ -28,13 +28,14 @@ from jaxlm.configs.run import RunConfig
 from jaxlm.files import read_json
 from jaxlm.interop import safetensors_io
 from jaxlm.interop.hf_config import hf_config, model_config
-from jaxlm.interop.hf_families import export_family, family_of
+from jaxlm.interop.hf_families import export_family, family_of, position_offset
 from jaxlm.interop.hf_weights import (
     canonical_name,
     export_tensors,
     hf_shapes,
     import_views,
     is_buffer,
+    layout_of,
     placements,
 )
 from jaxlm.interop.workdir import write_workdir
@@ -111,21 +112,26 @@ def _check_tensors(
     found: Mapping[str, str],
     weights: safetensors_io.SafetensorsDir,
     is_known_buffer: Callable[[str], bool],
+    tied_output: str = "lm_head.weight",
 ) -> None:
     """Missing, unexpected and misshapen tensors, all named, before anything is placed."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(found[n] for n in set(found) - set(expected) if not is_known_buffer(n))
-    if config.tie_embeddings and "lm_head.weight" in extra:
+    if config.tie_embeddings and tied_output in extra:
         # Some checkpoints store the tied output matrix too: accept it only as an exact copy.
-        extra.remove("lm_head.weight")
-        embed = next(n for n in expected if n.endswith(("embed_tokens.weight", "wte.weight")))
-        a, b = weights.view(found[embed]), weights.view("lm_head.weight")
+        extra.remove(tied_output)
+        embed = next(
+            n
+            for n in expected
+            if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))
+        )
+        a, b = weights.view(found[embed]), weights.view(tied_output)
         rows = max(1, 2**24 // max(1, a.shape[-1]))
         if a.shape != b.shape or any(
             not np.array_equal(a[i : i + rows], b[i : i + rows]) for i in range(0, len(a), rows)
         ):
             raise ValueError(
-                "tie_word_embeddings is true but lm_head.weight differs from the embedding "
+                f"tie_word_embeddings is true but {tied_output} differs from the embedding "
                 f"{found[embed]}; set tie_word_embeddings to false in config.json"
             )
     if missing:
@@ -155,13 +161,22 @@ def _place(view: Any, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax
 def hf_views(hf_dir: str | Path, config: ModelConfig) -> dict[str, Any]:
     """{jaxlm parameter path: lazy array} over the memory-mapped tensors of `hf_dir`, after
     checking that they are exactly the tensors `config` needs (nothing is read yet)."""
-    family = family_of(read_hf_config(hf_dir))
+    hf = read_hf_config(hf_dir)
+    family = family_of(hf)
     weights = open_weights(hf_dir)
     leaves = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(config)), sep="/")
-    plan = placements(config, family, leaves)
+    offset = position_offset(family, hf.get("pad_token_id"))
+    plan = placements(config, family, leaves, offset)
     expected = hf_shapes(config, plan, leaves)
     found = {canonical_name(family, n): n for n in weights.names()}
-    _check_tensors(config, expected, found, weights, lambda n: is_buffer(family, n))
+    _check_tensors(
+        config,
+        expected,
+        found,
+        weights,
+        lambda n: is_buffer(family, n),
+        layout_of(family).tied_output,
+    )
     return import_views(config, plan, lambda n: weights.view(found[n]))
 
 
@@ -233,6 +248,13 @@ def _tokenizer_files(tokenizer: Any, out_dir: Path, hf: dict[str, Any]) -> None:
                 for name in ("bos", "eos", "pad")
                 if hf[f"{name}_token_id"] is not None
             }
+            if getattr(tokenizer, "mask_id", -1) >= 0:
+                special["mask_token"] = tok.id_to_token(tokenizer.mask_id)
+            if hf.get("model_type") in ("bert", "roberta"):  # "[CLS] text [SEP]"
+                special |= {
+                    "cls_token": special.get("bos_token"),
+                    "sep_token": special.get("eos_token"),
+                }
             config = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
             (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         elif manifest["kind"] == "sentencepiece":
@@ -259,18 +281,24 @@ def save_hf(
     out_dir = Path(out_dir)
     family = export_family(config, model_type)
     hf = hf_config(config, family.model_type)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None and family.model_type == "gpt2":
+        hf |= {"bos_token_id": None, "eos_token_id": None}  # not GPT2Config's 50256
+    _tokenizer_files(tokenizer, out_dir, hf)
+    offset = 0
+    if family.encoder:
+        if hf.get("pad_token_id") is None:
+            hf["pad_token_id"] = family.defaults["pad_token_id"]
+        offset = position_offset(family, hf["pad_token_id"])  # the tokenizer's pad decides it
+        hf["max_position_embeddings"] = config.max_seq_len + offset
     leaves, read_leaf = _leaf_reader(params)
-    plan = placements(config, family, leaves)
+    plan = placements(config, family, leaves, offset)
     shapes = hf_shapes(config, plan, leaves)
     names, read = export_tensors(config, plan, read_leaf)
     out_dtype = jnp.dtype(dtype or config.param_dtype)
     hf["dtype"] = str(out_dtype)
     specs = [(n, shapes[n], out_dtype) for n in names]
-    out_dir.mkdir(parents=True, exist_ok=True)
     safetensors_io.write_dir(out_dir, specs, lambda n: read(n).astype(out_dtype), max_shard_bytes)
-    if tokenizer is None and family.model_type == "gpt2":
-        hf |= {"bos_token_id": None, "eos_token_id": None}  # not GPT2Config's 50256
-    _tokenizer_files(tokenizer, out_dir, hf)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return out_dir
 

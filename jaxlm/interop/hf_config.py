@@ -21,6 +21,7 @@ from jaxlm.interop.hf_families import (
     export_family,
     family_of,
     head_of,
+    position_offset,
     score_architecture,
 )
 
@@ -197,6 +198,41 @@ def _gpt2(get: _Reader) -> dict[str, Any]:
     )
 
 
+def _encoder(get: _Reader) -> dict[str, Any]:
+    """BERT / RoBERTa: post-LN bidirectional blocks, embedding norm, token types."""
+    for key, ok in (("is_decoder", False), ("add_cross_attention", False)):
+        if get.hf.get(key, ok) != ok:
+            raise get.refuse(key, f"jaxlm imports encoders with {key}={ok}")
+    if get("position_embedding_type") != "absolute":
+        raise get.refuse("position_embedding_type", "only 'absolute' positions are supported")
+    act = get("hidden_act")
+    if act not in PLAIN_ACTS:
+        raise get.refuse("hidden_act", f"supported: {sorted(PLAIN_ACTS)}")
+    offset = position_offset(get.family, get.hf.get("pad_token_id"))
+    max_len = get("max_position_embeddings") - offset
+    if max_len < 1:
+        raise get.refuse("max_position_embeddings", f"it must exceed the offset {offset}")
+    return dict(
+        d_model=get("hidden_size"),
+        num_layers=get("num_hidden_layers"),
+        num_heads=get("num_attention_heads"),
+        mlp_dim=get("intermediate_size"),
+        activation=PLAIN_ACTS[act],
+        norm="layernorm",
+        norm_bias=True,
+        norm_eps=float(get("layer_norm_eps")),
+        norm_position="post",
+        embed_norm=True,
+        type_vocab_size=int(get("type_vocab_size")),
+        causal=False,
+        position="learned",
+        max_seq_len=max_len,
+        attn_bias=True,
+        mlp_bias=True,
+        depth_scaled_init=False,
+    )
+
+
 def _llama_like(get: _Reader) -> dict[str, Any]:
     fam = get.family
     d, n, layers = get("hidden_size"), get("num_attention_heads"), get("num_hidden_layers")
@@ -245,7 +281,10 @@ def model_config(
     """
     family = family_of(hf)
     get = _Reader(hf, family)
-    kwargs = _gpt2(get) if family.model_type == "gpt2" else _llama_like(get)
+    if family.encoder:
+        kwargs = _encoder(get)
+    else:
+        kwargs = _gpt2(get) if family.model_type == "gpt2" else _llama_like(get)
     scannable = kwargs.pop("scan_layers", True)
     if scan_layers and not scannable:
         raise ValueError(
@@ -340,6 +379,20 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, Any]
         "initializer_range": cfg.init_std,
         "dtype": cfg.param_dtype,
     }
+    if family.encoder:
+        pad = family.defaults["pad_token_id"]
+        return common | {
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.mlp_dim,
+            "hidden_act": PLAIN_NAMES[cfg.activation],
+            "max_position_embeddings": cfg.max_seq_len + position_offset(family, pad),
+            "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps,
+            "position_embedding_type": "absolute",
+            "pad_token_id": pad,
+        }
     if family.model_type == "gpt2":
         return common | {
             "n_embd": cfg.d_model,

@@ -31,6 +31,8 @@ class Family:
     # which layers slide: "none", "all" (sliding_window alone), "all_if_used" (needs
     # use_sliding_window), "from_max" (layers >= max_window_layers), "even_below_max" (Qwen2-MoE)
     window: str = "none"
+    # An encoder (BERT, RoBERTa): bidirectional post-LN blocks with a masked-LM head.
+    encoder: bool = False
 
 
 _LLAMA_DEFAULTS = {
@@ -47,6 +49,16 @@ _QWEN_MOE = {
     "mlp_only_layers": [],
     "norm_topk_prob": False,
     "router_aux_loss_coef": 0.001,
+}
+
+_ENCODER_DEFAULTS = {
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "type_vocab_size": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": True,
+    "position_embedding_type": "absolute",
 }
 
 FAMILIES: dict[str, Family] = {
@@ -125,8 +137,32 @@ FAMILIES: dict[str, Family] = {
             moe="qwen",
             window="all_if_used",
         ),
+        Family(
+            "bert",
+            "BertForMaskedLM",
+            {**_ENCODER_DEFAULTS, "pad_token_id": 0},
+            bias="all",
+            encoder=True,
+        ),
+        # RoBERTa's positions start after its padding id: position p is row pad_token_id + 1 + p.
+        Family(
+            "roberta",
+            "RobertaForMaskedLM",
+            {**_ENCODER_DEFAULTS, "pad_token_id": 1},
+            bias="all",
+            encoder=True,
+        ),
     )
 }
+
+
+def position_offset(family: Family, pad_token_id: int | None) -> int:
+    """Rows of the family's position table before position 0 (RoBERTa: pad_token_id + 1)."""
+    if family.model_type != "roberta":
+        return 0
+    pad = family.defaults["pad_token_id"] if pad_token_id is None else pad_token_id
+    return int(pad) + 1
+
 
 # HF activation name -> jaxlm activation, for plain (GPT-2) and gated (Llama-style) MLPs.
 PLAIN_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -146,8 +182,18 @@ def score_architecture(family: Family) -> str:
 
 
 def head_of(hf: Mapping[str, Any], family: Family) -> str:
-    """ "score" for a one-label *ForSequenceClassification config.json, else "lm"."""
+    """ "score" for a one-label *ForSequenceClassification config.json, else "lm" ("mlm" for
+    an encoder, whose masked-LM head every BERT/RoBERTa pre-training checkpoint holds)."""
     architectures = hf.get("architectures") or [family.architecture]
+    if family.encoder:
+        heads = ("ForMaskedLM", "ForPreTraining")
+        if not any(a.endswith(heads) for a in architectures):
+            raise ValueError(
+                f"config.json describes a {architectures[0]}; jaxlm imports {family.model_type} "
+                f"masked-LM checkpoints ({family.architecture}, or *ForPreTraining, whose "
+                "next-sentence head is left out)"
+            )
+        return "mlm"
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         return "lm"
     labels = hf.get("num_labels", len(hf.get("id2label") or {"0": ""}))
@@ -185,6 +231,38 @@ class _AtLeast:
 
 def _requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     """{ModelConfig field (dotted): allowed values} for `cfg` to be exactly `family`."""
+    if family.encoder:
+        return {
+            "causal": (False,),
+            "head": ("mlm",),
+            "norm_position": ("post",),
+            "embed_norm": (True,),
+            "type_vocab_size": _AtLeast(1),
+            "position": ("learned",),
+            "norm": ("layernorm",),
+            "norm_bias": (True,),
+            "activation": tuple(PLAIN_NAMES),
+            "attn_bias": (True,),
+            "use_attn_out_bias": (True,),
+            "mlp_bias": (True,),
+            "num_kv_heads": (cfg.num_heads,),
+            "head_dim": (cfg.d_model // cfg.num_heads,),
+            "qk_norm": (False,),
+            "sliding_window": (None,),
+            "moe.enabled": (False,),
+            "attn_logit_softcap": (None,),
+            "final_logit_softcap": (None,),
+        }
+    decoder = {
+        "head": ("lm", "score"),
+        "norm_position": ("pre",),
+        "embed_norm": (False,),
+        "type_vocab_size": (0,),
+    }
+    return decoder | _decoder_requirements(cfg, family)
+
+
+def _decoder_requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     if family.model_type == "gpt2":
         return {
             "position": ("learned",),

@@ -50,8 +50,15 @@ def _concat(xs: Arrays, axis: int) -> Any:
     return (np if isinstance(xs[0], np.ndarray) else jnp).concatenate(xs, axis=axis)
 
 
-def _transforms(cfg: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
-    """{kind: (HF tensors -> jaxlm views, jaxlm arrays -> HF tensors)} for the sizes of `cfg`."""
+def _pad_rows(x: Any, rows: int) -> Any:
+    """x [P, D] with `rows` zero rows on top (RoBERTa's unused positions before position 0)."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.concatenate([xp.zeros((rows, x.shape[1]), x.dtype), x], axis=0) if rows else x
+
+
+def _transforms(cfg: ModelConfig, offset: int = 0) -> dict[str, tuple[Callable, Callable]]:
+    """{kind: (HF tensors -> jaxlm views, jaxlm arrays -> HF tensors)} for the sizes of `cfg`;
+    `offset`: rows of the HF position table before position 0."""
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def one(f: Callable, g: Callable) -> tuple[Callable, Callable]:
@@ -62,6 +69,8 @@ def _transforms(cfg: ModelConfig) -> dict[str, tuple[Callable, Callable]]:
 
     return {
         "same": one(lambda x: x, lambda x: x),
+        "positions": one(lambda x: x[offset:], lambda x: _pad_rows(x, offset)),
+        "dup": (lambda xs: [xs[0]], lambda xs: [xs[0], xs[0]]),
         "linear": one(lambda x: x.T, lambda x: x.T),
         "q_in": one(lambda x: x.T.reshape(d, n, h), lambda x: x.reshape(d, n * h).T),
         "kv_in": one(lambda x: x.T.reshape(d, k, h), lambda x: x.reshape(d, k * h).T),
@@ -148,6 +157,49 @@ _GPT2_BLOCK = (
 )
 
 
+def _encoder_top(model: str, head: str, head_norm: str, bias: str) -> tuple:
+    """BERT-style embeddings and masked-LM head rows (`model`: "bert" / "roberta")."""
+    e = f"{model}.embeddings."
+    decoder = f"{head.replace('transform.', '')}decoder"
+    return (
+        ("embed/embedding", f"{e}word_embeddings.weight", "same"),
+        ("pos_embed/embedding", f"{e}position_embeddings.weight", "positions"),
+        ("type_embed/embedding", f"{e}token_type_embeddings.weight", "same"),
+        ("embed_norm/scale", f"{e}LayerNorm.weight", "same"),
+        ("embed_norm/bias", f"{e}LayerNorm.bias", "same"),
+        ("mlm_transform/dense/w", f"{head}dense.weight", "linear"),
+        ("mlm_transform/dense/b", f"{head}dense.bias", "same"),
+        ("mlm_transform/norm/scale", f"{head}{head_norm}.weight", "same"),
+        ("mlm_transform/norm/bias", f"{head}{head_norm}.bias", "same"),
+        # Tied, the output bias is `bias` (the decoder's is a tied copy some files hold too);
+        # untied (transformers 5), the decoder's own bias is used and `bias` is left unused:
+        # read the decoder's, write it to both.
+        ("output_bias", bias, "same", lambda c: c.tie_embeddings),
+        ("output_bias", (f"{decoder}.bias", bias), "dup", lambda c: not c.tie_embeddings),
+        ("unembed/w", f"{decoder}.weight", "linear"),
+    )
+
+
+_ENCODER_BLOCK = (
+    ("attn/query/w", "attention.self.query.weight", "q_in"),
+    ("attn/key/w", "attention.self.key.weight", "kv_in"),
+    ("attn/value/w", "attention.self.value.weight", "kv_in"),
+    ("attn/query/b", "attention.self.query.bias", "q_bias"),
+    ("attn/key/b", "attention.self.key.bias", "kv_bias"),
+    ("attn/value/b", "attention.self.value.bias", "kv_bias"),
+    ("attn/out/w", "attention.output.dense.weight", "out"),
+    ("attn/out/b", "attention.output.dense.bias", "same"),
+    ("attn_norm/scale", "attention.output.LayerNorm.weight", "same"),
+    ("attn_norm/bias", "attention.output.LayerNorm.bias", "same"),
+    ("mlp/up/w", "intermediate.dense.weight", "linear"),
+    ("mlp/up/b", "intermediate.dense.bias", "same"),
+    ("mlp/down/w", "output.dense.weight", "linear"),
+    ("mlp/down/b", "output.dense.bias", "same"),
+    ("mlp_norm/scale", "output.LayerNorm.weight", "same"),
+    ("mlp_norm/bias", "output.LayerNorm.bias", "same"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a family keeps its tensors."""
@@ -155,10 +207,15 @@ class Layout:
     top: tuple
     block: tuple
     layer_prefix: str
-    # Tensors that are not parameters (causal-mask and RoPE buffers in older checkpoints).
+    # Tensors that are not parameters (causal-mask and RoPE buffers in older checkpoints, an
+    # encoder's pooler and next-sentence head, which masked LM does not use).
     buffers: str
     # A prefix some checkpoints of the family leave out (GPT-2's "transformer.").
     optional_prefix: str = ""
+    # The output matrix a checkpoint may store although it is tied to the embedding.
+    tied_output: str = "lm_head.weight"
+    # Names outside the optional prefix (the heads).
+    head_prefixes: tuple[str, ...] = ("lm_head.weight", "score.weight")
 
 
 _LLAMA_BUFFERS = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
@@ -173,10 +230,31 @@ LAYOUTS = {
     "dense": Layout(_LLAMA_TOP, _LLAMA_BLOCK, "model.layers.{i}.", _LLAMA_BUFFERS),
     "mixtral": Layout(_LLAMA_TOP, _LLAMA_BLOCK + _MIXTRAL_MOE, "model.layers.{i}.", _LLAMA_BUFFERS),
     "qwen": Layout(_LLAMA_TOP, _LLAMA_BLOCK + _QWEN_MOE, "model.layers.{i}.", _LLAMA_BUFFERS),
+    "bert": Layout(
+        _encoder_top("bert", "cls.predictions.transform.", "LayerNorm", "cls.predictions.bias"),
+        _ENCODER_BLOCK,
+        "bert.encoder.layer.{i}.",
+        r"bert\.embeddings\.position_ids|bert\.pooler\..*|cls\.seq_relationship\..*"
+        r"|cls\.predictions\.(decoder\.)?bias",
+        optional_prefix="bert.",
+        tied_output="cls.predictions.decoder.weight",
+        head_prefixes=("cls.",),
+    ),
+    "roberta": Layout(
+        _encoder_top("roberta", "lm_head.", "layer_norm", "lm_head.bias"),
+        _ENCODER_BLOCK,
+        "roberta.encoder.layer.{i}.",
+        r"roberta\.embeddings\.position_ids|roberta\.pooler\..*|lm_head\.(decoder\.)?bias",
+        optional_prefix="roberta.",
+        tied_output="lm_head.decoder.weight",
+        head_prefixes=("lm_head.",),
+    ),
 }
 
 
 def layout_of(family: Family) -> Layout:
+    if family.encoder:
+        return LAYOUTS[family.model_type]
     if family.model_type == "gpt2":
         return LAYOUTS["gpt2"]
     if family.moe == "mixtral":
@@ -184,12 +262,15 @@ def layout_of(family: Family) -> Layout:
     return LAYOUTS["qwen"] if family.moe else LAYOUTS["dense"]
 
 
-def _rules(rows: tuple, cfg: ModelConfig) -> list[Rule]:
-    kinds = _transforms(cfg)
+def _rules(rows: tuple, cfg: ModelConfig, offset: int = 0) -> list[Rule]:
+    kinds = _transforms(cfg, offset)
     out = []
-    for paths, name, kind in rows:
+    for paths, names, kind, *when in rows:  # `when`: an optional predicate on the config
+        if when and not when[0](cfg):
+            continue
         paths = (paths,) if isinstance(paths, str) else tuple(paths)
-        out.append(Rule(paths, (name,), *kinds[kind]))
+        names = (names,) if isinstance(names, str) else tuple(names)
+        out.append(Rule(paths, names, *kinds[kind]))
     return out
 
 
@@ -214,8 +295,12 @@ def _block_location(cfg: ModelConfig, i: int) -> tuple[str, int | None]:
     return "layers/", i
 
 
-def placements(cfg: ModelConfig, family: Family, leaves: dict[str, Any]) -> list[Placement]:
-    """Every rule application for `cfg`; checks that each jaxlm leaf is covered exactly once."""
+def placements(
+    cfg: ModelConfig, family: Family, leaves: dict[str, Any], position_offset: int = 0
+) -> list[Placement]:
+    """Every rule application for `cfg`; checks that each jaxlm leaf is covered exactly once.
+
+    `position_offset`: rows of the HF position table before position 0 (RoBERTa's padding)."""
     layout = layout_of(family)
     out: list[Placement] = []
     used: set[str] = set()
@@ -231,7 +316,7 @@ def placements(cfg: ModelConfig, family: Family, leaves: dict[str, Any]) -> list
             out.append(Placement(rule, full, index, tuple(hf_prefix + n for n in rule.hf)))
             used.update(full)
 
-    apply(_rules(layout.top, cfg), "", None, "")
+    apply(_rules(layout.top, cfg, position_offset), "", None, "")
     block = _rules(layout.block, cfg)
     for i in range(cfg.num_layers):
         prefix, index = _block_location(cfg, i)
@@ -278,8 +363,9 @@ def is_buffer(family: Family, name: str) -> bool:
 
 def canonical_name(family: Family, name: str) -> str:
     """`name` with the family's optional prefix added where a checkpoint left it out."""
-    prefix = layout_of(family).optional_prefix
-    if prefix and not name.startswith(prefix) and name not in ("lm_head.weight", "score.weight"):
+    layout = layout_of(family)
+    prefix = layout.optional_prefix
+    if prefix and not name.startswith((prefix, *layout.head_prefixes)):
         return prefix + name
     return name
 

@@ -83,6 +83,51 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+_ENCODER = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=40,
+    layer_norm_eps=1e-12,
+)
+
+# Masked-LM encoders (transformers class, config kwargs): BERT with two token types and an
+# exact-GELU head, BERT with an untied output and ReLU, RoBERTa (positions offset by its padding
+# id 1, one token type).
+ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bert": ("BertConfig", _ENCODER | dict(vocab_size=VOCAB, type_vocab_size=2, pad_token_id=0)),
+    "bert_untied_relu": (
+        "BertConfig",
+        _ENCODER
+        | dict(vocab_size=VOCAB, tie_word_embeddings=False, hidden_act="relu", pad_token_id=0),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        _ENCODER | dict(vocab_size=VOCAB, type_vocab_size=1, pad_token_id=1, bos_token_id=0),
+    ),
+}
+
+
+def build_encoder(family: str, directory: Path, seed: int = 0, cls: str = "") -> Any:
+    """Save a tiny random masked-LM encoder of `family` (a key of ENCODERS) to `directory`;
+    `cls` overrides the model class (e.g. "BertForPreTraining")."""
+    import torch
+    import transformers
+
+    config_cls, kwargs = ENCODERS[family]
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    if cls:
+        model = getattr(transformers, cls)(config)
+    else:
+        model = transformers.AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
+    randomize(model, seed)
+    model.eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
 def randomize(model: Any, seed: int) -> None:
     """Fill every parameter with noise, so a dropped bias or a misplaced norm changes the logits:
     norm scales ~ 1 + 0.2 N, biases ~ 0.1 N, embeddings ~ 0.5 N, weights ~ N / sqrt(fan_in)."""
@@ -93,9 +138,9 @@ def randomize(model: Any, seed: int) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.ndim == 1:
-                is_norm = "norm" in name or "ln_" in name
+                is_norm = "norm" in name.lower() or "ln_" in name
                 p.copy_(1.0 + 0.2 * noise if is_norm else 0.1 * noise)
-            elif any(k in name for k in ("embed_tokens", "wte", "wpe")):
+            elif any(k in name for k in ("embed_tokens", "wte", "wpe", "embeddings")):
                 p.copy_(0.5 * noise)
             else:
                 # nn.Linear (and fused experts) store [..., out, in]; GPT-2's Conv1D [in, out].

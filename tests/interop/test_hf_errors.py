@@ -52,8 +52,8 @@ def _edit_tensors(directory, edit):
 
 def test_unknown_model_type_lists_the_supported_ones(copy):
     directory = copy("llama3")
-    _edit_config(directory, model_type="bert")
-    with pytest.raises(ValueError, match=r"model_type='bert'.*supported: \['gpt2', 'llama'"):
+    _edit_config(directory, model_type="t5")
+    with pytest.raises(ValueError, match=r"model_type='t5'.*supported: \['bert', 'gpt2', 'llama'"):
         hf.load_model_config(directory)
 
 

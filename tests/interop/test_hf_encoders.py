@@ -1,0 +1,190 @@
+"""BERT and RoBERTa masked-LM checkpoints against Hugging Face transformers, both directions.
+
+Tiny random encoders are built by transformers (`hf_models.ENCODERS`, every weight, norm scale
+and bias random) and saved with `save_pretrained`; jaxlm imports them and must give the same
+masked-LM logits on padded batches with token types, export them back to the same tensors, and
+a jaxlm encoder exported to a directory must load in transformers with the same logits.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxlm.interop import hf  # noqa: E402
+from jaxlm.interop.safetensors_io import SafetensorsDir  # noqa: E402
+from jaxlm.model.transformer import Transformer  # noqa: E402
+from tests.interop import hf_models  # noqa: E402
+from tests.random_params import random_params  # noqa: E402
+
+B, T = 3, 14
+LENGTHS = (T, 9, 5)  # right-padded rows
+
+
+@dataclasses.dataclass
+class Converted:
+    family: str
+    hf_dir: object
+    model: object
+    config: object
+    params: object
+
+
+@pytest.fixture(scope="module", params=list(hf_models.ENCODERS))
+def converted(request, tmp_path_factory):
+    family = request.param
+    hf_dir = tmp_path_factory.mktemp(family)
+    model = hf_models.build_encoder(family, hf_dir, seed=len(family))
+    config = hf.load_model_config(hf_dir)
+    return Converted(family, hf_dir, model, config, hf.params_from_hf(hf_dir, config))
+
+
+def _batch(model_config, seed=0):
+    """(tokens, attention mask, token types) of a right-padded batch; pads are the pad id."""
+    rng = np.random.default_rng(seed)
+    pad = model_config.pad_token_id
+    tokens = rng.integers(3, hf_models.VOCAB, (B, T))
+    mask = np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None]
+    tokens = np.where(mask, tokens, pad)
+    types = rng.integers(0, model_config.type_vocab_size, (B, T)) * mask
+    return tokens, mask, types
+
+
+def _hf_logits(model, tokens, mask, types):
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            token_type_ids=torch.tensor(types),
+        )
+    logits = out.logits if hasattr(out, "logits") else out.prediction_logits
+    return logits.numpy()
+
+
+def _jaxlm_logits(config, params, tokens, mask, types):
+    def apply(p, t, s, ty):
+        return Transformer(config).apply({"params": p}, t, segment_ids_BT=s, token_types_BT=ty)[0]
+
+    out = jax.jit(apply)(
+        params,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask, jnp.int32),  # padding is segment 0
+        jnp.asarray(types, jnp.int32),
+    )
+    return np.asarray(out)
+
+
+def test_config_is_a_post_ln_bidirectional_masked_lm(converted):
+    cfg, hf_cfg = converted.config, converted.model.config
+    assert (cfg.causal, cfg.head, cfg.norm_position, cfg.embed_norm) == (False, "mlm", "post", True)
+    assert cfg.type_vocab_size == hf_cfg.type_vocab_size
+    assert cfg.tie_embeddings == hf_cfg.tie_word_embeddings
+    offset = 2 if converted.family == "roberta" else 0  # RoBERTa: padding id 1, then position 0
+    assert cfg.max_seq_len == hf_cfg.max_position_embeddings - offset
+
+
+def test_masked_lm_logits_match_transformers(converted):
+    tokens, mask, types = _batch(converted.model.config)
+    want = _hf_logits(converted.model, tokens, mask, types)
+    got = _jaxlm_logits(converted.config, converted.params, tokens, mask, types)
+    assert np.abs(want).max() > 1.0
+    atol = max(1e-4, 2e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(got[mask], want[mask], atol=atol, rtol=0)
+
+
+def test_export_round_trips_every_tensor(converted, tmp_path):
+    """HF -> jaxlm -> HF gives the same tensors (RoBERTa's unused rows before position 0 come
+    back as zeros), and transformers loads the result with the same logits."""
+    # A jaxlm encoder exports as BERT by default (the same function: RoBERTa's position table
+    # minus its padding rows is BERT's); model_type keeps a RoBERTa a RoBERTa.
+    model_type = converted.model.config.model_type
+    hf.save_hf(tmp_path, converted.config, converted.params, model_type=model_type)
+    before, after = SafetensorsDir(converted.hf_dir), SafetensorsDir(tmp_path)
+    assert after.names() == before.names()
+    untied = not converted.config.tie_embeddings
+    for name in before.names():
+        a, b = np.asarray(after.view(name)), np.asarray(before.view(name))
+        if name.endswith("position_embeddings.weight") and converted.family == "roberta":
+            np.testing.assert_array_equal(a[:2], 0.0)
+            a, b = a[2:], b[2:]
+        if untied and name == "cls.predictions.bias":
+            # Unused by an untied BERT (its decoder has its own bias): written as that copy.
+            b = np.asarray(before.view("cls.predictions.decoder.bias"))
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    reloaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(converted.model)
+    tokens, mask, types = _batch(converted.model.config, seed=2)
+    np.testing.assert_allclose(
+        _hf_logits(reloaded, tokens, mask, types)[mask],
+        _hf_logits(converted.model, tokens, mask, types)[mask],
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_a_jaxlm_encoder_exports_to_transformers(model_type, tmp_path):
+    """jaxlm -> HF: a random jaxlm encoder, saved as `model_type`, loads in transformers and
+    gives jaxlm's logits."""
+    from jaxlm.configs import get_preset
+
+    cfg = dataclasses.replace(
+        get_preset("tiny"),
+        vocab_size=hf_models.VOCAB,
+        max_seq_len=24,
+        scan_layers=True,
+        causal=False,
+        norm_position="post",
+        embed_norm=True,
+        type_vocab_size=2,
+        head="mlm",
+        activation="gelu",
+    )
+    params = random_params(cfg, seed=5)
+    hf.save_hf(tmp_path, cfg, params, model_type=model_type)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert model.config.model_type == model_type
+    tokens, mask, types = _batch(model.config, seed=3)
+    want = _hf_logits(model, tokens, mask, types)
+    got = _jaxlm_logits(cfg, params, tokens, mask, types)
+    np.testing.assert_allclose(got[mask], want[mask], atol=max(1e-4, 2e-5 * np.abs(want).max()))
+
+
+def test_pretraining_checkpoint_imports_without_its_next_sentence_head(tmp_path):
+    """bert-base-uncased is a BertForPreTraining checkpoint: pooler and next-sentence head are
+    left out; the masked-LM logits are its prediction logits."""
+    model = hf_models.build_encoder("bert", tmp_path, seed=7, cls="BertForPreTraining")
+    names = SafetensorsDir(tmp_path).names()
+    assert any("pooler" in n for n in names) and any("seq_relationship" in n for n in names)
+    config = hf.load_model_config(tmp_path)
+    params = hf.params_from_hf(tmp_path, config)
+    tokens, mask, types = _batch(model.config, seed=4)
+    want = _hf_logits(model, tokens, mask, types)
+    got = _jaxlm_logits(config, params, tokens, mask, types)
+    np.testing.assert_allclose(got[mask], want[mask], atol=max(1e-4, 2e-5 * np.abs(want).max()))
+
+
+def test_an_encoder_classifier_and_a_relative_position_bert_are_refused(tmp_path):
+    hf_models.build_encoder("bert", tmp_path, seed=1)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"]}))
+    with pytest.raises(ValueError, match="imports bert masked-LM checkpoints"):
+        hf.load_model_config(tmp_path)
+    path.write_text(json.dumps(config | {"position_embedding_type": "relative_key"}))
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        hf.load_model_config(tmp_path)
+
+
+def test_a_decoder_is_not_exported_as_bert(tmp_path):
+    from jaxlm.configs import get_preset
+
+    cfg = get_preset("tiny")
+    with pytest.raises(ValueError, match=r"not a Hugging Face 'bert' model: causal=True"):
+        hf.save_hf(tmp_path, cfg, random_params(cfg), model_type="bert")
