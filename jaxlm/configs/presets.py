@@ -28,6 +28,22 @@ _LLAMA = dict(
     mlp_bias=False,
 )
 
+_BERT = dict(
+    activation="gelu",
+    norm="layernorm",
+    norm_eps=1e-12,
+    position="learned",
+    tie_embeddings=True,
+    attn_bias=True,
+    mlp_bias=True,
+    causal=False,
+    norm_position="post",
+    embed_norm=True,
+    type_vocab_size=2,
+    head="mlm",
+    depth_scaled_init=False,
+)
+
 _LLAMA3 = dict(_LLAMA, vocab_size=128256, rope_theta=500_000.0)
 
 
@@ -143,6 +159,20 @@ PRESETS: dict[str, ModelConfig] = {
         rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0,
         rope_original_max_len=8192,
+    ),
+    # BERT: bidirectional post-LN blocks, embedding norm, two token types, the masked-LM head
+    # (train with task.kind=mlm). The toy has the byte vocabulary (its mask token is id 259).
+    "tiny-bert": ModelConfig(
+        **_BERT, vocab_size=320, max_seq_len=128, d_model=64, num_layers=2, num_heads=4, mlp_dim=256
+    ),
+    "bert-base": ModelConfig(
+        **_BERT,
+        vocab_size=30522,
+        max_seq_len=512,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
     ),
     "llama3-8b": ModelConfig(
         **_LLAMA3,

@@ -147,7 +147,7 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo")
+TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo", "mlm")
 DPO_LOSSES = ("sigmoid", "ipo")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "raw", "tokenizer")
 
@@ -173,6 +173,11 @@ class TaskConfig:
     `gae_lambda`), a clipped value loss (`vf_coef`, `value_clip`); GRPO uses group-relative
     advantages instead (no value model). The reference of dpo/ppo/grpo is the model without its
     adapters, or for a full fine-tune a frozen copy of `reference` (default `train.init_from`).
+    "mlm" = masked-LM pre-training of a bidirectional model (`model.causal=False`) on packed
+    text (`jaxlm.data.masking`): each non-special token is chosen with `mask_prob` (with
+    `whole_word_masking`, each word), a chosen token becomes the mask token with
+    `mask_token_frac`, a random token with `random_token_frac`, else stays; the loss is on the
+    chosen tokens.
     """
 
     kind: str = "lm"
@@ -199,6 +204,11 @@ class TaskConfig:
     gae_lambda: float = 0.95
     vf_coef: float = 0.1
     value_clip: float = 0.2
+    # mlm: the masking (BERT's 15% and 80/10/10 by default).
+    mask_prob: float = 0.15
+    mask_token_frac: float = 0.8
+    random_token_frac: float = 0.1
+    whole_word_masking: bool = False
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "group_size", "max_new_tokens", "ppo_epochs")
@@ -218,6 +228,17 @@ class TaskConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < float("inf")):
                 raise ValueError(f"TaskConfig.{name}={value!r} must be a finite number >= 0")
+        if not (isinstance(self.mask_prob, (int, float)) and 0.0 < self.mask_prob < 1.0):
+            raise ValueError(f"TaskConfig.mask_prob={self.mask_prob!r} must be in (0, 1)")
+        for name in ("mask_token_frac", "random_token_frac"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"TaskConfig.{name}={value!r} must be in [0, 1]")
+        if self.mask_token_frac + self.random_token_frac > 1.0 + 1e-9:
+            raise ValueError(
+                f"TaskConfig.mask_token_frac={self.mask_token_frac} + random_token_frac="
+                f"{self.random_token_frac} must be <= 1 (the rest of the chosen tokens stay)"
+            )
         if self.kind not in TASK_KINDS:
             raise ValueError(
                 f"TaskConfig.kind={self.kind!r} is not a task; choose one of {TASK_KINDS}"

@@ -85,6 +85,7 @@ def make_iterator(
     text_key: str | None = None,
     dataset_fn: Callable[..., grain.IterDataset] | None = None,
     empty: Callable[[int], dict] | None = None,
+    rows: grain.transforms.Map | grain.transforms.RandomMap | None = None,
 ) -> StreamIterator:
     """This process's batch iterator for `config` (train split, endless, shuffled, by default).
 
@@ -101,7 +102,8 @@ def make_iterator(
 
     `dataset_fn` (default `build_dataset`, packed text) builds each stream from the source with
     `build_dataset`'s arguments; `text_key` overrides `config.text_key`; `empty(n)` makes the
-    `n` empty rows of an exhausted evaluation stream (default: empty packed-text rows).
+    `n` empty rows of an exhausted evaluation stream (default: empty packed-text rows); `rows`
+    (packed text only) turns packed rows into the batch keys (see `build_dataset`).
     """
     check_batch_size(config.batch_size, mesh, jax.process_count())
     num_streams = num_streams or config.streams or jax.process_count()
@@ -128,6 +130,10 @@ def make_iterator(
             "use fewer streams"
         )
 
+    if rows is not None and dataset_fn is not None:
+        raise ValueError("make_iterator: `rows` applies to packed text, not to a dataset_fn")
+    extra = {} if rows is None else {"rows": rows}
+
     def stream(index: int) -> grain.IterDataset:
         return (dataset_fn or build_dataset)(
             source,
@@ -143,6 +149,7 @@ def make_iterator(
             add_eos=config.add_eos,
             worker_count=config.worker_count,
             drop_remainder=num_epochs is None,
+            **extra,
         )
 
     return StreamIterator(

@@ -192,13 +192,16 @@ def build_dataset(
     add_eos: bool = True,
     worker_count: int = 0,
     drop_remainder: bool = True,
+    rows: grain.transforms.Map | grain.transforms.RandomMap | None = None,
 ) -> grain.IterDataset:
     """One stream of packed batches of `batch_size` rows.
 
     Records are split into `num_shards` streams first (stream i reads records i, i + n, ...), then
     shuffled with `seed` (differently each epoch), tokenized, concatenated and split into rows of
     `seq_len` tokens (no token dropped or repeated); with `shuffle`, the rows are shuffled again
-    in windows of `shuffle_window_rows(seq_len)` (about 512k tokens), then batched.
+    in windows of `shuffle_window_rows(seq_len)` (about 512k tokens), turned into the batch keys
+    by `rows` (default: next-token targets; a `RandomMap` such as masked LM's corruption gets a
+    generator seeded by `seed`, the stream and the row's index), then batched.
 
     The row shuffle is what makes a batch a sample of many documents: without it the rows of one
     long document (a 16k-character record is 128 rows of 128 bytes) fill many consecutive
@@ -217,7 +220,11 @@ def build_dataset(
             ),
             seed=seed + 7919 * shard,
         )
-    it = it.map(_NextTokenTargets(tokenizer.pad_id, token_bytes(tokenizer)))
+    if isinstance(rows, grain.transforms.RandomMap):
+        # Seeded per stream; the row index (in the iterator state) seeds each row's draw.
+        it = it.random_map(rows, seed=(seed * 1_000_003 + 7919 * shard + 1) % 2**32)
+    else:
+        it = it.map(rows or _NextTokenTargets(tokenizer.pad_id, token_bytes(tokenizer)))
     it = it.batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
         # Grain's worker processes read absl flags; outside an absl.app main nothing parsed them.

@@ -67,6 +67,8 @@ def write_workdir(
     )
     if config.head == "score" and run.task.kind == "lm":
         run = dataclasses.replace(run, task=dataclasses.replace(run.task, kind="reward"))
+    if not config.causal and run.task.kind == "lm":  # an encoder (BERT) trains masked LM
+        run = dataclasses.replace(run, task=dataclasses.replace(run.task, kind="mlm"))
     # A reward model's pairs are not known yet: its task's data checks wait for its training.
     plan = RunPlan(run, mesh=mesh, tokenizer=tokenizer, check_data=config.head == "lm")
     if jax.process_index() == 0:

@@ -8,6 +8,7 @@ from jaxlm.configs.run import TASK_KINDS
 from jaxlm.tasks.base import Task, merge, param_names, partition
 from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
+from jaxlm.tasks.mlm import MLMTask
 from jaxlm.tasks.reward import RewardTask
 from jaxlm.tasks.rl import GRPOTask, PPOTask
 from jaxlm.tasks.sft import SFTTask
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 TASKS: dict[str, type[Task]] = {
     LMTask.kind: LMTask,
     SFTTask.kind: SFTTask,
+    MLMTask.kind: MLMTask,
     DPOTask.kind: DPOTask,
     RewardTask.kind: RewardTask,
     PPOTask.kind: PPOTask,
@@ -39,6 +41,7 @@ __all__ = [
     "DPOTask",
     "GRPOTask",
     "LMTask",
+    "MLMTask",
     "PPOTask",
     "RewardTask",
     "SFTTask",

@@ -86,8 +86,8 @@ def check_causal(config: RunConfig) -> None:
     if not config.model.causal:
         raise ValueError(
             f"task.kind={config.task.kind} predicts each next token, but model.causal=False lets "
-            "every position see the tokens after it; train a bidirectional model with a "
-            "masked objective, or set model.causal=True"
+            "every position see the tokens after it; train a bidirectional model with "
+            "task.kind=mlm, or set model.causal=True"
         )
 
 

@@ -49,6 +49,7 @@ class LMTask(Task):
         num_streams: int | None = None,
     ) -> StreamIterator:
         text_key, dataset_fn = self.records(tokenizer)
+        rows = self.rows(tokenizer)
         return make_iterator(
             self.config.data,
             tokenizer,
@@ -59,7 +60,12 @@ class LMTask(Task):
             num_streams=num_streams,
             text_key=text_key,
             dataset_fn=dataset_fn,
+            **({} if rows is None else {"rows": rows}),
         )
+
+    def rows(self, tokenizer: Tokenizer) -> Any:
+        """The pipeline step from packed rows to batch rows; None = next-token targets."""
+        return None
 
     def records(self, tokenizer: Tokenizer) -> tuple[str | None, Callable[..., Any] | None]:
         """(the source's `text_key`, the stream builder) `make_iterator` uses; (None, None) =

@@ -110,6 +110,7 @@ def test_param_count_with_qkv_bias_but_no_output_bias():
         ("gpt2-350m", 354_823_168),  # "gpt2-medium"
         ("llama3.2-1b", 1_235_814_400),  # Llama 3.2 1B (tied embeddings)
         ("llama3-8b", 8_030_261_248),  # Llama 3 8B
+        ("bert-base", 109_514_298),  # transformers' BertForMaskedLM of bert-base-uncased
     ],
 )
 def test_published_architectures_have_their_published_size(name, published):

@@ -188,3 +188,73 @@ def test_a_decoder_is_not_exported_as_bert(tmp_path):
     cfg = get_preset("tiny")
     with pytest.raises(ValueError, match=r"not a Hugging Face 'bert' model: causal=True"):
         hf.save_hf(tmp_path, cfg, random_params(cfg), model_type="bert")
+
+
+WORDS = ["def", "self", "return", "class", "import", "the", "value", "name", "for", "in"]
+
+
+def _wordpiece(directory):
+    """A BERT WordPiece tokenizer (lower-casing, [CLS] text [SEP]) saved as transformers does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = list("abcdefghijklmnopqrstuvwxyz():=.,_")
+    vocab = specials + WORDS + pieces + ["##" + c for c in pieces] + ["##ue", "##lf", "##me"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.add_special_tokens(specials)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "BertTokenizerFast", "do_lower_case": True}
+    for name, token in zip(("pad", "unk", "cls", "sep", "mask"), specials, strict=True):
+        config[f"{name}_token"] = token
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _byte_bpe(directory):
+    """A RoBERTa-style byte-level BPE with <s> </s> <pad> <mask>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(WORDS)] * 50, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "mask_token": "<mask>"}
+    config |= {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_tokenizer_from_the_model_directory_matches_transformers(family, tmp_path):
+    """The directory's WordPiece / byte-level BPE tokenizer: jaxlm's [CLS]/<s> + encode +
+    [SEP]/</s> are transformers' input ids, and the mask id is its mask_token_id; the workdir
+    that import writes keeps it, and an export writes it back for transformers."""
+    hf_models.build_encoder(family, tmp_path / "hf", seed=2)
+    (_wordpiece if family == "bert" else _byte_bpe)(tmp_path / "hf")
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def name(self): return self.value for the class"
+    tok = hf.load_hf_tokenizer(tmp_path / "hf")
+    assert [tok.bos_id, *tok.encode(text), tok.eos_id] == want(text)["input_ids"]
+    assert (tok.mask_id, tok.pad_id) == (want.mask_token_id, want.pad_token_id)
+
+    from jaxlm.run import load_for_eval
+
+    hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    _, _, _, loaded = load_for_eval(tmp_path / "run")
+    assert (loaded.mask_id, loaded.encode(text)) == (tok.mask_id, tok.encode(text))
+    hf.export_checkpoint(tmp_path / "run", tmp_path / "out", model_type=family)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again(text)["input_ids"] == want(text)["input_ids"]
+    assert again.mask_token_id == want.mask_token_id
