@@ -232,26 +232,12 @@ class _AtLeast:
 def _requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     """{ModelConfig field (dotted): allowed values} for `cfg` to be exactly `family`."""
     if family.encoder:
-        return {
+        return _gpt2_like(cfg) | {
             "causal": (False,),
             "head": ("mlm",),
             "norm_position": ("post",),
             "embed_norm": (True,),
             "type_vocab_size": _AtLeast(1),
-            "position": ("learned",),
-            "norm": ("layernorm",),
-            "norm_bias": (True,),
-            "activation": tuple(PLAIN_NAMES),
-            "attn_bias": (True,),
-            "use_attn_out_bias": (True,),
-            "mlp_bias": (True,),
-            "num_kv_heads": (cfg.num_heads,),
-            "head_dim": (cfg.d_model // cfg.num_heads,),
-            "qk_norm": (False,),
-            "sliding_window": (None,),
-            "moe.enabled": (False,),
-            "attn_logit_softcap": (None,),
-            "final_logit_softcap": (None,),
         }
     decoder = {
         "head": ("lm", "score"),
@@ -262,25 +248,30 @@ def _requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     return decoder | _decoder_requirements(cfg, family)
 
 
+def _gpt2_like(cfg: ModelConfig) -> dict[str, Any]:
+    """GPT-2's and BERT's shared block: learned positions, LayerNorm and biases everywhere,
+    plain multi-head attention and MLP."""
+    return {
+        "position": ("learned",),
+        "norm": ("layernorm",),
+        "norm_bias": (True,),
+        "activation": tuple(PLAIN_NAMES),
+        "attn_bias": (True,),
+        "use_attn_out_bias": (True,),
+        "mlp_bias": (True,),
+        "num_kv_heads": (cfg.num_heads,),
+        "head_dim": (cfg.d_model // cfg.num_heads,),
+        "qk_norm": (False,),
+        "sliding_window": (None,),
+        "moe.enabled": (False,),
+        "attn_logit_softcap": (None,),
+        "final_logit_softcap": (None,),
+    }
+
+
 def _decoder_requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     if family.model_type == "gpt2":
-        return {
-            "position": ("learned",),
-            "norm": ("layernorm",),
-            "norm_bias": (True,),
-            "activation": tuple(PLAIN_NAMES),
-            "attn_bias": (True,),
-            "use_attn_out_bias": (True,),
-            "mlp_bias": (True,),
-            "num_kv_heads": (cfg.num_heads,),
-            "head_dim": (cfg.d_model // cfg.num_heads,),
-            "qk_norm": (False,),
-            "sliding_window": (None,),
-            "causal": (True,),
-            "moe.enabled": (False,),
-            "attn_logit_softcap": (None,),
-            "final_logit_softcap": (None,),
-        }
+        return _gpt2_like(cfg) | {"causal": (True,)}
     need: dict[str, Any] = {
         "position": ("rope",),
         "norm": ("rmsnorm",),
