@@ -322,9 +322,48 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _fill_masks(args: argparse.Namespace) -> int:
+    """`jaxlm sample --fill-mask TEXT`: one JSON line per text, the top-k fillers of each mask."""
+    if args.prompt or args.prompt_file or args.chat:
+        raise ValueError("give either --fill-mask (an encoder's masks) or --prompt/--chat")
+    top_k = 5 if args.top_k is None else args.top_k
+    if top_k < 1:
+        raise ValueError(f"--top-k {top_k} must be >= 1 (the fillers shown per mask)")
+    _join_processes(args)
+    from jaxlm import distributed
+    from jaxlm.encode import fill_mask, mask_token
+    from jaxlm.run import load_for_eval
+    from jaxlm.sharding import use_mesh
+
+    distributed.check_agreement({"command": "sample", **vars(args), "func": None})
+    config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
+    with use_mesh(mesh, config.mesh.rules):
+        answers = fill_mask(
+            config.model,
+            params,
+            tokenizer,
+            list(args.fill_mask),
+            top_k,
+            add_bos=config.data.add_bos,
+            add_eos=config.data.add_eos,
+        )
+    if not _is_main_process():
+        return 0
+    print(f"jaxlm sample: {args.workdir} (mask: {mask_token(tokenizer)!r})", file=sys.stderr)
+    for text, answer in zip(args.fill_mask, answers, strict=True):
+        masks = [
+            [{"token": _printable(f.text), "id": f.token_id, "prob": round(f.prob, 6)} for f in m]
+            for m in answer.fillers
+        ]
+        print(json.dumps({"text": text, "filled": _printable(answer.filled), "masks": masks}))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from jaxlm import sample
 
+    if args.fill_mask:
+        return _fill_masks(args)
     texts = list(args.prompt or [])
     for path in args.prompt_file or []:
         texts.append(Path(path).read_text())
@@ -520,7 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     smp.add_argument("--max-new-tokens", type=int, default=128)
     smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument(
+        "--fill-mask",
+        action="append",
+        metavar="TEXT",
+        help="an encoder's (masked LM's) text with [MASK]s: prints the top-k fillers of each "
+        "mask as one JSON line (repeatable)",
+    )
+    smp.add_argument("--top-k", type=int, default=None, help="with --fill-mask: fillers (5)")
     smp.add_argument("--top-p", type=float, default=None)
     smp.add_argument("--min-p", type=float, default=None)
     smp.add_argument("--seed", type=int, default=0)

@@ -56,3 +56,35 @@ def test_whole_word_masking_chooses_whole_words():
     assert len(np.unique(words[tokens == ord("f") + 3])) > 1  # "fill_mask" is one word of many
     first = np.flatnonzero(tokens == ord("(") + 3)[0]
     assert words[first] != words[first - 1]  # punctuation splits words
+
+
+def test_masked_batches_resume_with_the_same_masks_and_depend_on_the_seed():
+    """A stream of masked batches restored from its saved state (through JSON) continues with
+    the same corruption; the masks differ from batch to batch and from seed to seed."""
+    import json
+
+    from jaxlm.data import DataIterator, build_dataset
+    from jaxlm.data.masking import MaskedRows
+
+    tok, m = _masking()
+    docs = [f"def f{i}(x):\n    return x * {i}\n" * (i % 7 + 1) for i in range(80)]
+
+    def fresh(seed=3):
+        ds = build_dataset(docs, tok, seq_len=64, batch_size=4, seed=seed, rows=MaskedRows(m))
+        return DataIterator(ds)
+
+    uninterrupted = fresh()
+    expected = [next(uninterrupted) for _ in range(10)]
+    it = fresh()
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = fresh()
+    resumed.set_state(state)
+    for want in expected[4:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    masks = np.stack([b["mask"] for b in expected])
+    assert 0.1 < masks.mean() < 0.2 and len({m.tobytes() for m in masks}) == len(masks)
+    assert not np.array_equal(next(fresh(seed=4))["mask"], expected[0]["mask"])

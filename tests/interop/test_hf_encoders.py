@@ -258,3 +258,67 @@ def test_tokenizer_from_the_model_directory_matches_transformers(family, tmp_pat
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert again(text)["input_ids"] == want(text)["input_ids"]
     assert again.mask_token_id == want.mask_token_id
+
+
+# --- fill-mask -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_fill_mask_matches_the_transformers_pipeline(family, tmp_path, capsys):
+    """`fill_mask` and `jaxlm sample --fill-mask` on an imported encoder give the top-k token ids
+    and probabilities of transformers' fill-mask pipeline, for one mask and for two."""
+    from jaxlm import cli
+    from jaxlm.encode import fill_mask
+    from jaxlm.run import load_for_eval
+
+    model = hf_models.build_encoder(family, tmp_path / "hf", seed=3)
+    (_wordpiece if family == "bert" else _byte_bpe)(tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    pipe = transformers.pipeline("fill-mask", model=model, tokenizer=hf_tok, top_k=4)
+    m = hf_tok.mask_token
+    texts = [f"def {m}(self): return self.value", f"the {m} for {m} class"]
+    hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    config, _, params, tok = load_for_eval(tmp_path / "run")
+    answers = fill_mask(config.model, params, tok, texts, top_k=4)
+    for text, answer in zip(texts, answers, strict=True):
+        want = pipe(text)
+        want = [want] if text.count(m) == 1 else want
+        assert len(answer.fillers) == text.count(m)
+        for cands, ref in zip(answer.fillers, want, strict=True):
+            assert [c.token_id for c in cands] == [r["token"] for r in ref]
+            probs = [c.prob for c in cands]
+            np.testing.assert_allclose(probs, [r["score"] for r in ref], atol=1e-5)
+    # The whole text with the top filler, as the pipeline writes it for a single mask.
+    assert answers[0].filled.replace(" ", "") == pipe(texts[0])[0]["sequence"].replace(" ", "")
+
+    assert cli.main(["sample", "--workdir", str(tmp_path / "run"), "--fill-mask", texts[1]]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = fill_mask(config.model, params, tok, texts[1], top_k=5)
+    assert [[c["id"] for c in mask] for mask in line["masks"]] == [
+        [c.token_id for c in cands] for cands in ref.fillers
+    ]
+    assert line["filled"] == ref.filled
+
+    # Bad input: no mask in the text, a bad --top-k.
+    assert cli.main(["sample", "--workdir", str(tmp_path / "run"), "--fill-mask", "no mask"]) == 2
+    assert f"'no mask' has no mask token: write {m!r}" in capsys.readouterr().err
+    bad_k = ["sample", "--workdir", str(tmp_path / "run"), "--fill-mask", texts[0], "--top-k", "0"]
+    assert cli.main(bad_k) == 2
+    assert "--top-k 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_fill_mask_refuses_a_causal_model_and_a_tokenizer_without_a_mask(tmp_path):
+    from jaxlm.configs.presets import get_preset
+    from jaxlm.data import ByteTokenizer, HFTokenizer
+    from jaxlm.encode import fill_mask
+
+    encoder = get_preset("tiny-bert")
+    causal = dataclasses.replace(encoder, causal=True)
+    with pytest.raises(ValueError, match=r"bidirectional masked-LM model, but model\.causal=True"):
+        fill_mask(causal, {}, ByteTokenizer(), "def [MASK](self):")
+    (tmp_path / "a.txt").write_text("def name(self): return self.value\n" * 200)
+    bpe = HFTokenizer.train_bpe([tmp_path / "a.txt"], 300)
+    with pytest.raises(ValueError, match=r"has no mask token \(\[MASK\], <mask>\)"):
+        fill_mask(encoder, {}, bpe, "def [MASK](self):")
+    with pytest.raises(ValueError, match=r"top_k=0 must be an integer in \[1, "):
+        fill_mask(encoder, {}, ByteTokenizer(), "def [MASK](self):", top_k=0)
