@@ -158,15 +158,23 @@ def prefill(
     padding: str = "right",
 ) -> tuple[jax.Array, KVCache]:
     """Run the prompts through the model into `cache`: (logits of each row's last prompt token
-    [B, V] (float32), cache with lengths = prompt lengths)."""
+    [B, V] (float32), cache with lengths = prompt lengths). A prefix LM's prompt is its
+    bidirectional prefix."""
     if padding not in ("right", "left"):
         raise ValueError(f"padding={padding!r} must be 'right' or 'left'")
     if padding == "left":
         prompt_tokens_BT = _right_pad(prompt_tokens_BT, prompt_lengths_B)
     b, t = prompt_tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    # A prefix LM reads its prompt bidirectionally (the prompt is the prefix).
+    prefix_BT = positions_BT < prompt_lengths_B[:, None] if config.prefix_lm else None
     logits_BTV, cache, _ = Transformer(config).apply(
-        {"params": params}, prompt_tokens_BT, positions_BT, cache=cache, prepend_prompt=True
+        {"params": params},
+        prompt_tokens_BT,
+        positions_BT,
+        cache=cache,
+        prepend_prompt=True,
+        prefix_BT=prefix_BT,
     )
     last_B1V = jnp.take_along_axis(logits_BTV, (prompt_lengths_B - 1)[:, None, None], axis=1)
     # The cache also holds the prompt-tuning embeddings' slots (0 without prompt tuning).
@@ -593,7 +601,10 @@ def _greedy_nocache(config: ModelConfig, params: Any, tokens_1L, prompt_len: int
     def body(i: int, tokens: jax.Array) -> jax.Array:
         # Positions not yet written are segment 0 (padding), so they never influence position i-1.
         segments = (jnp.arange(length) < i).astype(jnp.int32)[None]
-        logits = Transformer(config).apply({"params": params}, tokens, segment_ids_BT=segments)[0]
+        prefix = (jnp.arange(length) < prompt_len)[None] if config.prefix_lm else None
+        logits = Transformer(config).apply(
+            {"params": params}, tokens, segment_ids_BT=segments, prefix_BT=prefix
+        )[0]
         next_token = jnp.argmax(logits[0, i - 1]).astype(tokens.dtype)
         return tokens.at[0, i].set(next_token)
 

@@ -88,7 +88,7 @@ def _cap(x, cap):
     return x if cap is None else cap * np.tanh(x / cap)
 
 
-def _attention(x_TD, p, pos_T, seg_T, cfg):
+def _attention(x_TD, p, pos_T, seg_T, cfg, prefix_T=None):
     t = x_TD.shape[0]
     g = cfg.num_heads // cfg.num_kv_heads
 
@@ -102,6 +102,12 @@ def _attention(x_TD, p, pos_T, seg_T, cfg):
         for j in range(t if not cfg.causal else i + 1):
             near = cfg.sliding_window is None or abs(i - j) < cfg.sliding_window
             visible[i, j] = seg_T[i] == seg_T[j] and near
+    if prefix_T is not None:  # a prefix LM: prefix tokens also see the prefix after them
+        for i in range(t):
+            for j in range(t):
+                near = cfg.sliding_window is None or abs(i - j) < cfg.sliding_window
+                both = prefix_T[i] and prefix_T[j] and seg_T[i] == seg_T[j]
+                visible[i, j] |= bool(both and near)
     heads = []
     for n in range(cfg.num_heads):
         qn, kn, vn = q[:, n], k[:, n // g], v[:, n // g]
@@ -127,8 +133,17 @@ def _mlp(x_TD, p, cfg):
     return out + p["down"]["b"] if cfg.mlp_bias else out
 
 
-def forward(params, tokens_BT, cfg, segment_ids_BT=None, positions_BT=None, token_types_BT=None):
-    """Logits [B, T, V] in float64 for unrolled-layout `params`."""
+def forward(
+    params,
+    tokens_BT,
+    cfg,
+    segment_ids_BT=None,
+    positions_BT=None,
+    token_types_BT=None,
+    prefix_BT=None,
+):
+    """Logits [B, T, V] in float64 for unrolled-layout `params` (`prefix_BT`: a prefix LM's
+    bidirectional prefix tokens)."""
     p = _f64(params)
     tokens_BT = np.asarray(tokens_BT)
     b, t = tokens_BT.shape
@@ -151,13 +166,16 @@ def forward(params, tokens_BT, cfg, segment_ids_BT=None, positions_BT=None, toke
             x = x + p["type_embed"]["embedding"][types]
         if cfg.embed_norm:
             x = _norm(x, p["embed_norm"], cfg)
+        pre = None if prefix_BT is None else np.asarray(prefix_BT[row], bool)
         for i in range(cfg.num_layers):
             layer = p[f"layers_{i}"]
             if cfg.norm_position == "pre":
-                x = x + _attention(_norm(x, layer["attn_norm"], cfg), layer["attn"], pos, seg, cfg)
+                h = _norm(x, layer["attn_norm"], cfg)
+                x = x + _attention(h, layer["attn"], pos, seg, cfg, pre)
                 x = x + _mlp(_norm(x, layer["mlp_norm"], cfg), layer["mlp"], cfg)
             else:  # post-LN: normalise each residual sum
-                x = _norm(x + _attention(x, layer["attn"], pos, seg, cfg), layer["attn_norm"], cfg)
+                h = _attention(x, layer["attn"], pos, seg, cfg, pre)
+                x = _norm(x + h, layer["attn_norm"], cfg)
                 x = _norm(x + _mlp(x, layer["mlp"], cfg), layer["mlp_norm"], cfg)
         if cfg.norm_position == "pre":
             x = _norm(x, p["final_norm"], cfg)

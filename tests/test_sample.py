@@ -271,3 +271,41 @@ def test_greedy_without_cache_is_the_argmax_loop(llama_params):
     prompt = [1, 40, 41, 42]
     got = sample.greedy_without_cache(LLAMA, llama_params, prompt, 6)
     assert got == prompt + _argmax_loop(LLAMA, llama_params, prompt, 6)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama_unrolled", "gpt2_scanned"])
+def test_a_prefix_lm_decodes_after_a_bidirectional_prompt_as_the_full_forward(cfg):
+    """A prefix LM's prompt is its prefix: the cached loop (bidirectional prefill, then causal
+    steps), on ragged prompts in one batch, equals greedy argmax over full forward passes that
+    mark the prompt as the prefix; and reading the prompt causally would give other tokens."""
+    cfg = dataclasses.replace(cfg, prefix_lm=True)
+    params = random_params(cfg, seed=5)
+    forward = jax.jit(
+        lambda p, t, seg, pre: Transformer(cfg).apply(
+            {"params": p}, t, segment_ids_BT=seg, prefix_BT=pre
+        )[0]
+    )
+
+    def full_forward_loop(prompt, n):
+        seq, length = list(prompt), cfg.max_seq_len
+        prefix = (np.arange(length) < len(prompt))[None]
+        for _ in range(n):
+            tokens = np.zeros((1, length), np.int32)
+            tokens[0, : len(seq)] = seq
+            segments = (np.arange(length) < len(seq)).astype(np.int32)[None]
+            logits = forward(params, tokens, segments, prefix)
+            seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
+        return seq[len(prompt) :]
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (7, 2, 12)]
+    got = generate(cfg, params, prompts, 6)
+    assert got == [full_forward_loop(p, 6) for p in prompts]
+    assert got[0] == sample.greedy_without_cache(cfg, params, prompts[0], 6)[7:]
+    # The prompt's last logits differ from reading it causally (tokens of a random model may not).
+    batch = sample.prepare(cfg, prompts, 6)
+    last = {}
+    for c in (cfg, dataclasses.replace(cfg, prefix_lm=False)):
+        cache = sample.init_cache(c, len(prompts), batch.cache_len)
+        last[c.prefix_lm] = sample.prefill(c, params, batch.tokens, batch.lengths, cache)[0]
+    assert np.abs(np.asarray(last[True]) - np.asarray(last[False])).max() > 1e-2

@@ -192,6 +192,10 @@ class ModelConfig:
     # segment, before and after it (a sliding window then spans W - 1 tokens on each side). Such
     # a model cannot decode with a KV cache and cannot train for next-token prediction.
     causal: bool = True
+    # A prefix LM (T5 / UL2's PrefixLM): attention is bidirectional within each sequence's
+    # prefix (training batches mark it; when sampling, the prompt is the prefix) and causal
+    # after it. Train with task.kind=prefix_lm.
+    prefix_lm: bool = False
     attn_bias: bool = True
     # Bias on the attention output projection; None = same as attn_bias. False with attn_bias=True
     # puts biases on the query/key/value projections only (Qwen2).
@@ -307,6 +311,11 @@ class ModelConfig:
 
         if self.lora.rank:
             self._check_lora()
+        if self.prefix_lm and not self.causal:
+            raise ValueError(
+                "ModelConfig.prefix_lm=True needs causal=True: a prefix LM is causal after its "
+                "bidirectional prefix (causal=False makes every token bidirectional already)"
+            )
         if (
             not isinstance(self.prompt_tokens, int)
             or not 0 <= self.prompt_tokens < self.max_seq_len

@@ -147,7 +147,7 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo", "mlm")
+TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo", "mlm", "prefix_lm")
 DPO_LOSSES = ("sigmoid", "ipo")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "raw", "tokenizer")
 
@@ -177,7 +177,9 @@ class TaskConfig:
     text (`jaxlm.data.masking`): each non-special token is chosen with `mask_prob` (with
     `whole_word_masking`, each word), a chosen token becomes the mask token with
     `mask_token_frac`, a random token with `random_token_frac`, else stays; the loss is on the
-    chosen tokens.
+    chosen tokens. "prefix_lm" = prefix LM (`model.prefix_lm=True`) on packed text: each
+    sequence is split at a uniform random point, the prefix is read bidirectionally and the loss
+    is on the rest.
     """
 
     kind: str = "lm"

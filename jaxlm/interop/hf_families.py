@@ -240,6 +240,7 @@ def _requirements(cfg: ModelConfig, family: Family) -> dict[str, Any]:
             "type_vocab_size": _AtLeast(1),
         }
     decoder = {
+        "prefix_lm": (False,),
         "head": ("lm", "score"),
         "norm_position": ("pre",),
         "embed_norm": (False,),

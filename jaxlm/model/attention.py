@@ -113,8 +113,9 @@ class Attention(nn.Module):
 
         b, t = q_BTNH.shape[:2]
         q_BKGTH = jnp.transpose((q_BTNH * h**-0.5).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
-        # Without a cache a causal model's mask is causal by index, so blocks may be skipped.
-        causal = kv is None and cfg.causal
+        # Without a cache a causal model's mask is causal by index, so blocks may be skipped
+        # (not a prefix LM's: a prefix sees the keys after it).
+        causal = kv is None and cfg.causal and not cfg.prefix_lm
         out_BKGTH = attend(q_BKGTH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, causal=causal)
         out_BTNH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
         out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))

@@ -107,6 +107,18 @@ class BlockGroup(nn.Module):
         return x_BTD, (auxes[0], kv)  # the group's one MoE block
 
 
+def _pad_prompt(prefix_BT: jax.Array, p: int) -> jax.Array:
+    """The prefix mask with the P prompt-tuning slots before it (part of every prefix)."""
+    return jnp.pad(prefix_BT.astype(bool), ((0, 0), (p, 0)), constant_values=True)
+
+
+def _window(q_BT: jax.Array, k_BS: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[B, T, S] |q - k| < sliding_window (all True without a window)."""
+    if cfg.sliding_window is None:
+        return jnp.ones((q_BT.shape[0], q_BT.shape[1], k_BS.shape[1]), bool)
+    return jnp.abs(q_BT[:, :, None] - k_BS[:, None, :]) < cfg.sliding_window
+
+
 class Transformer(nn.Module):
     """A Transformer: a decoder (causal attention) or, with `config.causal=False`, an encoder
     (bidirectional attention within each segment). Call with tokens [B, T]; returns (logits
@@ -123,6 +135,10 @@ class Transformer(nn.Module):
     written to the cache, they attend causally to everything before them in the row, and the
     returned cache has `lengths` = last position + 1. `segment_ids` must be None then, and the
     model causal.
+
+    A prefix LM (`config.prefix_lm`) takes `prefix` [B, T] booleans: the tokens of each
+    segment's prefix, which attend to the whole prefix (before and after them) instead of only
+    the tokens before them. With a cache, the prefix must be in one call (the prefill).
     """
 
     config: ModelConfig
@@ -136,6 +152,7 @@ class Transformer(nn.Module):
         cache: Any = None,
         prepend_prompt: bool = False,
         token_types_BT: jax.Array | None = None,
+        prefix_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         cfg = self.config
         if tokens_BT.ndim != 2:
@@ -144,6 +161,10 @@ class Transformer(nn.Module):
             raise ValueError(
                 "token_types were given, but this model has no token-type embeddings "
                 "(model.type_vocab_size=0)"
+            )
+        if prefix_BT is not None and not cfg.prefix_lm:
+            raise ValueError(
+                "a prefix was given, but this model is not a prefix LM (model.prefix_lm=False)"
             )
         b, t = tokens_BT.shape
         if t + cfg.prompt_tokens > cfg.max_seq_len:
@@ -176,6 +197,12 @@ class Transformer(nn.Module):
             )
             ones = jnp.ones((b, 1), jnp.int32)
             mask_BTS = attention_mask(positions_BT, slots_BS, ones, ones, cfg.sliding_window)
+            if prefix_BT is not None:
+                # Prefix tokens (all in this call, e.g. a prefill) also see the prefix after them.
+                prefix_BT = _pad_prompt(prefix_BT, p) if prepend else prefix_BT
+                end_B = jnp.max(jnp.where(prefix_BT, positions_BT + 1, 0), axis=1)
+                sees_BTS = prefix_BT[:, :, None] & (slots_BS[:, None, :] < end_B[:, None, None])
+                mask_BTS = mask_BTS | (sees_BTS & _window(positions_BT, slots_BS, cfg))
         else:
             if segment_ids_BT is None:
                 segment_ids_BT = jnp.ones((b, t), jnp.int32)
@@ -198,6 +225,12 @@ class Transformer(nn.Module):
             if prepend:
                 sees_prompt = (index_BT[:, None, :] < p) & (segment_ids_BT[:, :, None] > 0)
                 mask_BTS = mask_BTS | sees_prompt
+            if prefix_BT is not None:
+                # Within a segment, prefix tokens see each other (before and after).
+                prefix_BT = _pad_prompt(prefix_BT, p) if prepend else prefix_BT
+                same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+                both_BTS = prefix_BT[:, :, None] & prefix_BT[:, None, :] & same_BTS
+                mask_BTS = mask_BTS | (both_BTS & _window(index_BT, index_BT, cfg))
 
         embed = Embed(
             cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"

@@ -9,6 +9,7 @@ from jaxlm.tasks.base import Task, merge, param_names, partition
 from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
 from jaxlm.tasks.mlm import MLMTask
+from jaxlm.tasks.prefix_lm import PrefixLMTask
 from jaxlm.tasks.reward import RewardTask
 from jaxlm.tasks.rl import GRPOTask, PPOTask
 from jaxlm.tasks.sft import SFTTask
@@ -20,6 +21,7 @@ TASKS: dict[str, type[Task]] = {
     LMTask.kind: LMTask,
     SFTTask.kind: SFTTask,
     MLMTask.kind: MLMTask,
+    PrefixLMTask.kind: PrefixLMTask,
     DPOTask.kind: DPOTask,
     RewardTask.kind: RewardTask,
     PPOTask.kind: PPOTask,
@@ -43,6 +45,7 @@ __all__ = [
     "LMTask",
     "MLMTask",
     "PPOTask",
+    "PrefixLMTask",
     "RewardTask",
     "SFTTask",
     "Task",

@@ -144,7 +144,12 @@ class Task:
         if rng is not None and model.lora.dropout > 0:
             rngs["dropout"] = jax.random.fold_in(rng, 1)
         logits, _, aux = Transformer(model).apply(
-            {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
+            {"params": params},
+            batch["tokens"],
+            batch["positions"],
+            batch["segment_ids"],
+            prefix_BT=batch.get("prefix"),  # a prefix LM's bidirectional prefixes
+            rngs=rngs,
         )
         return logits, aux
 

@@ -331,3 +331,47 @@ def test_param_count_is_the_number_of_parameters(name):
     cfg = VARIANTS[name]
     leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(cfg)))
     assert param_count(cfg).total == sum(x.size for x in leaves)
+
+
+PREFIX_LMS = {
+    "gpt2": dataclasses.replace(GPT2, prefix_lm=True),
+    "llama_gqa_window_prompt_tuned": dataclasses.replace(
+        LLAMA, prefix_lm=True, sliding_window=4, prompt_tokens=2
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFIX_LMS))
+def test_prefix_lm_matches_the_reference_and_sees_only_its_prefix_ahead(name):
+    """Logits of packed rows with a prefix in each segment equal the NumPy reference (prefix
+    tokens see the whole prefix, the rest attends causally); by gradient, a prefix token is
+    influenced by the later prefix tokens of its segment and by nothing after the prefix."""
+    cfg = PREFIX_LMS[name]
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    segments = jnp.asarray([[1] * T, [1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
+    prefix = np.zeros((B, T), bool)
+    prefix[0, :7] = True
+    prefix[1, :3] = prefix[1, 5:7] = True
+    got = _logits(cfg, params, tokens, segment_ids_BT=segments, prefix_BT=jnp.asarray(prefix))
+    if cfg.prompt_tokens:  # the reference has no prompt tuning: compare the structure only
+        assert got.shape == (B, T, cfg.vocab_size)
+    else:
+        want = numpy_forward(params, tokens, cfg, np.asarray(segments), prefix_BT=prefix)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    causal = _logits(cfg, params, tokens, segment_ids_BT=segments)
+    assert np.abs(np.asarray(got[0, :6]) - np.asarray(causal[0, :6])).max() > 1e-3
+    # Exactly zero where a token is neither before the query nor in the query's prefix (the
+    # prefix is a block at the start, so this holds through every layer, windowed or not).
+    influence = _influence(cfg, params, tokens[:1], prefix_BT=jnp.asarray(prefix[:1]))
+    q, k = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    seen = (k <= q) | (prefix[0][:, None] & prefix[0][None, :])
+    assert np.all(influence[~seen] == 0.0)
+    if cfg.sliding_window is None:
+        assert np.all(influence[seen] > 0.0)
+
+
+def test_a_prefix_needs_a_prefix_lm_and_a_prefix_lm_a_causal_model():
+    with pytest.raises(ValueError, match="not a prefix LM"):
+        Transformer(GPT2).init(jax.random.key(0), _tokens(10), prefix_BT=jnp.ones((B, T), bool))
+    with pytest.raises(ValueError, match="prefix_lm=True needs causal=True"):
+        dataclasses.replace(GPT2, causal=False, prefix_lm=True)
