@@ -1,4 +1,5 @@
-"""Inference with encoders: `fill_mask` (the top-k fillers of each mask of a masked-LM model).
+"""Inference with encoders: `fill_mask` (the top-k fillers of each mask of a masked-LM model)
+and `embed` (sentence embeddings of a contrastive run).
 
 Texts are encoded as in training (`[CLS] text [SEP]` for BERT: the tokenizer's bos and eos when
 `add_bos` / `add_eos`), padded to a length bucket so similar requests reuse one compilation, and
@@ -169,3 +170,61 @@ def fill_mask(
             filled[j] = cands[0].token_id
         out.append(FilledText(fillers, tokenizer.decode(filled)))
     return out[0] if single else out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pooling"))
+def _pooled(
+    params: Any, tokens_BT: jax.Array, segments_BT: jax.Array, config: ModelConfig, pooling: str
+) -> jax.Array:
+    from jaxlm.tasks.contrastive import normalize, pool_segments
+
+    hidden_BTD, _, _ = Transformer(config).apply(
+        {"params": params}, tokens_BT, None, segments_BT, hidden=True
+    )
+    return normalize(pool_segments(hidden_BTD, segments_BT, pooling)[:, 1])
+
+
+def embed(
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    pooling: str = "mean",
+    add_bos: bool = True,
+    add_eos: bool = True,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """[N, d_model] float32 unit-length embeddings of `texts`: the last hidden states of each
+    text pooled as in training (`pooling`: "mean", "cls" or "last"; the run's task.pooling),
+    so the dot product of two rows is their cosine similarity. Texts longer than the model's
+    max_seq_len are cut (as in training, where each text gets at most half a row)."""
+    from jaxlm.configs.run import POOLINGS
+
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings (got one string)")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts given")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} must be one of {POOLINGS}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    rows = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"text {i} is {text!r:.40}: expected a non-empty string")
+        ids = [tokenizer.bos_id] * add_bos + tokenizer.encode(text) + [tokenizer.eos_id] * add_eos
+        rows.append(ids[: config.max_seq_len])
+    _check_params(config, params)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        t = bucket(max(map(len, chunk)), config.max_seq_len)
+        tokens = np.full((batch_size, t), tokenizer.pad_id, np.int32)
+        segments = np.zeros((batch_size, t), np.int32)
+        for i, ids in enumerate(chunk):
+            tokens[i, : len(ids)] = ids
+            segments[i, : len(ids)] = 1
+        vectors = _pooled(params, tokens, segments, config=config, pooling=pooling)
+        out.append(np.asarray(vectors)[: len(chunk)])
+    return np.concatenate(out)

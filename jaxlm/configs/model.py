@@ -196,6 +196,10 @@ class ModelConfig:
     # prefix (training batches mark it; when sampling, the prompt is the prefix) and causal
     # after it. Train with task.kind=prefix_lm.
     prefix_lm: bool = False
+    # Dropout on the embeddings and on each attention and MLP output (before the residual sum),
+    # while training only (when the step passes a "dropout" rng): BERT's hidden dropout, and
+    # the noise that makes SimCSE's two views of a text (task.kind=contrastive).
+    dropout: float = 0.0
     attn_bias: bool = True
     # Bias on the attention output projection; None = same as attn_bias. False with attn_bias=True
     # puts biases on the query/key/value projections only (Qwen2).
@@ -311,6 +315,8 @@ class ModelConfig:
 
         if self.lora.rank:
             self._check_lora()
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"ModelConfig.dropout={self.dropout!r} must be in [0, 1)")
         if self.prefix_lm and not self.causal:
             raise ValueError(
                 "ModelConfig.prefix_lm=True needs causal=True: a prefix LM is causal after its "

@@ -147,7 +147,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo", "mlm", "prefix_lm")
+TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo", "mlm", "prefix_lm", "contrastive")
+POOLINGS = ("mean", "cls", "last")
 DPO_LOSSES = ("sigmoid", "ipo")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "raw", "tokenizer")
 
@@ -179,7 +180,9 @@ class TaskConfig:
     `mask_token_frac`, a random token with `random_token_frac`, else stays; the loss is on the
     chosen tokens. "prefix_lm" = prefix LM (`model.prefix_lm=True`) on packed text: each
     sequence is split at a uniform random point, the prefix is read bidirectionally and the loss
-    is on the rest.
+    is on the rest. "contrastive" = sentence embeddings (`pooling` of the last hidden states)
+    trained with in-batch-negative InfoNCE at `contrastive_temperature` on text pairs
+    (`jaxlm.data.contrastive`: JSONL `anchor` / `positive`, or `text` with dropout views).
     """
 
     kind: str = "lm"
@@ -211,6 +214,10 @@ class TaskConfig:
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
     whole_word_masking: bool = False
+    # contrastive: how a sequence's hidden states become its embedding ("mean" over its
+    # tokens, "cls" = its first token's, "last" = its last token's) and the InfoNCE temperature.
+    pooling: str = "mean"
+    contrastive_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "group_size", "max_new_tokens", "ppo_epochs")
@@ -230,6 +237,13 @@ class TaskConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < float("inf")):
                 raise ValueError(f"TaskConfig.{name}={value!r} must be a finite number >= 0")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"TaskConfig.pooling={self.pooling!r} must be one of {POOLINGS}")
+        temp = self.contrastive_temperature
+        if not (isinstance(temp, (int, float)) and 0.0 < temp < float("inf")):
+            raise ValueError(
+                f"TaskConfig.contrastive_temperature={temp!r} must be a finite number > 0"
+            )
         if not (isinstance(self.mask_prob, (int, float)) and 0.0 < self.mask_prob < 1.0):
             raise ValueError(f"TaskConfig.mask_prob={self.mask_prob!r} must be in (0, 1)")
         for name in ("mask_token_frac", "random_token_frac"):

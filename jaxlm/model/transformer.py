@@ -28,6 +28,14 @@ REMAT_POLICIES = {
 }
 
 
+def residual_dropout(module: nn.Module, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """`cfg.dropout` on x while training (the module has a "dropout" rng); x otherwise."""
+    if not cfg.dropout or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - cfg.dropout, x.shape)
+    return jnp.where(keep, x / (1 - cfg.dropout), 0).astype(x.dtype)
+
+
 class Block(nn.Module):
     """Pre-LN: x + attn(norm(x)), then x + mlp(norm(x)); post-LN (`norm_position="post"`):
     norm(x + attn(x)), then norm(x + mlp(x)). Returns (x, aux) so it can be scanned."""
@@ -49,7 +57,7 @@ class Block(nn.Module):
         pre = cfg.norm_position == "pre"
         h = attn_norm(x_BTD) if pre else x_BTD
         attn_BTD, kv = Attention(cfg, name="attn")(h, positions_BT, mask_BTS, kv)
-        x_BTD = x_BTD + attn_BTD
+        x_BTD = x_BTD + residual_dropout(self, cfg, attn_BTD)
         if not pre:  # post-LN: the norm follows the residual sum
             x_BTD = attn_norm(x_BTD)
         h = mlp_norm(x_BTD) if pre else x_BTD
@@ -58,7 +66,7 @@ class Block(nn.Module):
             ff_BTD, aux = MoE(cfg, name="moe")(h)
         else:
             ff_BTD = MLP(cfg, name="mlp")(h)
-        x_BTD = x_BTD + ff_BTD
+        x_BTD = x_BTD + residual_dropout(self, cfg, ff_BTD)
         if not pre:
             x_BTD = mlp_norm(x_BTD)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
@@ -139,6 +147,9 @@ class Transformer(nn.Module):
     A prefix LM (`config.prefix_lm`) takes `prefix` [B, T] booleans: the tokens of each
     segment's prefix, which attend to the whole prefix (before and after them) instead of only
     the tokens before them. With a cache, the prefix must be in one call (the prefill).
+
+    `hidden=True` returns the last hidden states [B, T, D] (after the final norm) in place of
+    the head's output. `config.dropout` applies when the call has a "dropout" rng.
     """
 
     config: ModelConfig
@@ -153,6 +164,7 @@ class Transformer(nn.Module):
         prepend_prompt: bool = False,
         token_types_BT: jax.Array | None = None,
         prefix_BT: jax.Array | None = None,
+        hidden: bool = False,
     ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         cfg = self.config
         if tokens_BT.ndim != 2:
@@ -269,6 +281,7 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + types_BTD
         if cfg.embed_norm:
             x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
+        x_BTD = residual_dropout(self, cfg, x_BTD)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
         grouped = cfg.moe.enabled and cfg.moe.every > 1 and cfg.scan_layers
@@ -310,6 +323,8 @@ class Transformer(nn.Module):
 
         if cfg.norm_position == "pre":  # post-LN blocks end in a norm already
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        if hidden:  # the last hidden states (e.g. for sentence embeddings), no head
+            return (x_BTD[:, p:] if prepend else x_BTD), cache, aux
         if cfg.head == "score":
             scores_BT1 = _scalar_head(cfg, "score")("BTD,DO->BTO", x_BTD)
             return (scores_BT1[:, p:] if prepend else scores_BT1), cache, aux

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from jaxlm.configs.run import TASK_KINDS
 from jaxlm.tasks.base import Task, merge, param_names, partition
+from jaxlm.tasks.contrastive import ContrastiveTask
 from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
 from jaxlm.tasks.mlm import MLMTask
@@ -22,6 +23,7 @@ TASKS: dict[str, type[Task]] = {
     SFTTask.kind: SFTTask,
     MLMTask.kind: MLMTask,
     PrefixLMTask.kind: PrefixLMTask,
+    ContrastiveTask.kind: ContrastiveTask,
     DPOTask.kind: DPOTask,
     RewardTask.kind: RewardTask,
     PPOTask.kind: PPOTask,
@@ -40,6 +42,7 @@ def get_task(config: RunConfig) -> Task:
 __all__ = [
     "TASKS",
     "TASK_KINDS",
+    "ContrastiveTask",
     "DPOTask",
     "GRPOTask",
     "LMTask",

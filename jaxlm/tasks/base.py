@@ -134,14 +134,19 @@ class Task:
 
     # --- the loss -------------------------------------------------------------------------
     def forward(
-        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
+        self,
+        params: Any,
+        batch: dict[str, jax.Array],
+        rng: jax.Array | None = None,
+        **kwargs: Any,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(logits, the model's aux outputs) of the packed rows of `batch`."""
+        """(logits, the model's aux outputs) of the packed rows of `batch` (`kwargs` go to the
+        model's call, e.g. `hidden=True` for the last hidden states instead of the logits)."""
         model = self.config.model
         rngs = {}
         if rng is not None and model.moe.router_jitter > 0:
             rngs["router"] = rng
-        if rng is not None and model.lora.dropout > 0:
+        if rng is not None and (model.lora.dropout > 0 or model.dropout > 0):
             rngs["dropout"] = jax.random.fold_in(rng, 1)
         logits, _, aux = Transformer(model).apply(
             {"params": params},
@@ -150,6 +155,7 @@ class Task:
             batch["segment_ids"],
             prefix_BT=batch.get("prefix"),  # a prefix LM's bidirectional prefixes
             rngs=rngs,
+            **kwargs,
         )
         return logits, aux
 

@@ -375,3 +375,32 @@ def test_a_prefix_needs_a_prefix_lm_and_a_prefix_lm_a_causal_model():
         Transformer(GPT2).init(jax.random.key(0), _tokens(10), prefix_BT=jnp.ones((B, T), bool))
     with pytest.raises(ValueError, match="prefix_lm=True needs causal=True"):
         dataclasses.replace(GPT2, causal=False, prefix_lm=True)
+
+
+def test_dropout_is_noise_while_training_and_nothing_in_evaluation():
+    """model.dropout changes nothing without a "dropout" rng; with one, outputs change (the
+    same rng the same way), and at rate p about a fraction p of an MLP's outputs are zeroed."""
+    cfg = dataclasses.replace(GPT2, dropout=0.3)
+    params, tokens = _params(cfg), _tokens(cfg.vocab_size)
+    plain = _logits(GPT2, params, tokens)
+    np.testing.assert_array_equal(_logits(cfg, params, tokens), plain)
+
+    def noisy(key):
+        fn = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, rngs={"dropout": key}))
+        return np.asarray(fn(params, tokens)[0])
+
+    a, b = noisy(jax.random.key(1)), noisy(jax.random.key(2))
+    assert np.abs(a - plain).max() > 1e-2 and np.abs(a - b).max() > 1e-2
+    np.testing.assert_array_equal(a, noisy(jax.random.key(1)))
+
+    from jaxlm.model.transformer import residual_dropout
+
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return residual_dropout(self, cfg, x)
+
+    x = jnp.ones((64, 64))
+    y = np.asarray(Probe().apply({}, x, rngs={"dropout": jax.random.key(0)}))
+    assert abs((y == 0).mean() - 0.3) < 0.03
+    np.testing.assert_allclose(y[y != 0], 1 / 0.7, rtol=1e-6)
