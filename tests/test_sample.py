@@ -273,7 +273,11 @@ def test_greedy_without_cache_is_the_argmax_loop(llama_params):
     assert got == prompt + _argmax_loop(LLAMA, llama_params, prompt, 6)
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama_unrolled", "gpt2_scanned"])
+@pytest.mark.parametrize(
+    "cfg",
+    [LLAMA, GPT2, dataclasses.replace(LLAMA, prompt_tokens=3)],
+    ids=["llama_unrolled", "gpt2_scanned", "llama_prompt_tuned"],
+)
 def test_a_prefix_lm_decodes_after_a_bidirectional_prompt_as_the_full_forward(cfg):
     """A prefix LM's prompt is its prefix: the cached loop (bidirectional prefill, then causal
     steps), on ragged prompts in one batch, equals greedy argmax over full forward passes that
@@ -287,7 +291,7 @@ def test_a_prefix_lm_decodes_after_a_bidirectional_prompt_as_the_full_forward(cf
     )
 
     def full_forward_loop(prompt, n):
-        seq, length = list(prompt), cfg.max_seq_len
+        seq, length = list(prompt), cfg.max_seq_len - cfg.prompt_tokens
         prefix = (np.arange(length) < len(prompt))[None]
         for _ in range(n):
             tokens = np.zeros((1, length), np.int32)

@@ -116,8 +116,9 @@ class BlockGroup(nn.Module):
 
 
 def _pad_prompt(prefix_BT: jax.Array, p: int) -> jax.Array:
-    """The prefix mask with the P prompt-tuning slots before it (part of every prefix)."""
-    return jnp.pad(prefix_BT.astype(bool), ((0, 0), (p, 0)), constant_values=True)
+    """The prefix mask with the P prompt-tuning slots before it: not part of the prefix (they
+    see only each other, causally; every token sees them)."""
+    return jnp.pad(prefix_BT.astype(bool), ((0, 0), (p, 0)), constant_values=False)
 
 
 def _window(q_BT: jax.Array, k_BS: jax.Array, cfg: ModelConfig) -> jax.Array:
