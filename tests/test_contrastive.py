@@ -99,7 +99,7 @@ def test_info_nce_over_the_global_batch_on_8_devices_matches_numpy(pooling, tmp_
     assert len(sharded["tokens"].sharding.device_set) == 8
     task = get_task(config)
     with use_mesh(mesh, config.mesh.rules):
-        terms = jax.jit(task.pair_terms)(params, sharded)
+        terms = jax.jit(task.loss_terms)(params, sharded)
     assert float(terms["pairs"]) == len(anchors)
     np.testing.assert_allclose(float(terms["loss"]), loss.sum(), rtol=1e-4)
     assert float(terms["correct"]) == correct.sum()
@@ -191,8 +191,8 @@ def test_simcse_views_differ_by_dropout_only(tmp_path):
     np.testing.assert_array_equal(batch["tokens"][0][seg == 1], batch["tokens"][0][seg == 2])
     task = get_task(config)
     params = random_params(config.model, seed=0)
-    no_noise = task.pair_terms(params, batch)
-    noisy = task.pair_terms(params, batch, jax.random.key(1))
+    no_noise = task.loss_terms(params, batch)
+    noisy = task.loss_terms(params, batch, jax.random.key(1))
     # Identical views: each anchor's own positive is its nearest, at cosine 1.
     assert float(no_noise["correct"]) == float(no_noise["pairs"])
     assert float(noisy["loss"]) != pytest.approx(float(no_noise["loss"]), rel=1e-3)

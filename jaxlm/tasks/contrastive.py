@@ -121,7 +121,7 @@ class ContrastiveTask(LMTask):
         pairs = (jnp.max(batch["segment_ids"], axis=1) + 1) // 2
         return jnp.maximum(jnp.sum(pairs).astype(jnp.float32), 1.0)
 
-    def pair_terms(
+    def loss_terms(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
     ) -> dict[str, jax.Array]:
         hidden, aux = self.forward(params, batch, rng, hidden=True)
@@ -135,11 +135,6 @@ class ContrastiveTask(LMTask):
             **self.aux_terms(aux),
         }
 
-    def loss_terms(
-        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
-    ) -> dict[str, jax.Array]:
-        return self.pair_terms(params, batch, rng)
-
     def metrics(
         self, terms: dict[str, jax.Array], batch: dict[str, jax.Array], total: jax.Array
     ) -> dict[str, jax.Array]:
@@ -151,7 +146,7 @@ class ContrastiveTask(LMTask):
         }
 
     def eval_sums(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        terms = self.pair_terms(params, batch)
+        terms = self.loss_terms(params, batch)
         return {k: terms[k] for k in ("loss", "pairs", "correct")}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
