@@ -137,3 +137,29 @@ def test_a_prefix_lm_learns_to_continue_after_its_prefix(tmp_path, monkeypatch, 
     argv = ["sample", "--workdir", tmp_path / "run", "--prompt", f"{held_out[0]} "]
     assert cli.main([str(a) for a in [*argv, "--temperature", "0", "--max-new-tokens", "8"]]) == 0
     assert capsys.readouterr().out.strip() == f"{held_out[0]} {held_out[0]}"
+
+
+def test_sft_on_a_prefix_lm_trains_with_the_prompt_as_its_prefix(tmp_path, monkeypatch):
+    """task.kind=sft on a prefix-LM model: the batches carry the prompts as prefixes (read
+    bidirectionally, as `sample --chat` prefills them) and the loss differs from reading them
+    causally."""
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": f"copy {w}", "completion": w} for w in ("abc", "bcd", "cde", "def") * 8]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(
+        "tiny", [f"data.dataset={data}", "task.kind=sft", "model.prefix_lm=true", "data.seq_len=64"]
+    )
+    plan = RunPlan(config, tokenizer=TOK)
+    assert "prefix" in plan.task.batch_spec()
+    batch = next(plan.task.make_iterator(TOK))
+    pre, mask = batch["prefix"], batch["mask"]
+    # No target inside a prompt is trained on (the last prompt token predicts the reply).
+    assert pre.any() and not (pre[:, :-1] & pre[:, 1:] & mask[:, :-1]).any()
+    params = random_params(config.model, seed=0)
+    with_prefix = float(plan.task.loss_terms(params, batch)["nll"])
+    causal = {k: v for k, v in batch.items() if k != "prefix"}
+    causal_model = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, prefix_lm=False)
+    )
+    without = float(get_task(causal_model).loss_terms(params, causal)["nll"])
+    assert abs(with_prefix - without) > 1e-3

@@ -95,19 +95,31 @@ class _HasTargets(grain.transforms.Filter):
         return bool(example["train"][1:].any())
 
 
+def first_prompts(segments: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """[T] booleans: each segment's tokens before its first trained-on token (a conversation's
+    first prompt, which a prefix LM reads bidirectionally, as it reads a prompt when sampling)."""
+    prefix = np.zeros(segments.shape, bool)
+    starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
+    ends = np.r_[starts[1:], len(segments)]
+    for start, end in zip(starts, ends, strict=True):
+        if segments[start] != 0:
+            trained = np.flatnonzero(train[start:end])
+            prefix[start : start + (trained[0] if len(trained) else end - start)] = True
+    return prefix
+
+
 @dataclasses.dataclass(frozen=True)
 class _ChatTargets(grain.transforms.Map):
     pad_id: int
     token_bytes: np.ndarray
+    prefix: bool = False  # add `prefix`: the first prompts (a prefix-LM model)
 
     def map(self, packed: dict[str, np.ndarray]) -> dict[str, Any]:
-        return next_token_rows(
-            packed["tokens"],
-            packed["tokens_segment_ids"],
-            self.pad_id,
-            self.token_bytes,
-            trained=packed["train"],
+        segments, train = packed["tokens_segment_ids"], packed["train"]
+        row = next_token_rows(
+            packed["tokens"], segments, self.pad_id, self.token_bytes, trained=train
         )
+        return {**row, "prefix": first_prompts(segments, train)} if self.prefix else row
 
 
 def build_chat_dataset(
@@ -116,6 +128,7 @@ def build_chat_dataset(
     *,
     template: Template,
     train_on_prompt: bool = False,
+    prefix: bool = False,
     seq_len: int,
     batch_size: int,
     seed: int = 0,
@@ -128,10 +141,11 @@ def build_chat_dataset(
     **_: Any,  # add_bos / add_eos: the template decides where BOS and EOS go
 ) -> grain.IterDataset:
     """One stream of packed chat batches (the same arguments as `build_dataset`, plus the
-    template): stream i reads records i, i + n, ..., shuffled with `seed` each epoch."""
+    template): stream i reads records i, i + n, ..., shuffled with `seed` each epoch. With
+    `prefix`, batches also hold `prefix` (`first_prompts`), for a prefix-LM model."""
     ds = record_stream(source, shard, num_shards, seed, shuffle, num_epochs)
     ds = ds.map(_Encode(tokenizer, template, seq_len, train_on_prompt)).filter(_HasTargets())
-    targets = _ChatTargets(tokenizer.pad_id, token_bytes(tokenizer))
+    targets = _ChatTargets(tokenizer.pad_id, token_bytes(tokenizer), prefix)
     return first_fit_batches(
         ds, ("tokens", "train"), targets, seq_len, batch_size, worker_count, drop_remainder
     )

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxlm.data import open_source
 from jaxlm.data.chat import Template, conversation, encode_chat, get_template, stop_ids
@@ -54,8 +55,16 @@ class SFTTask(LMTask):
             build_chat_dataset,
             template=self.template(tokenizer),
             train_on_prompt=self.config.task.train_on_prompt,
+            prefix=self.config.model.prefix_lm,
         )
         return RECORD_KEY, build
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        spec = super().batch_spec()
+        if self.config.model.prefix_lm:  # the first prompts, read bidirectionally
+            b, t = self.config.data.batch_size, self.config.data.seq_len
+            spec["prefix"] = ((b, t), jnp.bool_)
+        return spec
 
 
 def chat_prompt(

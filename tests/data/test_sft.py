@@ -194,3 +194,37 @@ def test_a_tfds_dataset_of_conversations_trains_like_jsonl(tmp_path, stdlib_cach
     assert all(json.dumps(conversation(source[i])) in written for i in range(len(source)))
     batch = next(plan.make_iterator())
     assert batch["mask"].sum() > 0
+
+
+def test_a_prefix_lm_reads_each_first_prompt_as_its_prefix():
+    """With `prefix=True` (a prefix-LM model), each conversation's prefix is exactly its first
+    prompt as the template renders it for generation (what sampling prefills), nothing else."""
+    template = get_template("plain", TOK)
+    ds = build_chat_dataset(
+        RECORDS,
+        TOK,
+        template=template,
+        prefix=True,
+        seq_len=160,
+        batch_size=4,
+        num_epochs=1,
+        drop_remainder=False,
+    )
+    want = set()
+    for record in RECORDS:
+        turns = conversation(record)
+        first = next(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        head, _ = encode_chat(turns[:first], TOK, template, add_generation_prompt=True)
+        want.add(tuple(head))
+    got = set()
+    for batch in ds:
+        for row in range(len(batch["tokens"])):
+            seg = batch["segment_ids"][row]
+            assert not batch["prefix"][row][seg == 0].any()
+            for s in set(seg[seg > 0]):
+                at = np.flatnonzero(seg == s)
+                prefix = batch["prefix"][row][at]
+                k = int(prefix.sum())
+                assert prefix[:k].all() and batch["mask"][row][at[k - 1]]  # then the reply
+                got.add(tuple(int(x) for x in batch["tokens"][row][at[:k]]))
+    assert got == want
