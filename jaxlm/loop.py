@@ -386,7 +386,8 @@ def train(
         }
 
     sample = ""
-    if config.train.sample_tokens and config.model.head == "lm" and config.model.causal:
+    writes_text = config.model.head == "lm" and config.model.causal and plan.task.trains_text
+    if config.train.sample_tokens and writes_text:
         # Every process takes part (the parameters are spread over all of them); one prints.
         prompt = tokenizer.encode(config.train.sample_prompt) or [tokenizer.bos_id]
         prompt = [tokenizer.bos_id, *prompt] if config.data.add_bos else prompt

@@ -97,6 +97,8 @@ class Task:
     kind: ClassVar[str] = ""
     # Optimizer updates per training step, each on the whole batch (PPO's epochs on a rollout).
     updates_per_step: int = 1
+    # Whether the task trains the model to write text (the loop's closing sample shows it).
+    trains_text: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

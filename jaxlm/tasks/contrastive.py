@@ -84,6 +84,7 @@ class ContrastiveTask(LMTask):
     """In-batch-negative InfoNCE on the pooled last hidden states of text pairs."""
 
     kind = "contrastive"
+    trains_text = False  # embeddings: the run's closing text sample would show nothing
 
     def check(self, tokenizer: Tokenizer) -> None:
         config = self.config
