@@ -237,3 +237,11 @@ def test_embeddings_are_unit_vectors_of_the_pooled_text(tmp_path):
         np.testing.assert_allclose(v, want / np.linalg.norm(want), atol=1e-5)
     with pytest.raises(ValueError, match="pooling='max' must be one of"):
         embed(config, params, TOK, texts, "max")
+
+
+def test_plain_text_is_refused_with_the_record_format(tmp_path):
+    data = tmp_path / "notes.txt"
+    data.write_text("def f(x):\n    return x\n" * 40)
+    config = load_config("tiny-bert", [f"data.dataset={data}", "task.kind=contrastive"])
+    with pytest.raises(ValueError, match=r"set data\.dataset to such JSONL files"):
+        RunPlan(config, tokenizer=TOK)

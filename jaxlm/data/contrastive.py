@@ -29,7 +29,13 @@ from jaxlm.files import parse_json
 def text_pair(record: str | dict[str, Any], where: str = "record") -> tuple[str, str | None]:
     """(anchor, positive) of a record, checked; positive is None for a single text (SimCSE)."""
     if isinstance(record, str):
-        record = parse_json(record, where)
+        try:
+            record = parse_json(record, where)
+        except ValueError as e:
+            raise ValueError(
+                f"{e}; contrastive training reads JSON records with 'anchor' and 'positive' "
+                "(or 'text'): set data.dataset to such JSONL files"
+            ) from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "anchor" in record:
