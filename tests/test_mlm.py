@@ -61,6 +61,38 @@ def test_mlm_loss_is_the_cross_entropy_of_the_chosen_positions_only():
     assert abs(-logp.sum() - float(terms["nll"])) > 1.0
 
 
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_max_predictions_caps_the_chosen_tokens_and_scores_only_them(whole_word):
+    """With task.max_predictions K a row has at most K chosen tokens (whole words kept whole),
+    listed for the head, and the loss over those K equals the head over every position."""
+    model = dataclasses.replace(get_preset("tiny-bert"), max_seq_len=64)
+    overrides = ["task.kind=mlm", "data.seq_len=64", "task.max_predictions=6"]
+    overrides += ["task.mask_prob=0.3"] + ["task.whole_word_masking=true"] * whole_word
+    config = dataclasses.replace(load_config("tiny-bert", overrides), model=model)
+    task = get_task(config)
+    masking = task.masking(ByteTokenizer())
+    rng = np.random.default_rng(0)
+    text = np.asarray(ByteTokenizer().encode("def f(x, y):\n    return x + y  # add\n" * 2))
+    rows = [masking.corrupt(text[:64], np.ones(64, int), rng) for _ in range(4)]
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    counts = batch["mask"].sum(1)
+    assert counts.max() <= 6 and counts.min() >= 1
+    np.testing.assert_array_equal(batch["predict_valid"].sum(1), counts)
+    for row in rows:  # the listed positions are exactly the chosen ones
+        np.testing.assert_array_equal(
+            row["predict_positions"][row["predict_valid"]], np.flatnonzero(row["mask"])
+        )
+        if whole_word:
+            words = masking.word_ids(text[:64], np.ones(64, bool))
+            for w in set(words[row["mask"]]):
+                assert row["mask"][words == w].all()
+    params = random_params(model, seed=3)
+    gathered = task.token_sums(params, batch)
+    full = task.token_sums(params, {k: v for k, v in batch.items() if "predict" not in k})
+    for key in ("nll", "count", "correct"):
+        np.testing.assert_allclose(float(gathered[key]), float(full[key]), rtol=1e-5)
+
+
 def _words(n, seed):
     r = random.Random(seed)
     return ["".join(r.choice(LETTERS) for _ in range(5)) for _ in range(n)]

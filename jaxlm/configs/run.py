@@ -214,6 +214,9 @@ class TaskConfig:
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
     whole_word_masking: bool = False
+    # At most this many chosen tokens per row (BERT's max_predictions_per_seq, e.g. 20 of 128),
+    # and the vocabulary head runs on those positions only; None = no cap, head everywhere.
+    max_predictions: int | None = None
     # contrastive: how a sequence's hidden states become its embedding ("mean" over its
     # tokens, "cls" = its first token's, "last" = its last token's) and the InfoNCE temperature.
     pooling: str = "mean"
@@ -243,6 +246,13 @@ class TaskConfig:
         if not (isinstance(temp, (int, float)) and 0.0 < temp < float("inf")):
             raise ValueError(
                 f"TaskConfig.contrastive_temperature={temp!r} must be a finite number > 0"
+            )
+        if self.max_predictions is not None and not (
+            isinstance(self.max_predictions, int) and self.max_predictions >= 1
+        ):
+            raise ValueError(
+                f"TaskConfig.max_predictions={self.max_predictions!r} must be an integer >= 1 "
+                "(or None: no cap)"
             )
         if not (isinstance(self.mask_prob, (int, float)) and 0.0 < self.mask_prob < 1.0):
             raise ValueError(f"TaskConfig.mask_prob={self.mask_prob!r} must be in (0, 1)")

@@ -96,6 +96,9 @@ class Masking:
     lead: np.ndarray | None = None
     tail: np.ndarray | None = None
     wordpiece: bool = False
+    # At most this many chosen tokens per row (BERT's max_predictions_per_seq), listed in
+    # `predict_positions` so the model scores only them; None = no cap, no list.
+    max_predictions: int | None = None
 
     @classmethod
     def make(
@@ -108,6 +111,7 @@ class Masking:
         mask_token_frac: float = 0.8,
         random_token_frac: float = 0.1,
         whole_word: bool = False,
+        max_predictions: int | None = None,
     ) -> Masking:
         mask_id = mask_id_of(tokenizer)
         if mask_id < 0:
@@ -137,6 +141,7 @@ class Masking:
             mask_token_frac=mask_token_frac,
             random_token_frac=random_token_frac,
             whole_word=whole_word,
+            max_predictions=max_predictions,
             lead=lead,
             tail=tail,
             wordpiece=wordpiece,
@@ -161,11 +166,10 @@ class Masking:
         tokens, segments = tokens.astype(np.int32), segments.astype(np.int32)
         tokens = np.where(segments != 0, tokens, self.pad_id).astype(np.int32)
         candidates = (segments != 0) & ~np.isin(tokens, self.special)
-        if self.whole_word:
-            words = self.word_ids(tokens, candidates)
-            chosen = candidates & (rng.random(int(words[-1]) + 1) < self.mask_prob)[words]
-        else:
-            chosen = candidates & (rng.random(tokens.shape) < self.mask_prob)
+        words = self.word_ids(tokens, candidates) if self.whole_word else np.arange(len(tokens))
+        chosen = candidates & (rng.random(int(words[-1]) + 1) < self.mask_prob)[words]
+        if self.max_predictions is not None and chosen.sum() > self.max_predictions:
+            chosen = self._cap(chosen, words, rng)
         action = rng.random(tokens.shape)
         to_mask = chosen & (action < self.mask_token_frac)
         to_random = (
@@ -176,7 +180,17 @@ class Masking:
         random_ids = self.replacements[rng.integers(0, len(self.replacements), tokens.shape)]
         inputs = np.where(to_mask, self.mask_id, np.where(to_random, random_ids, tokens))
         targets = np.where(chosen, tokens, self.pad_id).astype(np.int32)
+        extra = {}
+        if self.max_predictions is not None:
+            at = np.flatnonzero(chosen)
+            positions = np.zeros(self.max_predictions, np.int32)
+            positions[: len(at)] = at
+            extra = {
+                "predict_positions": positions,
+                "predict_valid": np.arange(self.max_predictions) < len(at),
+            }
         return {
+            **extra,
             "tokens": inputs.astype(np.int32),
             "targets": targets,
             "mask": chosen,
@@ -184,6 +198,14 @@ class Masking:
             "positions": segment_positions(segments),
             "target_bytes": np.int32(self.token_bytes[targets][chosen].sum()),
         }
+
+    def _cap(self, chosen: np.ndarray, words: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The chosen words kept in a random order while their tokens fit max_predictions."""
+        picked = np.unique(words[chosen])
+        rng.shuffle(picked)
+        sizes = np.bincount(words[chosen], minlength=int(words[-1]) + 1)[picked]
+        keep = picked[np.cumsum(sizes) <= self.max_predictions]
+        return chosen & np.isin(words, keep)
 
 
 @dataclasses.dataclass(frozen=True)

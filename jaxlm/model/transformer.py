@@ -150,7 +150,9 @@ class Transformer(nn.Module):
     the tokens before them. With a cache, the prefix must be in one call (the prefill).
 
     `hidden=True` returns the last hidden states [B, T, D] (after the final norm) in place of
-    the head's output. `config.dropout` applies when the call has a "dropout" rng.
+    the head's output; `logits_at` [B, K] (token indices) runs the head on those K positions of
+    each row only (masked LM's chosen tokens) and returns [B, K, ...]. `config.dropout` applies
+    when the call has a "dropout" rng.
     """
 
     config: ModelConfig
@@ -166,6 +168,7 @@ class Transformer(nn.Module):
         token_types_BT: jax.Array | None = None,
         prefix_BT: jax.Array | None = None,
         hidden: bool = False,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         cfg = self.config
         if tokens_BT.ndim != 2:
@@ -326,6 +329,10 @@ class Transformer(nn.Module):
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         if hidden:  # the last hidden states (e.g. for sentence embeddings), no head
             return (x_BTD[:, p:] if prepend else x_BTD), cache, aux
+        if logits_at is not None:  # the head on K positions per row only: [B, K, ...] out
+            at_BK = logits_at + p if prepend else logits_at
+            x_BTD = jnp.take_along_axis(x_BTD, at_BK[..., None].astype(jnp.int32), axis=1)
+            prepend = False  # the prompt slots are not among the gathered positions
         if cfg.head == "score":
             scores_BT1 = _scalar_head(cfg, "score")("BTD,DO->BTO", x_BTD)
             return (scores_BT1[:, p:] if prepend else scores_BT1), cache, aux

@@ -3,7 +3,8 @@
 Batches are packed text rows corrupted in the pipeline (`jaxlm.data.masking`): `tokens` hold the
 mask / random / kept tokens, `targets` the originals, `mask` the chosen positions. The loss is
 the cross-entropy of the originals at the chosen positions only; the metrics add the accuracy
-of the top prediction there.
+of the top prediction there. With `task.max_predictions` K, each row has at most K chosen
+tokens, listed in `predict_positions`, and the vocabulary head runs on those K only.
 """
 
 from __future__ import annotations
@@ -50,17 +51,32 @@ class MLMTask(LMTask):
             mask_token_frac=task.mask_token_frac,
             random_token_frac=task.random_token_frac,
             whole_word=task.whole_word_masking,
+            max_predictions=task.max_predictions,
         )
 
     def rows(self, tokenizer: Tokenizer) -> Any:
         return MaskedRows(self.masking(tokenizer))
 
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        spec = super().batch_spec()
+        k = self.config.task.max_predictions
+        if k is not None:  # the chosen positions, listed: the head runs on them only
+            b = self.config.data.batch_size
+            spec |= {"predict_positions": ((b, k), jnp.int32), "predict_valid": ((b, k), jnp.bool_)}
+        return spec
+
     def token_sums(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None = None
     ) -> dict[str, jax.Array]:
-        logits, aux = self.forward(params, batch, rng)
-        sums = losses.cross_entropy_sums(logits, batch["targets"], batch["mask"])
-        hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & batch["mask"]
+        if "predict_positions" in batch:  # [B, K] logits of the chosen positions only
+            at = batch["predict_positions"]
+            logits, aux = self.forward(params, batch, rng, logits_at=at)
+            targets, mask = jnp.take_along_axis(batch["targets"], at, 1), batch["predict_valid"]
+        else:
+            logits, aux = self.forward(params, batch, rng)
+            targets, mask = batch["targets"], batch["mask"]
+        sums = losses.cross_entropy_sums(logits, targets, mask)
+        hit = (jnp.argmax(logits, axis=-1) == targets) & mask
         return {**sums, "correct": jnp.sum(hit.astype(jnp.float32)), **self.aux_terms(aux)}
 
     def metrics(
