@@ -4,7 +4,9 @@ Each non-special token of a row is chosen with probability `mask_prob` (or, with
 masking, each word is, and then all of its tokens); of the chosen tokens a fraction
 `mask_token_frac` becomes the mask token, `random_token_frac` a uniformly random non-special
 token, and the rest stay as they were. The loss is on the chosen tokens only. Special tokens
-(padding, bos/[CLS], eos/[SEP], the mask token itself) are never chosen.
+(padding, bos/[CLS], eos/[SEP], the mask token itself) are never chosen. With
+`max_predictions` K, a row keeps at most K chosen tokens (whole words, in a random order, while
+they fit), listed in `predict_positions` / `predict_valid` for a head that scores only them.
 
 The corruption runs in the Grain pipeline as a random map: its generator is seeded by the
 stream's seed and the row's index, which the iterator state saves, so a resumed run sees the
