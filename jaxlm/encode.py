@@ -79,6 +79,17 @@ def encode_masked(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _padded(rows: list[list[int]], pad_id: int, limit: int, n: int) -> tuple[np.ndarray, ...]:
+    """(tokens, segments) [n, bucket]: the rows right-padded (segment 0) to a length bucket."""
+    t = bucket(max(map(len, rows)), limit)
+    tokens = np.full((n, t), pad_id, np.int32)
+    segments = np.zeros((n, t), np.int32)
+    for i, ids in enumerate(rows):
+        tokens[i, : len(ids)] = ids
+        segments[i, : len(ids)] = 1
+    return tokens, segments
+
+
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer.decode([token_id], errors="replace")
@@ -147,12 +158,7 @@ def fill_mask(
             )
         rows.append(ids)
     _check_params(config, params)
-    t = bucket(max(map(len, rows)), config.max_seq_len)
-    tokens = np.full((len(rows), t), tokenizer.pad_id, np.int32)
-    segments = np.zeros((len(rows), t), np.int32)
-    for i, ids in enumerate(rows):
-        tokens[i, : len(ids)] = ids
-        segments[i, : len(ids)] = 1
+    tokens, segments = _padded(rows, tokenizer.pad_id, config.max_seq_len, len(rows))
     probs, top = _top_fillers(params, tokens, segments, config=config, top_k=top_k)
     probs, top = np.asarray(probs), np.asarray(top)
     out = []
@@ -219,12 +225,7 @@ def embed(
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        t = bucket(max(map(len, chunk)), config.max_seq_len)
-        tokens = np.full((batch_size, t), tokenizer.pad_id, np.int32)
-        segments = np.zeros((batch_size, t), np.int32)
-        for i, ids in enumerate(chunk):
-            tokens[i, : len(ids)] = ids
-            segments[i, : len(ids)] = 1
+        tokens, segments = _padded(chunk, tokenizer.pad_id, config.max_seq_len, batch_size)
         vectors = _pooled(params, tokens, segments, config=config, pooling=pooling)
         out.append(np.asarray(vectors)[: len(chunk)])
     return np.concatenate(out)

@@ -74,6 +74,13 @@ def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
     return (index - start).astype(np.int32)
 
 
+def segment_spans(segments: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of one non-zero segment id in a packed row [T]."""
+    starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
+    ends = np.r_[starts[1:], len(segments)]
+    return [(int(s), int(e)) for s, e in zip(starts, ends, strict=True) if segments[s] != 0]
+
+
 def next_token_rows(
     tokens: np.ndarray,
     segments: np.ndarray,

@@ -16,7 +16,7 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from jaxlm.data.chat import Template, conversation, encode_chat
-from jaxlm.data.pipeline import next_token_rows, record_stream, token_bytes
+from jaxlm.data.pipeline import next_token_rows, record_stream, segment_spans, token_bytes
 from jaxlm.data.sources import record_where
 from jaxlm.data.tokenizer import Tokenizer
 
@@ -99,12 +99,9 @@ def first_prompts(segments: np.ndarray, train: np.ndarray) -> np.ndarray:
     """[T] booleans: each segment's tokens before its first trained-on token (a conversation's
     first prompt, which a prefix LM reads bidirectionally, as it reads a prompt when sampling)."""
     prefix = np.zeros(segments.shape, bool)
-    starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
-    ends = np.r_[starts[1:], len(segments)]
-    for start, end in zip(starts, ends, strict=True):
-        if segments[start] != 0:
-            trained = np.flatnonzero(train[start:end])
-            prefix[start : start + (trained[0] if len(trained) else end - start)] = True
+    for start, end in segment_spans(segments):
+        trained = np.flatnonzero(train[start:end])
+        prefix[start : start + (trained[0] if len(trained) else end - start)] = True
     return prefix
 
 

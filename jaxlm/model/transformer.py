@@ -121,11 +121,23 @@ def _pad_prompt(prefix_BT: jax.Array, p: int) -> jax.Array:
     return jnp.pad(prefix_BT.astype(bool), ((0, 0), (p, 0)), constant_values=False)
 
 
-def _window(q_BT: jax.Array, k_BS: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """[B, T, S] |q - k| < sliding_window (all True without a window)."""
-    if cfg.sliding_window is None:
-        return jnp.ones((q_BT.shape[0], q_BT.shape[1], k_BS.shape[1]), bool)
-    return jnp.abs(q_BT[:, :, None] - k_BS[:, None, :]) < cfg.sliding_window
+def _prefix_mask(
+    q_index_BT: jax.Array,
+    k_index_BS: jax.Array,
+    q_prefix_BT: jax.Array,
+    k_prefix_BS: jax.Array,
+    q_segment_BT: jax.Array,
+    k_segment_BS: jax.Array,
+    cfg: ModelConfig,
+) -> jax.Array:
+    """[B, T, S]: bidirectional visibility between prefix queries and prefix keys of the same
+    segment (and window): `attention_mask` with the non-prefix tokens in segments of their own
+    (-2 for queries, -3 for keys) that nothing matches."""
+    q_seg_BT = jnp.where(q_prefix_BT, q_segment_BT, -2)
+    k_seg_BS = jnp.where(k_prefix_BS, k_segment_BS, -3)
+    return attention_mask(
+        q_index_BT, k_index_BS, q_seg_BT, k_seg_BS, cfg.sliding_window, causal=False
+    )
 
 
 class Transformer(nn.Module):
@@ -217,8 +229,10 @@ class Transformer(nn.Module):
                 # Prefix tokens (all in this call, e.g. a prefill) also see the prefix after them.
                 prefix_BT = _pad_prompt(prefix_BT, p) if prepend else prefix_BT
                 end_B = jnp.max(jnp.where(prefix_BT, positions_BT + 1, 0), axis=1)
-                sees_BTS = prefix_BT[:, :, None] & (slots_BS[:, None, :] < end_B[:, None, None])
-                mask_BTS = mask_BTS | (sees_BTS & _window(positions_BT, slots_BS, cfg))
+                in_prefix_BS = slots_BS < end_B[:, None]
+                mask_BTS = mask_BTS | _prefix_mask(
+                    positions_BT, slots_BS, prefix_BT, in_prefix_BS, ones, ones, cfg
+                )
         else:
             if segment_ids_BT is None:
                 segment_ids_BT = jnp.ones((b, t), jnp.int32)
@@ -244,9 +258,10 @@ class Transformer(nn.Module):
             if prefix_BT is not None:
                 # Within a segment, prefix tokens see each other (before and after).
                 prefix_BT = _pad_prompt(prefix_BT, p) if prepend else prefix_BT
-                same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-                both_BTS = prefix_BT[:, :, None] & prefix_BT[:, None, :] & same_BTS
-                mask_BTS = mask_BTS | (both_BTS & _window(index_BT, index_BT, cfg))
+                seg_BT = segment_ids_BT
+                mask_BTS = mask_BTS | _prefix_mask(
+                    index_BT, index_BT, prefix_BT, prefix_BT, seg_BT, seg_BT, cfg
+                )
 
         embed = Embed(
             cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"

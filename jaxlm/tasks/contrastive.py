@@ -23,7 +23,7 @@ from jaxlm.data.contrastive import build_contrastive_dataset, pair_counts
 from jaxlm.data.sources import RECORD_KEY
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.tasks.lm import LMTask
-from jaxlm.tasks.pairs import segment_sums
+from jaxlm.tasks.pairs import last_tokens, segment_sums
 
 
 def pool_segments(hidden_BTD: jax.Array, segments_BT: jax.Array, pooling: str) -> jax.Array:
@@ -34,11 +34,11 @@ def pool_segments(hidden_BTD: jax.Array, segments_BT: jax.Array, pooling: str) -
     present_BT = segments_BT != 0
     if pooling == "mean":
         weight_BT = present_BT.astype(jnp.float32)
-    else:
+    elif pooling == "last":
+        weight_BT = last_tokens(segments_BT).astype(jnp.float32)
+    else:  # cls: each segment's first token
         before_BT = jnp.pad(segments_BT[:, :-1], ((0, 0), (1, 0)))
-        after_BT = jnp.pad(segments_BT[:, 1:], ((0, 0), (0, 1)))
-        edge_BT = segments_BT != (before_BT if pooling == "cls" else after_BT)
-        weight_BT = (present_BT & edge_BT).astype(jnp.float32)
+        weight_BT = (present_BT & (segments_BT != before_BT)).astype(jnp.float32)
     t = segments_BT.shape[1]
 
     def sums(x, s):

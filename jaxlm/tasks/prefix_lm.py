@@ -17,7 +17,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data.pipeline import next_token_rows, token_bytes
+from jaxlm.data.pipeline import next_token_rows, segment_spans, token_bytes
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.tasks.lm import LMTask
 
@@ -26,11 +26,7 @@ def split_prefixes(segments: np.ndarray, rng: np.random.Generator) -> np.ndarray
     """[T] booleans: the prefix of each segment (non-zero id) of a packed row, its first k
     tokens with k uniform in [1, length - 1] (k = 1 for a segment of one token)."""
     prefix = np.zeros(segments.shape, bool)
-    starts = np.flatnonzero(np.r_[True, segments[1:] != segments[:-1]])
-    ends = np.r_[starts[1:], len(segments)]
-    for start, end in zip(starts, ends, strict=True):
-        if segments[start] == 0:
-            continue
+    for start, end in segment_spans(segments):
         k = int(rng.integers(1, end - start)) if end - start > 1 else 1
         prefix[start : start + k] = True
     return prefix
