@@ -1,0 +1,219 @@
+"""Batched log-likelihood scoring of token continuations: what downstream evaluation asks of a
+causal model (multiple-choice and cloze tasks score each choice's continuation; perplexity tasks
+score whole documents in rolling windows).
+
+Requests are sorted by length and grouped into batches of a fixed size, each padded to a length
+bucket, so a few programs compile whatever the mix of lengths; the vocabulary head runs only on
+the continuation's positions (`Transformer(..., logits_at=)`), so a batch never holds logits for
+the whole sequence. Batches are split over the mesh's batch axes when their size divides it.
+No dependency on lm-evaluation-harness: `jaxlm.evals.harness` adapts this to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.configs.model import ModelConfig
+from jaxlm.model.transformer import Transformer
+from jaxlm.sample import _check_params, bucket
+from jaxlm.sharding import BATCH_AXES
+
+
+class Score(NamedTuple):
+    """A continuation's summed log-probability (natural log), whether greedy decoding would
+    produce it (every token is the argmax), and whether its context was cut from the left to
+    fit the model's window."""
+
+    logprob: float
+    greedy: bool
+    truncated: bool
+
+
+def context_window(config: ModelConfig) -> int:
+    """Tokens a scored row may hold: `max_seq_len` less the prompt-tuning slots."""
+    return config.max_seq_len - config.prompt_tokens
+
+
+def check_scoring_model(config: ModelConfig) -> None:
+    """An error unless `config` is a causal model with a language-model head."""
+    if not config.causal:
+        raise ValueError(
+            "log-likelihood scoring needs a causal model, but model.causal=False (an encoder "
+            "does not predict the next token; use fill_mask for masked-LM models)"
+        )
+    if config.head != "lm":
+        raise ValueError(
+            f"log-likelihood scoring needs token logits, but model.head={config.head!r}"
+        )
+
+
+class _Row(NamedTuple):
+    inputs: list[int]  # the model's input tokens
+    targets: list[int]  # the tokens each scored position predicts (the continuation's tail)
+    context: int  # how many leading inputs are context (the prefix of a prefix LM)
+    truncated: bool
+
+
+def _row(context: Sequence[int], continuation: Sequence[int], window: int, i: int) -> _Row:
+    context, continuation = [int(t) for t in context], [int(t) for t in continuation]
+    if not context:
+        raise ValueError(
+            f"request {i} has an empty context: give at least one token (e.g. the BOS or EOS "
+            "token) to condition the first continuation token on"
+        )
+    if not continuation:
+        raise ValueError(f"request {i} has an empty continuation: nothing to score")
+    if len(continuation) > window:
+        raise ValueError(
+            f"request {i}: its continuation has {len(continuation)} tokens, more than the "
+            f"model's context window of {window}; it cannot be scored in one forward pass"
+        )
+    whole = context + continuation
+    inputs = whole[:-1][-window:]  # as the harness does: drop context from the left to fit
+    start = len(whole) - 1 - len(inputs)
+    return _Row(inputs, continuation, max(len(context) - start, 0), start > 0)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _score_batch(
+    params: Any,
+    tokens_BT: jax.Array,
+    segments_BT: jax.Array,
+    prefix_BT: jax.Array,
+    at_BK: jax.Array,
+    targets_BK: jax.Array,
+    mask_BK: jax.Array,
+    config: ModelConfig,
+) -> tuple[jax.Array, jax.Array]:
+    kwargs = {"prefix_BT": prefix_BT} if config.prefix_lm else {}
+    logits_BKV, _, _ = Transformer(config).apply(
+        {"params": params}, tokens_BT, None, segments_BT, logits_at=at_BK, **kwargs
+    )
+    logits_BKV = logits_BKV.astype(jnp.float32)
+    logprobs_BKV = jax.nn.log_softmax(logits_BKV, axis=-1)
+    token_BK = jnp.take_along_axis(logprobs_BKV, targets_BK[..., None], axis=-1)[..., 0]
+    greedy_BK = jnp.argmax(logits_BKV, axis=-1) == targets_BK
+    total_B = jnp.sum(jnp.where(mask_BK, token_BK, 0.0), axis=-1)
+    return total_B, jnp.all(greedy_BK | ~mask_BK, axis=-1)
+
+
+def _global(x: np.ndarray, mesh: Mesh | None) -> Any:
+    """`x` split over the mesh's batch axes (every process passes the whole batch)."""
+    if mesh is None:
+        return x
+    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+    spec = PartitionSpec(BATCH_AXES) if x.shape[0] % ways == 0 else PartitionSpec()
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def score_continuations(
+    config: ModelConfig,
+    params: Any,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Score]:
+    """The `Score` of each (context tokens, continuation tokens) request, in request order.
+
+    A row longer than the model's window keeps its last `window` tokens (context dropped from
+    the left, `Score.truncated`); a continuation longer than the window is an error. A prefix
+    LM sees the context as its prefix. `mesh`: split each batch over its batch axes (run under
+    `jaxlm.sharding.use_mesh`); `progress(n)` is called after each batch with the rows done.
+    """
+    check_scoring_model(config)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    window = context_window(config)
+    rows = [_row(c, x, window, i) for i, (c, x) in enumerate(requests)]
+    for i, row in enumerate(rows):
+        bad = [t for t in row.inputs + row.targets if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"request {i} has token id {bad[0]} outside [0, {config.vocab_size}) "
+                "(model.vocab_size)"
+            )
+    if not rows:
+        return []
+    _check_params(config, params)
+    # Longest first: the largest program compiles (and fails, if memory is short) first.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inputs))
+    out: list[Score | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start : start + batch_size]]
+        t = bucket(max(len(r.inputs) for r in chunk), window)
+        k = bucket(max(len(r.targets) for r in chunk), t)
+        tokens = np.full((batch_size, t), pad_id, np.int32)
+        segments = np.zeros((batch_size, t), np.int32)
+        prefix = np.zeros((batch_size, t), bool)
+        at = np.zeros((batch_size, k), np.int32)
+        targets = np.zeros((batch_size, k), np.int32)
+        mask = np.zeros((batch_size, k), bool)
+        for j, r in enumerate(chunk):
+            n, c = len(r.inputs), len(r.targets)
+            tokens[j, :n], segments[j, :n], prefix[j, : r.context] = r.inputs, 1, True
+            at[j, :c], targets[j, :c], mask[j, :c] = np.arange(n - c, n), r.targets, True
+        arrays = [_global(a, mesh) for a in (tokens, segments, prefix, at, targets, mask)]
+        total, greedy = _score_batch(params, *arrays, config=config)
+        total, greedy = np.asarray(total), np.asarray(greedy)
+        for j, i in enumerate(order[start : start + batch_size]):
+            out[i] = Score(float(total[j]), bool(greedy[j]), rows[i].truncated)
+        if progress is not None:
+            progress(len(chunk))
+    return out  # type: ignore[return-value]
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix_id: int, window: int
+) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs that together predict every token of `tokens` exactly once,
+    each with as much preceding context as fits in `window` tokens: the first window is
+    conditioned on `prefix_id` (BOS or EOS), later ones on the `window` tokens before them.
+    The log-likelihood of a document is the sum over its windows (lm-evaluation-harness's
+    `loglikelihood_rolling` with one token of minimum context)."""
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    tokens = [int(t) for t in tokens]
+    out = []
+    done = 0
+    while done < len(tokens):
+        end = min(done + window, len(tokens))
+        # Later windows: up to `window` inputs in all, the tokens before `done` that fit.
+        context = [prefix_id] if done == 0 else tokens[max(end - 1 - window, 0) : done]
+        out.append((context, tokens[done:end]))
+        done = end
+    return out
+
+
+def score_documents(
+    config: ModelConfig,
+    params: Any,
+    documents: Sequence[Sequence[int]],
+    prefix_id: int,
+    batch_size: int = 16,
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
+    """The total log-likelihood of each token document, scored in rolling windows (all windows
+    of all documents batched together)."""
+    window = context_window(config)
+    pieces, owner = [], []
+    for i, doc in enumerate(documents):
+        for pair in rolling_windows(doc, prefix_id, window):
+            pieces.append(pair)
+            owner.append(i)
+    scores = score_continuations(config, params, pieces, batch_size, pad_id, mesh, progress)
+    totals = [0.0] * len(documents)
+    for i, s in zip(owner, scores, strict=True):
+        totals[i] += s.logprob
+    return totals
