@@ -303,9 +303,77 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The harness options of `jaxlm eval`, checked before anything is loaded."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be >= 1 (documents per task)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot {args.num_fewshot} must be >= 0")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} names no task (give NAME[,NAME] or FILE.yaml)")
+    if (args.limit is not None or args.num_fewshot is not None) and not tasks:
+        raise ValueError("--limit and --num-fewshot go with --tasks")
+    return dict(
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_paths=list(args.include_path or []),
+    )
+
+
+def _eval_tasks(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """`jaxlm eval --tasks`: harness tasks on the run; results JSON under <workdir>/evals/."""
+    from jaxlm.evals.harness import JaxlmLM, headline, resolve_tasks, results_path, run_tasks
+
+    resolve_tasks(options["tasks"], options["include_paths"])  # bad names before the load
+    _join_processes(args)
+    from jaxlm import distributed
+
+    distributed.check_agreement({"command": "eval", **vars(args), "func": None})
+    lm = JaxlmLM.from_workdir(args.workdir, args.step, batch_size=args.batch_size)
+    results = run_tasks(lm, options.pop("tasks"), **options)
+    if _is_main_process():
+        path = Path(args.output) if args.output else results_path(args.workdir, lm.step, results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
+        print(f"jaxlm eval: wrote {path}", file=sys.stderr)
+        print(json.dumps({"step": lm.step, **headline(results)}))
+    return 0
+
+
+def _eval_card(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """`jaxlm eval --card`: a model card's figures as one JSON object."""
+    from jaxlm.evals.card import model_card
+
+    if options["tasks"]:
+        from jaxlm.evals.harness import resolve_tasks
+
+        resolve_tasks(options["tasks"], options["include_paths"])
+    _join_processes(args)
+    from jaxlm import distributed
+
+    distributed.check_agreement({"command": "eval", **vars(args), "func": None})
+    card = model_card(args.workdir, args.step, eval_batches=args.batches, **options)
+    if _is_main_process():
+        print(json.dumps(card, indent=2))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.batches < 0:
         raise ValueError(f"--batches {args.batches} must be >= 0 (0 = the whole eval split)")
+    options = _task_args(args)
+    if args.card:
+        return _eval_card(args, options)
+    if options["tasks"]:
+        return _eval_tasks(args, options)
+    if args.output:
+        raise ValueError("--output goes with --tasks (the harness results file)")
     _join_processes(args)
     from jaxlm import distributed
     from jaxlm.loop import eval_workdir
@@ -540,6 +608,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, default=0, help="0 = the whole eval split")
     evaluate.add_argument(
         "--step", type=int, default=None, help="default: the newest checkpoint that restores"
+    )
+    evaluate.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-evaluation-harness tasks, NAME[,NAME] or local FILE.yaml (needs jaxlm[eval])",
+    )
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="default: the task's")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    evaluate.add_argument(
+        "--include-path",
+        action="append",
+        help="a directory of local task YAML files (repeatable)",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    evaluate.add_argument(
+        "--output", default=None, help="results JSON (default: <workdir>/evals/...json)"
+    )
+    evaluate.add_argument(
+        "--card",
+        action="store_true",
+        help="print a model card's figures (params, training tokens/FLOPs, held-out loss, "
+        "task results with --tasks, decode speed) as one JSON",
     )
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,7 @@ def train(
     distributed.check_agreement(_run_facts(config, workdir))
     plan = RunPlan(config)  # the checks, mesh, task, optimizer and abstract state
     mesh, tokenizer = plan.mesh, plan.tokenizer
+    downstream = _downstream_tasks(config)
     _check_resume(config, workdir)
     span = config.optim.schedule_steps or config.train.steps
     if config.optim.warmup_steps >= span:
@@ -359,6 +361,13 @@ def train(
                         if k not in ("eval_tokens", "eval_pairs", "eval_prompts")
                     )
                     _log(f"eval at step {step}: {shown}")
+                    if downstream:
+                        # One record once every task is done: a kill mid-way logs nothing, and
+                        # the resumed run (from an earlier checkpoint) evaluates this step again.
+                        result = downstream(state.params, tokenizer, mesh)
+                        writer.write(step, result)
+                        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items())
+                        _log(f"tasks at step {step}: {shown}")
                 if save_now:
                     save(step)
                 if evaluate_now or save_now:
@@ -418,6 +427,32 @@ def train(
             if jax.process_index() == 0:
                 print(sample, flush=True)
     return {"history": history, "sample": sample, "state": state, "step": step, "stopped_by": None}
+
+
+def _downstream_tasks(config: RunConfig) -> Callable[..., dict[str, float]] | None:
+    """`train.eval_tasks` as a function of (params, tokenizer, mesh) -> {"tasks/<task>/<metric>":
+    value}; the tasks are resolved (files parsed, names looked up) now, before anything is
+    compiled or written. None when the run has no tasks."""
+    specs = [t.strip() for t in config.train.eval_tasks.split(",") if t.strip()]
+    if not specs:
+        return None
+    from jaxlm.evals.scoring import check_scoring_model
+
+    try:
+        check_scoring_model(config.model)
+    except ValueError as e:
+        raise ValueError(f"train.eval_tasks={config.train.eval_tasks!r}: {e}") from e
+    from jaxlm.evals.harness import JaxlmLM, headline, resolve_tasks, run_tasks
+
+    resolve_tasks(specs)
+    limit = config.train.eval_tasks_limit or None
+
+    def run(params: Any, tokenizer: Any, mesh: Any) -> dict[str, float]:
+        lm = JaxlmLM(config, params, tokenizer, mesh=mesh, log=_log)
+        results = run_tasks(lm, specs, config.train.eval_tasks_fewshot, limit, seed=config.seed)
+        return {f"tasks/{k}": v for k, v in headline(results).items()}
+
+    return run
 
 
 def eval_workdir(

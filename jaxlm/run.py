@@ -337,6 +337,13 @@ def load_for_eval(
     The default, `step=None`, is the newest checkpoint that restores: a damaged newer one is
     skipped with a message through `log` (default: stderr), and left in place (this reads only).
     """
+    return load_step_for_eval(workdir, step, log)[1:]  # type: ignore[return-value]
+
+
+def load_step_for_eval(
+    workdir: str | Path, step: int | None = None, log: Callable[[str], None] | None = None
+) -> tuple[int, RunConfig, Mesh, Any, Tokenizer]:
+    """`load_for_eval` with the step it restored first (the newest that restores by default)."""
     log = log or _log_stderr
     if not Path(workdir).is_dir():
         what = "is a file" if Path(workdir).exists() else "does not exist"
@@ -347,11 +354,12 @@ def load_for_eval(
         if not steps:
             raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
         if step is None:
-            return ckpt.restore_latest(lambda s: _load_step(ckpt, s), log)[1]  # type: ignore[index]
+            found, loaded = ckpt.restore_latest(lambda s: _load_step(ckpt, s), log)
+            return (found, *loaded)  # type: ignore[return-value]
         if step not in steps:
             raise ValueError(f"no checkpoint at step {step} in {ckpt.directory}; steps: {steps}")
         try:
-            return _load_step(ckpt, step)
+            return (step, *_load_step(ckpt, step))
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
             others = [s for s in steps if s != step]
             raise checkpoint.CheckpointError(

@@ -295,6 +295,12 @@ class TrainConfig:
     z_loss: float = 0.0
     eval_every: int = 200
     eval_batches: int = 8
+    # lm-evaluation-harness tasks (comma-separated names or local YAML files; needs
+    # jaxlm[eval]) run every `eval_every` steps beside the loss: at most `eval_tasks_limit`
+    # documents per task (0 = all), `eval_tasks_fewshot` examples (None = the task's).
+    eval_tasks: str = ""
+    eval_tasks_limit: int = 0
+    eval_tasks_fewshot: int | None = None
     log_every: int = 10
     # Per-device peak FLOP/s for MFU; None picks a known value for the accelerator (measured
     # matmul rate on CPU).
@@ -326,6 +332,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.init_from_step={self.init_from_step!r} must be >= 0")
         if self.init_from == "":
             raise ValueError("TrainConfig.init_from='' must be a run directory or None")
+        if self.eval_tasks_limit < 0:
+            raise ValueError(
+                f"TrainConfig.eval_tasks_limit={self.eval_tasks_limit!r} must be >= 0 "
+                "(documents per task; 0 = all)"
+            )
+        if self.eval_tasks_fewshot is not None and self.eval_tasks_fewshot < 0:
+            raise ValueError(
+                f"TrainConfig.eval_tasks_fewshot={self.eval_tasks_fewshot!r} must be >= 0 or None"
+            )
         if self.eval_batches < 0 or self.sample_tokens < 0:
             raise ValueError("TrainConfig.eval_batches and sample_tokens must be >= 0")
         if self.z_loss < 0:

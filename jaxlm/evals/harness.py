@@ -87,8 +87,9 @@ class JaxlmLM(TemplateLM):
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
         self.log = log or _log_stderr
         self.add_bos = config.data.add_bos
-        # Counted over this model's life; `run_tasks` reports them.
+        # Requests whose context was cut to fit, counted over this model's life.
         self.truncated = 0
+        self.step: int | None = None  # the checkpoint's step, when loaded from a workdir
 
     @classmethod
     def from_workdir(
@@ -96,10 +97,12 @@ class JaxlmLM(TemplateLM):
     ) -> JaxlmLM:
         """The model of a jaxlm run directory (or an imported model), at `step` (default: the
         newest checkpoint that restores), on a mesh over this machine's devices."""
-        from jaxlm.run import load_for_eval
+        from jaxlm.run import load_step_for_eval
 
-        config, mesh, params, tokenizer = load_for_eval(workdir, step)
-        return cls(config, params, tokenizer, mesh=mesh, **kwargs)
+        found, config, mesh, params, tokenizer = load_step_for_eval(workdir, step)
+        lm = cls(config, params, tokenizer, mesh=mesh, **kwargs)
+        lm.step = found
+        return lm
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -428,3 +431,11 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
             name = metric if filt in ("", "none") else f"{metric}_{filt}"
             flat[f"{task}/{name}"] = float(value)
     return flat
+
+
+def results_path(workdir: str | os.PathLike, step: int | None, results: dict[str, Any]) -> Path:
+    """Where `jaxlm eval --tasks` writes the results of a run: <workdir>/evals/
+    step<step>_<tasks>.json (the tasks' names, shortened)."""
+    names = "+".join(sorted(results.get("results", {}))) or "tasks"
+    safe = "".join(c if c.isalnum() or c in "-_+." else "_" for c in names)[:80]
+    return Path(workdir) / "evals" / f"step{step}_{safe}.json"
