@@ -2,10 +2,12 @@
 causal model (multiple-choice and cloze tasks score each choice's continuation; perplexity tasks
 score whole documents in rolling windows).
 
-Requests are sorted by length and grouped into batches of a fixed size, each padded to a length
-bucket, so a few programs compile whatever the mix of lengths; the vocabulary head runs only on
-the continuation's positions (`Transformer(..., logits_at=)`), so a batch never holds logits for
-the whole sequence. Batches are split over the mesh's batch axes when their size divides it.
+Requests are packed several to a row (each its own segment, so it attends and is positioned as
+if alone: few padding tokens are computed), rows are grouped into batches of a fixed size, each
+padded to a length bucket, so a few programs compile whatever the mix of lengths; the vocabulary
+head runs only on the continuation's positions (`Transformer(..., logits_at=)`), so a batch never
+holds logits for the whole sequence. Batches are split over the mesh's batch axes when their
+size divides it.
 No dependency on lm-evaluation-harness: `jaxlm.evals.harness` adapts this to it.
 """
 
@@ -89,9 +91,9 @@ def _score_batch(
     prefix_BT: jax.Array,
     at_BK: jax.Array,
     targets_BK: jax.Array,
-    mask_BK: jax.Array,
     config: ModelConfig,
 ) -> tuple[jax.Array, jax.Array]:
+    """(log p(target), target == argmax) at the K scored positions of each row, [B, K]."""
     kwargs = {"prefix_BT": prefix_BT} if config.prefix_lm else {}
     logits_BKV, _, _ = Transformer(config).apply(
         {"params": params}, tokens_BT, None, segments_BT, logits_at=at_BK, **kwargs
@@ -99,9 +101,7 @@ def _score_batch(
     logits_BKV = logits_BKV.astype(jnp.float32)
     logprobs_BKV = jax.nn.log_softmax(logits_BKV, axis=-1)
     token_BK = jnp.take_along_axis(logprobs_BKV, targets_BK[..., None], axis=-1)[..., 0]
-    greedy_BK = jnp.argmax(logits_BKV, axis=-1) == targets_BK
-    total_B = jnp.sum(jnp.where(mask_BK, token_BK, 0.0), axis=-1)
-    return total_B, jnp.all(greedy_BK | ~mask_BK, axis=-1)
+    return token_BK, jnp.argmax(logits_BKV, axis=-1) == targets_BK
 
 
 def _global(x: np.ndarray, mesh: Mesh | None) -> Any:
@@ -114,6 +114,28 @@ def _global(x: np.ndarray, mesh: Mesh | None) -> Any:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def pack_rows(lengths: Sequence[int], capacity: int, pack: bool = True) -> list[list[int]]:
+    """Indices of the requests in each packed row: first fit over the requests longest first,
+    no row over `capacity` tokens (`pack=False`: one request per row, longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if not pack:
+        return [[i] for i in order]
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        # Rows fill in order, so only the newest few can still have room for a short request.
+        for j in range(max(len(bins) - 64, 0), len(bins)):
+            if room[j] >= n:
+                bins[j].append(i)
+                room[j] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
 def score_continuations(
     config: ModelConfig,
     params: Any,
@@ -122,13 +144,17 @@ def score_continuations(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     progress: Callable[[int], None] | None = None,
+    pack: bool = True,
 ) -> list[Score]:
     """The `Score` of each (context tokens, continuation tokens) request, in request order.
 
-    A row longer than the model's window keeps its last `window` tokens (context dropped from
-    the left, `Score.truncated`); a continuation longer than the window is an error. A prefix
-    LM sees the context as its prefix. `mesh`: split each batch over its batch axes (run under
-    `jaxlm.sharding.use_mesh`); `progress(n)` is called after each batch with the rows done.
+    Requests are packed several to a row (each its own segment: attention and positions as if
+    alone), `batch_size` rows per forward pass, each batch padded to a length bucket; the head
+    runs on the continuation positions only. A request longer than the model's window keeps its
+    last `window` tokens (context dropped from the left, `Score.truncated`); a continuation
+    longer than the window is an error. A prefix LM sees the context as its prefix. `mesh`:
+    split each batch over its batch axes (run under `jaxlm.sharding.use_mesh`); `progress(n)`
+    is called after each batch with the requests done; `pack=False`: one request per row.
     """
     check_scoring_model(config)
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -146,29 +172,41 @@ def score_continuations(
         return []
     _check_params(config, params)
     # Longest first: the largest program compiles (and fails, if memory is short) first.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inputs))
+    packed = pack_rows([len(r.inputs) for r in rows], window, pack)
     out: list[Score | None] = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
-        t = bucket(max(len(r.inputs) for r in chunk), window)
-        k = bucket(max(len(r.targets) for r in chunk), t)
+    for start in range(0, len(packed), batch_size):
+        chunk = packed[start : start + batch_size]
+        t = bucket(max(sum(len(rows[i].inputs) for i in b) for b in chunk), window)
+        k = bucket(max(sum(len(rows[i].targets) for i in b) for b in chunk), t)
         tokens = np.full((batch_size, t), pad_id, np.int32)
         segments = np.zeros((batch_size, t), np.int32)
         prefix = np.zeros((batch_size, t), bool)
         at = np.zeros((batch_size, k), np.int32)
         targets = np.zeros((batch_size, k), np.int32)
-        mask = np.zeros((batch_size, k), bool)
-        for j, r in enumerate(chunk):
-            n, c = len(r.inputs), len(r.targets)
-            tokens[j, :n], segments[j, :n], prefix[j, : r.context] = r.inputs, 1, True
-            at[j, :c], targets[j, :c], mask[j, :c] = np.arange(n - c, n), r.targets, True
-        arrays = [_global(a, mesh) for a in (tokens, segments, prefix, at, targets, mask)]
-        total, greedy = _score_batch(params, *arrays, config=config)
-        total, greedy = np.asarray(total), np.asarray(greedy)
-        for j, i in enumerate(order[start : start + batch_size]):
-            out[i] = Score(float(total[j]), bool(greedy[j]), rows[i].truncated)
+        owner = np.full((batch_size, k), -1, np.int64)
+        for j, members in enumerate(chunk):
+            used = scored = 0
+            for seg, i in enumerate(members, start=1):
+                r = rows[i]
+                n, c = len(r.inputs), len(r.targets)
+                tokens[j, used : used + n], segments[j, used : used + n] = r.inputs, seg
+                prefix[j, used : used + r.context] = True
+                at[j, scored : scored + c] = np.arange(used + n - c, used + n)
+                targets[j, scored : scored + c] = r.targets
+                owner[j, scored : scored + c] = i
+                used, scored = used + n, scored + c
+        arrays = [_global(a, mesh) for a in (tokens, segments, prefix, at, targets)]
+        token_lp, greedy = _score_batch(params, *arrays, config=config)
+        token_lp, greedy = np.asarray(token_lp, np.float64), np.asarray(greedy)
+        valid = owner >= 0
+        ids = owner[valid]
+        totals = np.bincount(ids, weights=token_lp[valid], minlength=len(rows))
+        misses = np.bincount(ids, weights=~greedy[valid], minlength=len(rows))
+        for members in chunk:
+            for i in members:
+                out[i] = Score(float(totals[i]), bool(misses[i] == 0), rows[i].truncated)
         if progress is not None:
-            progress(len(chunk))
+            progress(sum(len(m) for m in chunk))
     return out  # type: ignore[return-value]
 
 

@@ -9,6 +9,7 @@ import pytest
 from jaxlm.configs.overrides import load_config
 from jaxlm.evals.scoring import (
     context_window,
+    pack_rows,
     rolling_windows,
     score_continuations,
     score_documents,
@@ -76,6 +77,24 @@ def test_scores_equal_a_full_forward_per_request(params):
     assert [s.greedy for s in scores[-2:]] == [True, True]
     assert not any(s.greedy for s in scores[:-2])  # random continuations are not the argmax
     assert sum(s.truncated for s in scores) == 3
+    # One request per row (no packing) scores the same.
+    alone = score_continuations(CFG, params, reqs, batch_size=3, pack=False)
+    np.testing.assert_allclose(
+        [s.logprob for s in alone], [s.logprob for s in scores], rtol=1e-5, atol=1e-4
+    )
+    assert [s.greedy for s in alone] == [s.greedy for s in scores]
+
+
+def test_rows_pack_requests_first_fit_within_the_window():
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 49, 200).tolist()
+    rows = pack_rows(lengths, 48)
+    assert sorted(i for row in rows for i in row) == list(range(200))
+    assert all(sum(lengths[i] for i in row) <= 48 for row in rows)
+    # Close to the fewest rows the tokens need (first fit, longest first).
+    assert len(rows) <= 1.1 * sum(lengths) / 48 + 2
+    longest_first = np.argsort(-np.asarray(lengths), kind="stable")
+    assert pack_rows(lengths, 48, pack=False) == [[int(i)] for i in longest_first]
 
 
 def test_batches_split_over_eight_devices_score_the_same(params):
