@@ -316,11 +316,17 @@ def _task_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--tasks {args.tasks!r} names no task (give NAME[,NAME] or FILE.yaml)")
     if (args.limit is not None or args.num_fewshot is not None) and not tasks:
         raise ValueError("--limit and --num-fewshot go with --tasks")
+    if args.system_instruction is not None and not args.apply_chat_template:
+        raise ValueError("--system-instruction goes with --apply-chat-template")
+    if args.apply_chat_template and not tasks:
+        raise ValueError("--apply-chat-template goes with --tasks")
     return dict(
         tasks=tasks,
         num_fewshot=args.num_fewshot,
         limit=args.limit,
         include_paths=list(args.include_path or []),
+        apply_chat_template=args.apply_chat_template,
+        system_instruction=args.system_instruction,
     )
 
 
@@ -621,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a directory of local task YAML files (repeatable)",
     )
+    evaluate.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="prompts as chat turns in the run's task.chat_template (few-shot as earlier turns)",
+    )
+    evaluate.add_argument("--system-instruction", default=None, help="a system turn first")
     evaluate.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     evaluate.add_argument(
         "--output", default=None, help="results JSON (default: <workdir>/evals/...json)"

@@ -382,10 +382,17 @@ def run_tasks(
     log_samples: bool = False,
     seed: int = 0,
     bootstrap_iters: int = 0,
+    apply_chat_template: bool = False,
+    fewshot_as_multiturn: bool | None = None,
+    system_instruction: str | None = None,
 ) -> dict[str, Any]:
     """Run harness tasks on `lm`; the harness's results dict (per-task metrics under
     "results", with "configs", "n-shot", ...; per-document "samples" when `log_samples`), as
-    JSON-ready values. `limit`: at most this many documents per task."""
+    JSON-ready values. `limit`: at most this many documents per task.
+
+    `apply_chat_template`: each prompt rendered with the run's chat template
+    (`task.chat_template`) as a user turn, few-shot examples as earlier turns
+    (`fewshot_as_multiturn`, default: with the chat template), after `system_instruction`."""
     if num_fewshot is not None and not (isinstance(num_fewshot, int) and num_fewshot >= 0):
         raise ValueError(f"num_fewshot={num_fewshot!r} must be an integer >= 0")
     if limit is not None and not (isinstance(limit, int) and limit >= 1):
@@ -403,6 +410,11 @@ def run_tasks(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        apply_chat_template=apply_chat_template,
+        fewshot_as_multiturn=(
+            apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn
+        ),
+        system_instruction=system_instruction,
     )
     return json.loads(json.dumps(results, default=_jsonable))
 

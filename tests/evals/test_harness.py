@@ -204,3 +204,39 @@ def test_bad_limits_and_shots_are_refused(lm):
         run_tasks(lm, [" "])
     with pytest.raises(ValueError, match="needs a causal model"):
         JaxlmLM(load_config("tiny-bert"), None, ByteTokenizer())
+
+
+def test_chat_template_prompts_are_the_runs_template_with_eos_after_each_reply(tmp_path):
+    config = load_config("tiny", ["model.max_seq_len=128", "model.scan_layers=false"])
+    params = random_params(config.model, seed=5)
+    lm = JaxlmLM(config, params, ByteTokenizer(), batch_size=4)
+    task = _write_task(
+        tmp_path,
+        "chat_mc",
+        MC_DOCS[:4],
+        output_type="multiple_choice",
+        doc_to_text="{{q}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{answer}}",
+    )
+    out = run_tasks(
+        lm,
+        [str(task)],
+        num_fewshot=1,
+        log_samples=True,
+        apply_chat_template=True,
+        system_instruction="Be brief.",
+    )
+    eos = [ByteTokenizer.eos_id]
+    for s in out["samples"]["chat_mc"]:
+        prompt = s["arguments"][0][0]
+        (shot,) = [d for d in MC_DOCS[:4] if d != s["doc"] and f"User:\n{d['q']}\n" in prompt]
+        # The "plain" template by hand: turns as "### Role:" blocks, EOS after the reply.
+        head = f"### System:\nBe brief.\n\n### User:\n{shot['q']}\n\n### Assistant:\n"
+        head += shot["choices"][shot["answer"]]
+        # The harness moves the prompt's trailing newline into the continuation.
+        tail = f"\n\n### User:\n{s['doc']['q']}\n\n### Assistant:"
+        context = _ids(head) + eos + _encode(tail)
+        for (_, continuation), resp in zip(s["arguments"], s["resps"], strict=True):
+            want, _ = _reference(params, context, _encode("\n" + continuation), config.model)
+            np.testing.assert_allclose(resp[0][0], want, rtol=1e-5, atol=2e-4)
