@@ -1,14 +1,16 @@
 """Log-likelihood scoring throughput (the harness's `loglikelihood` path): packed batches vs
-padded batches vs one request at a time.
+padded batches vs one request at a time, with and without running a shared context once.
 
 A synthetic multiple-choice workload shaped like HellaSwag/ARC (each document: one context of
-40-200 tokens and four continuations of 4-30 tokens) scored by `jaxlm.evals.scoring` three
-ways: `packed` (the default: several requests per row as segments, `--batch` rows per forward
-pass), `padded` (one request per row, `--batch` rows) and `one_at_a_time` (one request per
-pass); all sort by length, pad to buckets and run the vocabulary head on the continuation
-positions only. Each runs once to compile, then all are timed interleaved over `--rounds`
-rounds on the same requests. Prints one JSON object as its last line: requests/s and tokens/s
-of each, `speedup` (packed / one at a time) and `speedup_padded`.
+40-200 tokens and four continuations of 4-30 tokens) scored by `jaxlm.evals.scoring` four
+ways: `shared` (the default: each context once into a KV cache, `--batch` contexts per pass,
+its choices on copies of the cache row), `packed` (each request whole, several per row as
+segments, `--batch` rows per pass), `padded` (one request per row, `--batch` rows) and
+`one_at_a_time` (one request per pass); all sort by length, pad to buckets and run the
+vocabulary head on the continuation positions only. Each runs once to compile, then all are
+timed interleaved over `--rounds` rounds on the same requests. Prints one JSON object as its
+last line: requests/s and tokens/s (request tokens, context counted per choice) of each and
+`speedup_<way>` (against one at a time).
 
     python experiments/bench/loglikelihood.py [--docs 32] [--batch 16] [--rounds 3]
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -60,22 +63,22 @@ def main() -> None:
             requests.append((context, choice))
     tokens = sum(len(c) + len(x) - 1 for c, x in requests)
 
-    def packed() -> list:
-        return score_continuations(config, params, requests, batch_size=args.batch)
+    def run(batch: int, **kwargs: bool) -> Callable[[], list]:
+        return lambda: score_continuations(config, params, requests, batch_size=batch, **kwargs)
 
-    def padded() -> list:
-        return score_continuations(config, params, requests, batch_size=args.batch, pack=False)
-
-    def one_at_a_time() -> list:
-        return score_continuations(config, params, requests, batch_size=1, pack=False)
-
-    runs = {"packed": packed, "padded": padded, "one_at_a_time": one_at_a_time}
+    off = dict(share_contexts=False)
+    runs = {
+        "shared": run(args.batch),
+        "packed": run(args.batch, **off),
+        "padded": run(args.batch, pack=False, **off),
+        "one_at_a_time": run(1, pack=False, **off),
+    }
     compile_s = {}
     for name, fn in runs.items():
         start = time.perf_counter()
         fn()
         compile_s[name] = time.perf_counter() - start
-    a, b = packed(), one_at_a_time()
+    a, b = runs["shared"](), runs["one_at_a_time"]()
     worst = max(abs(x.logprob - y.logprob) for x, y in zip(a, b, strict=True))
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
@@ -95,8 +98,10 @@ def main() -> None:
         **{f"{n}_median_s": round(statistics.median(t), 4) for n, t in times.items()},
         **{f"{n}_requests_per_s": round(len(requests) / s, 1) for n, s in best.items()},
         **{f"{n}_tokens_per_s": round(tokens / s) for n, s in best.items()},
-        "speedup": round(best["one_at_a_time"] / best["packed"], 2),
-        "speedup_padded": round(best["one_at_a_time"] / best["padded"], 2),
+        **{
+            f"speedup_{n}": round(best["one_at_a_time"] / best[n], 2)
+            for n in ("shared", "packed", "padded")
+        },
     }
     print(json.dumps(out))
 

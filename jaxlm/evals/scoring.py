@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.configs.model import ModelConfig
+from jaxlm.model import kv_cache
 from jaxlm.model.transformer import Transformer
 from jaxlm.sample import _check_params, bucket
 from jaxlm.sharding import BATCH_AXES
@@ -136,6 +137,108 @@ def pack_rows(lengths: Sequence[int], capacity: int, pack: bool = True) -> list[
     return bins
 
 
+@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+def _score_shared_batch(
+    params: Any,
+    context_BT: jax.Array,
+    context_len_B: jax.Array,
+    continuation_NT: jax.Array,
+    owner_N: jax.Array,
+    config: ModelConfig,
+    cache_len: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Continuations N that share B contexts: each context runs once into a KV cache, each
+    continuation on a copy of its context's cache row. (log p(target), target == argmax) per
+    continuation token, [N, T]."""
+    b, t = context_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    prefix_BT = positions_BT < context_len_B[:, None] if config.prefix_lm else None
+    model = Transformer(config)
+    cache = kv_cache.init_cache(config, b, cache_len)
+    last_B1V, cache, _ = model.apply(
+        {"params": params},
+        context_BT,
+        positions_BT,
+        cache=cache,
+        prepend_prompt=True,
+        prefix_BT=prefix_BT,
+        logits_at=(context_len_B - 1)[:, None],
+    )
+    lengths_B = context_len_B + config.prompt_tokens  # the right padding is not context
+    rows = kv_cache.KVCache(
+        k=cache.k[:, owner_N], v=cache.v[:, owner_N], lengths=lengths_B[owner_N]
+    )
+    logits_NTV, _, _ = model.apply({"params": params}, continuation_NT, cache=rows)
+    # Token j of a continuation is predicted by the context's last position (j = 0) or by
+    # continuation token j - 1.
+    logits_NTV = jnp.concatenate([last_B1V[owner_N], logits_NTV[:, :-1]], axis=1)
+    logits_NTV = logits_NTV.astype(jnp.float32)
+    logprobs_NTV = jax.nn.log_softmax(logits_NTV, axis=-1)
+    token_NT = jnp.take_along_axis(logprobs_NTV, continuation_NT[..., None], axis=-1)[..., 0]
+    return token_NT, jnp.argmax(logits_NTV, axis=-1) == continuation_NT
+
+
+def _shared_groups(rows: list[_Row]) -> list[list[int]]:
+    """Requests (not cut to fit) that share their whole context, two or more to a context."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        if not r.truncated:
+            groups.setdefault(tuple(r.inputs[: r.context]), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _score_shared(
+    config: ModelConfig,
+    params: Any,
+    rows: list[_Row],
+    groups: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    mesh: Mesh | None,
+    out: list[Score | None],
+    progress: Callable[[int], None] | None,
+) -> list[int]:
+    """Score `groups` through one context pass each (into `out`); the requests that do not fit
+    a shared batch's cache are returned for the packed path."""
+    window, p = context_window(config), config.prompt_tokens
+    groups = sorted(groups, key=lambda g: -rows[g[0]].context)
+    left: list[int] = []
+    for start in range(0, len(groups), batch_size):
+        batch = groups[start : start + batch_size]
+        t = bucket(max(rows[g[0]].context for g in batch), window)
+        tc = bucket(max(len(rows[i].targets) for g in batch for i in g), window)
+        cache_len = min(t + tc + p, config.max_seq_len)
+        # Every continuation (padded to tc) must fit after its context in the cache.
+        fits = [g for g in batch if rows[g[0]].context + tc + p <= cache_len]
+        left += [i for g in batch if g not in fits for i in g]
+        if not fits:
+            continue
+        per = max(len(g) for g in fits)
+        per = 1 << (per - 1).bit_length()  # choices per context, a power of two
+        contexts = np.full((batch_size, t), pad_id, np.int32)
+        context_len = np.ones((batch_size,), np.int32)
+        continuations = np.full((batch_size * per, tc), pad_id, np.int32)
+        owner = np.zeros((batch_size * per,), np.int32)
+        request = np.full((batch_size * per,), -1, np.int64)
+        n = 0
+        for j, g in enumerate(fits):
+            c = rows[g[0]].context
+            contexts[j, :c], context_len[j] = rows[g[0]].inputs[:c], c
+            for i in g:
+                targets = rows[i].targets
+                continuations[n, : len(targets)], owner[n], request[n] = targets, j, i
+                n += 1
+        arrays = [_global(a, mesh) for a in (contexts, context_len, continuations, owner)]
+        token_lp, greedy = _score_shared_batch(params, *arrays, config=config, cache_len=cache_len)
+        token_lp, greedy = np.asarray(token_lp, np.float64), np.asarray(greedy)
+        for k in range(n):
+            c = len(rows[request[k]].targets)
+            out[request[k]] = Score(float(token_lp[k, :c].sum()), bool(greedy[k, :c].all()), False)
+        if progress is not None:
+            progress(n)
+    return left
+
+
 def score_continuations(
     config: ModelConfig,
     params: Any,
@@ -145,6 +248,7 @@ def score_continuations(
     mesh: Mesh | None = None,
     progress: Callable[[int], None] | None = None,
     pack: bool = True,
+    share_contexts: bool = True,
 ) -> list[Score]:
     """The `Score` of each (context tokens, continuation tokens) request, in request order.
 
@@ -155,6 +259,10 @@ def score_continuations(
     longer than the window is an error. A prefix LM sees the context as its prefix. `mesh`:
     split each batch over its batch axes (run under `jaxlm.sharding.use_mesh`); `progress(n)`
     is called after each batch with the requests done; `pack=False`: one request per row.
+
+    `share_contexts`: requests with the same context (a multiple-choice question's choices) run
+    it once: `batch_size` contexts per pass into a KV cache, then every continuation on a copy
+    of its context's cache row, so the context is not computed once per choice.
     """
     check_scoring_model(config)
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -171,9 +279,16 @@ def score_continuations(
     if not rows:
         return []
     _check_params(config, params)
-    # Longest first: the largest program compiles (and fails, if memory is short) first.
-    packed = pack_rows([len(r.inputs) for r in rows], window, pack)
     out: list[Score | None] = [None] * len(rows)
+    todo = list(range(len(rows)))
+    groups = _shared_groups(rows) if share_contexts else []
+    if groups:
+        shared = {i for g in groups for i in g}
+        left = _score_shared(config, params, rows, groups, batch_size, pad_id, mesh, out, progress)
+        todo = [i for i in todo if i not in shared] + left
+    # Longest first: the largest program compiles (and fails, if memory is short) first.
+    lengths = [len(rows[i].inputs) for i in todo]
+    packed = [[todo[j] for j in row] for row in pack_rows(lengths, window, pack)]
     for start in range(0, len(packed), batch_size):
         chunk = packed[start : start + batch_size]
         t = bucket(max(sum(len(rows[i].inputs) for i in b) for b in chunk), window)

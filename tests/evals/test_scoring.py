@@ -97,8 +97,44 @@ def test_rows_pack_requests_first_fit_within_the_window():
     assert pack_rows(lengths, 48, pack=False) == [[int(i)] for i in longest_first]
 
 
+def _choices(rng, contexts=(3, 20, 45, 60), choices=(2, 4, 3, 5)):
+    """Multiple-choice-like requests: several continuations per context (the last context
+    is cut to fit for its longer choices, so those leave the shared path)."""
+    reqs = []
+    for n_ctx, k in zip(contexts, choices, strict=True):
+        ctx = rng.integers(3, 259, n_ctx).tolist()
+        reqs += [(ctx, rng.integers(3, 259, rng.integers(1, 9)).tolist()) for _ in range(k)]
+    return reqs
+
+
+def test_shared_contexts_run_once_and_score_as_a_full_forward(params):
+    reqs = _choices(np.random.default_rng(8))
+    scores = score_continuations(CFG, params, reqs, batch_size=2)
+    for (ctx, cont), s in zip(reqs, scores, strict=True):
+        logprob, greedy = _reference(params, ctx, cont)
+        np.testing.assert_allclose(s.logprob, logprob, rtol=1e-5, atol=2e-4)
+        assert s.greedy == greedy
+    alone = score_continuations(CFG, params, reqs, batch_size=2, share_contexts=False)
+    np.testing.assert_allclose(
+        [s.logprob for s in alone], [s.logprob for s in scores], rtol=1e-5, atol=1e-4
+    )
+
+
+def test_shared_contexts_with_prompt_tuning_match_packed_rows():
+    cfg = load_config(
+        "tiny", [f"model.max_seq_len={WINDOW}", "model.prompt_tokens=4", "model.scan_layers=false"]
+    ).model
+    params = random_params(cfg, seed=6)
+    reqs = _choices(np.random.default_rng(9), contexts=(3, 20, 40), choices=(2, 4, 3))
+    shared = score_continuations(cfg, params, reqs, batch_size=2)
+    packed = score_continuations(cfg, params, reqs, batch_size=2, share_contexts=False)
+    np.testing.assert_allclose(
+        [s.logprob for s in shared], [s.logprob for s in packed], rtol=1e-5, atol=1e-4
+    )
+
+
 def test_batches_split_over_eight_devices_score_the_same(params):
-    reqs = _requests(params, np.random.default_rng(1))
+    reqs = _requests(params, np.random.default_rng(1)) + _choices(np.random.default_rng(1))
     mesh = make_mesh(load_config("tiny", ["mesh.fsdp=8"]).mesh)
     sharded = jax.device_put(params, param_shardings(CFG, mesh, "fsdp_tp"))
     with use_mesh(mesh, "fsdp_tp"):
@@ -117,6 +153,7 @@ def test_a_prefix_lm_sees_the_context_as_its_prefix():
     params = random_params(cfg, seed=4)
     rng = np.random.default_rng(2)
     reqs = [(rng.integers(3, 259, n).tolist(), rng.integers(3, 259, 4).tolist()) for n in (6, 52)]
+    reqs += [(reqs[0][0], rng.integers(3, 259, 3).tolist())]  # shares the first context
     scores = score_continuations(cfg, params, reqs, batch_size=2)
     for (ctx, cont), s in zip(reqs, scores, strict=True):
         want, _ = _reference(params, ctx, cont, cfg, prefix_lm=True)

@@ -18,6 +18,7 @@ from tests.interop.test_hf_workdir import TEXT
 REQUESTS = [
     ("def add(a, b):", " return a + b"),
     ("class", " Point:"),
+    ("class", " Foo(Point):"),  # the same context: run once for both
     ("", "x: int = 0"),  # empty context: conditioned on BOS
     ("class Point:\n   ", " x: int"),  # trailing spaces move to the continuation
     (TEXT[:400], "\nclass"),  # longer than the 64-token context: cut from the left
