@@ -71,6 +71,11 @@ def _join_processes(args: argparse.Namespace) -> None:
     )
 
 
+def _facts(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What every process of a command must agree on: its arguments but its own process id."""
+    return {"command": command, **vars(args), "func": None, "process_id": None}
+
+
 def _is_main_process() -> bool:
     import jax
 
@@ -338,7 +343,7 @@ def _eval_tasks(args: argparse.Namespace, options: dict[str, Any]) -> int:
     _join_processes(args)
     from jaxlm import distributed
 
-    distributed.check_agreement({"command": "eval", **vars(args), "func": None})
+    distributed.check_agreement(_facts("eval", args))
     lm = JaxlmLM.from_workdir(args.workdir, args.step, batch_size=args.batch_size)
     results = run_tasks(lm, options.pop("tasks"), **options)
     if _is_main_process():
@@ -363,7 +368,7 @@ def _eval_card(args: argparse.Namespace, options: dict[str, Any]) -> int:
     _join_processes(args)
     from jaxlm import distributed
 
-    distributed.check_agreement({"command": "eval", **vars(args), "func": None})
+    distributed.check_agreement(_facts("eval", args))
     card = model_card(args.workdir, args.step, eval_batches=args.batches, **options)
     if _is_main_process():
         print(json.dumps(card, indent=2))
@@ -384,7 +389,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jaxlm import distributed
     from jaxlm.loop import eval_workdir
 
-    distributed.check_agreement({"command": "eval", **vars(args), "func": None})
+    distributed.check_agreement(_facts("eval", args))
     result = eval_workdir(args.workdir, args.batches, step=args.step)
     if _is_main_process():
         print(json.dumps({k: round(v, 6) for k, v in result.items()}))
@@ -409,7 +414,7 @@ def _fill_masks(args: argparse.Namespace) -> int:
     from jaxlm.run import load_for_eval
     from jaxlm.sharding import use_mesh
 
-    distributed.check_agreement({"command": "sample", **vars(args), "func": None})
+    distributed.check_agreement(_facts("sample", args))
     config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
     with use_mesh(mesh, config.mesh.rules):
         answers = fill_mask(
@@ -463,7 +468,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from jaxlm.run import load_for_eval
     from jaxlm.sharding import use_mesh
 
-    distributed.check_agreement({"command": "sample", **vars(args), "func": None})
+    distributed.check_agreement(_facts("sample", args))
     config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
     main = _is_main_process()  # every process generates (the parameters span them); one prints
     out = sys.stdout if main else io.StringIO()
@@ -540,7 +545,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from jaxlm.sharding import use_mesh
     from jaxlm.tasks.reward import score_chats
 
-    distributed.check_agreement({"command": "score", **vars(args), "func": None})
+    distributed.check_agreement(_facts("score", args))
     config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
     with use_mesh(mesh, config.mesh.rules):
         rewards = score_chats(config, params, tokenizer, chats, args.batch_size)

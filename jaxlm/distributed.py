@@ -156,6 +156,16 @@ def allgather_json(value: Any) -> list[Any]:
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, sizes, strict=True)]
 
 
+def to_host(x: Any) -> np.ndarray:
+    """`x` as a NumPy array on every process: gathered from the other processes when it spans
+    devices this process cannot address (e.g. a batch split over a multi-host mesh)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def barrier(name: str) -> None:
     """Wait until every process gets here (no-op for one process)."""
     if jax.process_count() > 1:

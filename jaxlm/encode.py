@@ -19,6 +19,7 @@ import numpy as np
 from jaxlm.configs.model import ModelConfig
 from jaxlm.data.masking import mask_id_of
 from jaxlm.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from jaxlm.distributed import to_host
 from jaxlm.model.transformer import Transformer
 from jaxlm.sample import _check_params, bucket
 
@@ -160,7 +161,7 @@ def fill_mask(
     _check_params(config, params)
     tokens, segments = _padded(rows, tokenizer.pad_id, config.max_seq_len, len(rows))
     probs, top = _top_fillers(params, tokens, segments, config=config, top_k=top_k)
-    probs, top = np.asarray(probs), np.asarray(top)
+    probs, top = to_host(probs), to_host(top)
     out = []
     for i, ids in enumerate(rows):
         at = [j for j, x in enumerate(ids) if x == mask_id]
@@ -227,5 +228,5 @@ def embed(
         chunk = rows[start : start + batch_size]
         tokens, segments = _padded(chunk, tokenizer.pad_id, config.max_seq_len, batch_size)
         vectors = _pooled(params, tokens, segments, config=config, pooling=pooling)
-        out.append(np.asarray(vectors)[: len(chunk)])
+        out.append(to_host(vectors)[: len(chunk)])
     return np.concatenate(out)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.configs.model import ModelConfig
+from jaxlm.distributed import to_host
 from jaxlm.model.kv_cache import KVCache, init_cache
 from jaxlm.model.transformer import Transformer, abstract_params
 
@@ -530,7 +531,7 @@ def generate(
         cache_len=batch.cache_len,
         pad_id=pad_id,
     )
-    tokens, num = np.asarray(tokens), np.asarray(num)
+    tokens, num = to_host(tokens), to_host(num)
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 
 
@@ -568,7 +569,7 @@ def generate_stream(
     )
     sent = np.zeros(len(prompts), np.int64)
     while True:
-        tokens, num, done = (np.asarray(x) for x in (state.tokens_BN, state.num_B, state.done_B))
+        tokens, num, done = (to_host(x) for x in (state.tokens_BN, state.num_B, state.done_B))
         new = [tokens[i, sent[i] : num[i]].tolist() for i in range(len(prompts))]
         sent = num.astype(np.int64)
         if any(new):

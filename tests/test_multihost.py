@@ -267,3 +267,56 @@ def test_processes_that_disagree_fail_with_a_clear_error(tmp_path, what, expecte
         log = _log(workdir, i)
         assert f"the 2 processes of this run disagree {expected}" in log, log
     assert not checkpoint.complete_steps(workdir)
+
+
+def _eval(workdir: Path, args: list[str], process: int | None, port: int = 0):
+    """One `jaxlm eval` process (process=None: one process on 8 devices)."""
+    cmd = [sys.executable, "-m", "jaxlm", "eval", "--workdir", str(workdir), *args]
+    if process is not None:
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        cmd += ["--process-id", str(process), "--heartbeat-timeout", "10", "--init-timeout", "60"]
+    log = workdir.parent / f"eval.{'single' if process is None else process}.log"
+    env = _env(8 if process is None else 4)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=open(log, "a"), text=True)
+
+
+def test_harness_tasks_on_two_processes_equal_one(reference, tmp_path):
+    """`jaxlm eval --tasks` with the parameters spread over 2 processes: the same results as
+    one process (multiple choice through shared contexts, and generation); one file, one
+    printout."""
+    from tests.evals.test_harness import MC_DOCS, _write_task
+
+    mc = _write_task(
+        tmp_path,
+        "mh_mc",
+        MC_DOCS,
+        output_type="multiple_choice",
+        doc_to_text="{{q}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{answer}}",
+        metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}],
+    )
+    gen = _write_task(
+        tmp_path,
+        "mh_gen",
+        [{"q": d["q"], "a": d["choices"][0]} for d in MC_DOCS[:4]],
+        output_type="generate_until",
+        doc_to_text="{{q}}",
+        doc_to_target="{{a}}",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 5},
+        metric_list=[{"metric": "exact_match"}],
+    )
+    tasks = ["--tasks", f"{mc},{gen}", "--num-fewshot", "1", "--batch-size", "8"]
+    single = tmp_path / "single.json"
+    ((rc, _),) = _finish([_eval(reference, [*tasks, "--output", str(single)], None)])
+    assert rc == 0, (reference.parent / "eval.single.log").read_text()
+    two = tmp_path / "two.json"
+    port = _free_port()
+    results = _finish([_eval(reference, [*tasks, "--output", str(two)], i, port) for i in (0, 1)])
+    logs = [(reference.parent / f"eval.{i}.log").read_text() for i in (0, 1)]
+    assert [rc for rc, _ in results] == [0, 0], logs
+    printed = [_printed_lines(out) for _, out in results]
+    assert len(printed[0]) == 1 and printed[1] == [], printed
+    a, b = json.loads(single.read_text()), json.loads(two.read_text())
+    assert a["results"] == b["results"]
+    assert json.loads(printed[0][0])["mh_mc/acc"] == a["results"]["mh_mc"]["acc,none"]

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.configs.model import ModelConfig
+from jaxlm.distributed import to_host
 from jaxlm.model import kv_cache
 from jaxlm.model.transformer import Transformer
 from jaxlm.sample import _check_params, bucket
@@ -230,7 +231,7 @@ def _score_shared(
                 n += 1
         arrays = [_global(a, mesh) for a in (contexts, context_len, continuations, owner)]
         token_lp, greedy = _score_shared_batch(params, *arrays, config=config, cache_len=cache_len)
-        token_lp, greedy = np.asarray(token_lp, np.float64), np.asarray(greedy)
+        token_lp, greedy = to_host(token_lp).astype(np.float64), to_host(greedy)
         for k in range(n):
             c = len(rows[request[k]].targets)
             out[request[k]] = Score(float(token_lp[k, :c].sum()), bool(greedy[k, :c].all()), False)
@@ -312,7 +313,7 @@ def score_continuations(
                 used, scored = used + n, scored + c
         arrays = [_global(a, mesh) for a in (tokens, segments, prefix, at, targets)]
         token_lp, greedy = _score_batch(params, *arrays, config=config)
-        token_lp, greedy = np.asarray(token_lp, np.float64), np.asarray(greedy)
+        token_lp, greedy = to_host(token_lp).astype(np.float64), to_host(greedy)
         valid = owner >= 0
         ids = owner[valid]
         totals = np.bincount(ids, weights=token_lp[valid], minlength=len(rows))

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxlm.data.chat import conversation, encode_chat, get_template
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.distributed import to_host
 from jaxlm.model.transformer import Transformer
 from jaxlm.sample import bucket
 from jaxlm.tasks.pairs import PairTask, last_tokens, pair_sums
@@ -86,6 +87,6 @@ def score_chats(
         segments = np.zeros((batch_size, length), np.int32)
         for r, ids in enumerate(rows):
             tokens[r, : len(ids)], segments[r, : len(ids)] = ids, 1
-        scores = np.asarray(scores_fn(params, tokens, segments))
+        scores = to_host(scores_fn(params, tokens, segments))
         out += [float(scores[r, len(ids) - 1]) for r, ids in enumerate(rows)]
     return out
