@@ -100,5 +100,8 @@ def model_card(
 
         lm = JaxlmLM(config, params, tokenizer, mesh=mesh)
         card["tasks"] = headline(run_tasks(lm, tasks, **task_kwargs))
-    card["speed"] = decode_speed(config, params, tokenizer, mesh)
+    if config.model.causal and config.model.head == "lm":
+        card["speed"] = decode_speed(config, params, tokenizer, mesh)
+    else:
+        card["speed"] = {"unavailable": "decoding needs a causal model with a language-model head"}
     return card

@@ -381,14 +381,15 @@ def run_tasks(
     include_paths: Sequence[str | os.PathLike] = (),
     log_samples: bool = False,
     seed: int = 0,
-    bootstrap_iters: int = 0,
+    bootstrap_iters: int = 1000,
     apply_chat_template: bool = False,
     fewshot_as_multiturn: bool | None = None,
     system_instruction: str | None = None,
 ) -> dict[str, Any]:
     """Run harness tasks on `lm`; the harness's results dict (per-task metrics under
     "results", with "configs", "n-shot", ...; per-document "samples" when `log_samples`), as
-    JSON-ready values. `limit`: at most this many documents per task.
+    JSON-ready values. `limit`: at most this many documents per task; `bootstrap_iters`:
+    resamples for the standard errors of metrics that need them (0 = no standard errors).
 
     `apply_chat_template`: each prompt rendered with the run's chat template
     (`task.chat_template`) as a user turn, few-shot examples as earlier turns

@@ -29,6 +29,20 @@ from jaxlm.model.transformer import Transformer
 from jaxlm.sample import _check_params, bucket
 from jaxlm.sharding import BATCH_AXES
 
+# At most this many float32 logits (1 GiB) per pass: a pass whose scored positions times the
+# vocabulary would hold more runs fewer rows (a power of two, so few programs compile).
+LOGITS_BUDGET = 1 << 28
+
+
+def _pow2(n: int, limit: int) -> int:
+    """The smallest power of two >= n, capped at `limit` (scored-position counts)."""
+    return min(1 << max(n - 1, 0).bit_length(), limit)
+
+
+def _rows_per_pass(batch_size: int, positions: int, vocab: int) -> int:
+    fit = max(LOGITS_BUDGET // (positions * vocab), 1)
+    return min(batch_size, 1 << (fit.bit_length() - 1))
+
 
 class Score(NamedTuple):
     """A continuation's summed log-probability (natural log), whether greedy decoding would
@@ -204,23 +218,27 @@ def _score_shared(
     window, p = context_window(config), config.prompt_tokens
     groups = sorted(groups, key=lambda g: -rows[g[0]].context)
     left: list[int] = []
-    for start in range(0, len(groups), batch_size):
+    start = 0
+    while start < len(groups):
         batch = groups[start : start + batch_size]
+        tc = _pow2(max(len(rows[i].targets) for g in batch for i in g), window)
+        per = 1 << (max(len(g) for g in batch) - 1).bit_length()  # choices per context
+        contexts_per_pass = _rows_per_pass(batch_size, per * tc, config.vocab_size)
+        batch = batch[:contexts_per_pass]
+        start += len(batch)
         t = bucket(max(rows[g[0]].context for g in batch), window)
-        tc = bucket(max(len(rows[i].targets) for g in batch for i in g), window)
         cache_len = min(t + tc + p, config.max_seq_len)
         # Every continuation (padded to tc) must fit after its context in the cache.
         fits = [g for g in batch if rows[g[0]].context + tc + p <= cache_len]
         left += [i for g in batch if g not in fits for i in g]
         if not fits:
             continue
-        per = max(len(g) for g in fits)
-        per = 1 << (per - 1).bit_length()  # choices per context, a power of two
-        contexts = np.full((batch_size, t), pad_id, np.int32)
-        context_len = np.ones((batch_size,), np.int32)
-        continuations = np.full((batch_size * per, tc), pad_id, np.int32)
-        owner = np.zeros((batch_size * per,), np.int32)
-        request = np.full((batch_size * per,), -1, np.int64)
+        b = contexts_per_pass
+        contexts = np.full((b, t), pad_id, np.int32)
+        context_len = np.ones((b,), np.int32)
+        continuations = np.full((b * per, tc), pad_id, np.int32)
+        owner = np.zeros((b * per,), np.int32)
+        request = np.full((b * per,), -1, np.int64)
         n = 0
         for j, g in enumerate(fits):
             c = rows[g[0]].context
@@ -254,10 +272,12 @@ def score_continuations(
     """The `Score` of each (context tokens, continuation tokens) request, in request order.
 
     Requests are packed several to a row (each its own segment: attention and positions as if
-    alone), `batch_size` rows per forward pass, each batch padded to a length bucket; the head
-    runs on the continuation positions only. A request longer than the model's window keeps its
-    last `window` tokens (context dropped from the left, `Score.truncated`); a continuation
-    longer than the window is an error. A prefix LM sees the context as its prefix. `mesh`:
+    alone), `batch_size` rows per forward pass (fewer where their scored positions times the
+    vocabulary would pass `LOGITS_BUDGET` float32 logits), each batch padded to a length
+    bucket; the head runs on the continuation positions only. A request longer than the model's
+    window keeps its last `window` tokens (context dropped from the left, `Score.truncated`);
+    a continuation longer than the window is an error. A prefix LM sees the context as its
+    prefix. `mesh`:
     split each batch over its batch axes (run under `jaxlm.sharding.use_mesh`); `progress(n)`
     is called after each batch with the requests done; `pack=False`: one request per row.
 
@@ -290,16 +310,21 @@ def score_continuations(
     # Longest first: the largest program compiles (and fails, if memory is short) first.
     lengths = [len(rows[i].inputs) for i in todo]
     packed = [[todo[j] for j in row] for row in pack_rows(lengths, window, pack)]
-    for start in range(0, len(packed), batch_size):
+    start = 0
+    while start < len(packed):
         chunk = packed[start : start + batch_size]
+        k = _pow2(max(sum(len(rows[i].targets) for i in b) for b in chunk), window)
+        n_rows = _rows_per_pass(batch_size, k, config.vocab_size)
+        chunk = chunk[:n_rows]
+        start += len(chunk)
         t = bucket(max(sum(len(rows[i].inputs) for i in b) for b in chunk), window)
-        k = bucket(max(sum(len(rows[i].targets) for i in b) for b in chunk), t)
-        tokens = np.full((batch_size, t), pad_id, np.int32)
-        segments = np.zeros((batch_size, t), np.int32)
-        prefix = np.zeros((batch_size, t), bool)
-        at = np.zeros((batch_size, k), np.int32)
-        targets = np.zeros((batch_size, k), np.int32)
-        owner = np.full((batch_size, k), -1, np.int64)
+        k = min(k, t)
+        tokens = np.full((n_rows, t), pad_id, np.int32)
+        segments = np.zeros((n_rows, t), np.int32)
+        prefix = np.zeros((n_rows, t), bool)
+        at = np.zeros((n_rows, k), np.int32)
+        targets = np.zeros((n_rows, k), np.int32)
+        owner = np.full((n_rows, k), -1, np.int64)
         for j, members in enumerate(chunk):
             used = scored = 0
             for seg, i in enumerate(members, start=1):

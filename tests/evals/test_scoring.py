@@ -210,3 +210,17 @@ def test_bad_requests_are_refused_before_anything_runs(params):
     encoder = load_config("tiny-bert").model
     with pytest.raises(ValueError, match="needs a causal model"):
         score_continuations(encoder, None, [([1], [5])])
+
+
+def test_passes_over_the_logits_budget_take_fewer_rows(params, monkeypatch):
+    from jaxlm.evals import scoring
+
+    # Room for 2 rows of 16 scored positions: every pass is cut to 1 or 2 rows.
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 2 * 16 * CFG.vocab_size)
+    reqs = _requests(params, np.random.default_rng(11)) + _choices(np.random.default_rng(11))
+    calls = []
+    scores = score_continuations(CFG, params, reqs, batch_size=8, progress=calls.append)
+    for (ctx, cont), s in zip(reqs, scores, strict=True):
+        want = _reference(params, ctx, cont)[0]
+        np.testing.assert_allclose(s.logprob, want, rtol=1e-5, atol=2e-4)
+    assert sum(calls) == len(reqs) and len(calls) > len(reqs) / 8
