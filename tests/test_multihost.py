@@ -284,19 +284,16 @@ def test_harness_tasks_on_two_processes_equal_one(reference, tmp_path):
     """`jaxlm eval --tasks` with the parameters spread over 2 processes: the same results as
     one process (multiple choice through shared contexts, and generation); one file, one
     printout."""
-    from tests.evals.test_harness import MC_DOCS, _write_task
+    from jaxlm.evals.harness import write_task
+    from tests.evals.test_harness import MC_DOCS, mc_task
 
-    mc = _write_task(
+    mc = mc_task(
         tmp_path,
         "mh_mc",
         MC_DOCS,
-        output_type="multiple_choice",
-        doc_to_text="{{q}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{answer}}",
         metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}],
     )
-    gen = _write_task(
+    gen = write_task(
         tmp_path,
         "mh_gen",
         [{"q": d["q"], "a": d["choices"][0]} for d in MC_DOCS[:4]],

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from jaxlm.data.sources import _hash, stdlib_files
+from jaxlm.evals.harness import write_task
 
 IDENT = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{3,}\b")
 CONTEXT = 200  # bytes of code before the blank (cut back to a line start)
@@ -79,23 +80,6 @@ def line_items(files: list[tuple[Path, str]], n: int, rng: random.Random) -> lis
             at += len(line)
     rng.shuffle(items)
     return items[:n]
-
-
-def write_task(out: Path, name: str, items: list[dict], **fields: object) -> Path:
-    data = out / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(x) + "\n" for x in items))
-    lines = [
-        f"task: {name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {data.resolve()}",
-        "test_split: test",
-        *(f"{k}: {json.dumps(v)}" for k, v in fields.items()),
-    ]
-    path = out / f"{name}.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def main() -> None:

@@ -446,6 +446,30 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def write_task(
+    directory: str | os.PathLike, name: str, records: Sequence[dict[str, Any]], **fields: Any
+) -> Path:
+    """A local harness task: `records` as `<directory>/<name>.jsonl` and the task config
+    `<directory>/<name>.yaml` reading it (offline, through the `json` dataset builder), with
+    `fields` (e.g. `output_type`, `doc_to_text`, `metric_list`) as its YAML keys. Returns the
+    YAML file's path, for `--tasks` / `run_tasks`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = (directory / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        **fields,
+    }
+    path = directory / f"{name}.yaml"
+    # JSON is YAML: every value written exactly, quoting included.
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))
+    return path
+
+
 def results_path(workdir: str | os.PathLike, step: int | None, results: dict[str, Any]) -> Path:
     """Where `jaxlm eval --tasks` writes the results of a run: <workdir>/evals/
     step<step>_<tasks>.json (the tasks' names, shortened)."""

@@ -2,7 +2,6 @@
 adapter's log-likelihoods equal a NumPy forward pass, and the harness's accuracy, exact match
 and bits per byte equal those computed independently from it."""
 
-import json
 import math
 
 import numpy as np
@@ -10,7 +9,14 @@ import pytest
 
 from jaxlm.configs.overrides import load_config
 from jaxlm.data.tokenizer import ByteTokenizer
-from jaxlm.evals.harness import JaxlmLM, check_task_file, headline, resolve_tasks, run_tasks
+from jaxlm.evals.harness import (
+    JaxlmLM,
+    check_task_file,
+    headline,
+    resolve_tasks,
+    run_tasks,
+    write_task,
+)
 from tests.evals.test_scoring import WINDOW, _logprobs, _reference
 from tests.random_params import random_params
 
@@ -28,21 +34,18 @@ def lm(params):
     return JaxlmLM(CONFIG, params, ByteTokenizer(), batch_size=4, max_gen_toks=6)
 
 
-def _write_task(directory, name, records, **fields):
-    data = directory / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    lines = [
-        f"task: {name}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {data}",
-        "test_split: test",
-        *(f"{k}: {json.dumps(v)}" for k, v in fields.items()),
-    ]
-    path = directory / f"{name}.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def mc_task(directory, name, docs, **fields):
+    """A multiple-choice task over {"q", "choices", "answer"} records."""
+    return write_task(
+        directory,
+        name,
+        docs,
+        output_type="multiple_choice",
+        doc_to_text="{{q}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{answer}}",
+        **fields,
+    )
 
 
 def _encode(text):
@@ -61,14 +64,10 @@ MC_DOCS = [
 
 
 def test_multiple_choice_accuracy_equals_one_computed_from_numpy_log_probs(tmp_path, lm, params):
-    task = _write_task(
+    task = mc_task(
         tmp_path,
         "sums_mc",
         MC_DOCS,
-        output_type="multiple_choice",
-        doc_to_text="{{q}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{answer}}",
         metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}],
     )
     out = run_tasks(lm, [str(task)], num_fewshot=2, log_samples=True)
@@ -111,7 +110,7 @@ def test_generation_exact_match_equals_greedy_decoding_by_hand(tmp_path, lm, par
     for i, q in enumerate(questions):
         want = _greedy_text(params, _ids(f"Q: {q}\nA:"), 6, "\n")
         docs.append({"q": q, "a": want if i % 2 == 0 else "not this"})
-    task = _write_task(
+    task = write_task(
         tmp_path,
         "echo_gen",
         docs,
@@ -133,7 +132,7 @@ def test_rolling_log_likelihood_gives_the_bits_per_byte_of_the_numpy_model(tmp_p
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     texts = ["short text", "a longer document " * 7]  # 126 bytes: three windows
-    task = _write_task(
+    task = write_task(
         tmp_path,
         "docs_ppl",
         [{"text": t} for t in texts],
@@ -158,14 +157,10 @@ def test_long_contexts_are_cut_from_the_left_and_reported(tmp_path, params):
     messages = []
     lm = JaxlmLM(CONFIG, params, ByteTokenizer(), batch_size=2, log=messages.append)
     long_q = " ".join(["word"] * 20)  # 99 bytes, past the 48-token window
-    task = _write_task(
+    task = mc_task(
         tmp_path,
         "long_mc",
         [{"q": long_q, "choices": ["yes", "no"], "answer": 0}],
-        output_type="multiple_choice",
-        doc_to_text="{{q}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{answer}}",
     )
     out = run_tasks(lm, [str(task)], log_samples=True)
     (sample,) = out["samples"]["long_mc"]
@@ -210,14 +205,10 @@ def test_chat_template_prompts_are_the_runs_template_with_eos_after_each_reply(t
     config = load_config("tiny", ["model.max_seq_len=128", "model.scan_layers=false"])
     params = random_params(config.model, seed=5)
     lm = JaxlmLM(config, params, ByteTokenizer(), batch_size=4)
-    task = _write_task(
+    task = mc_task(
         tmp_path,
         "chat_mc",
         MC_DOCS[:4],
-        output_type="multiple_choice",
-        doc_to_text="{{q}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{answer}}",
     )
     out = run_tasks(
         lm,

@@ -13,7 +13,7 @@ from jaxlm.configs.overrides import load_config
 from jaxlm.evals import harness
 from jaxlm.evals.harness import JaxlmLM, headline, run_tasks
 from jaxlm.metrics import param_count
-from tests.evals.test_harness import MC_DOCS, _write_task
+from tests.evals.test_harness import MC_DOCS, mc_task
 
 STEPS = ["train.steps=4", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1"]
 COMMON = [
@@ -28,14 +28,10 @@ COMMON = [
 
 
 def _mc_task(directory):
-    return _write_task(
+    return mc_task(
         directory,
         "sums_mc",
         MC_DOCS,
-        output_type="multiple_choice",
-        doc_to_text="{{q}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{answer}}",
         metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}],
     )
 
