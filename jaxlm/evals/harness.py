@@ -205,6 +205,21 @@ class JaxlmLM(TemplateLM):
         from jaxlm import sample
 
         jobs = [self._generation_job(i, *req.args) for i, req in enumerate(requests)]
+        window = self.max_length
+        clamped = sorted({j["asked"] for j in jobs if j["asked"] >= window})
+        if clamped:
+            self.log(
+                f"jaxlm eval: max_gen_toks {clamped} do not fit the model's context of {window} "
+                f"tokens; those requests generate at most {window - 1}"
+            )
+        cut = [j["cut"] for j in jobs if j["cut"]]
+        if cut:
+            self.truncated += len(cut)
+            self.log(
+                f"jaxlm eval: {len(cut)} of {len(jobs)} generation requests had their contexts "
+                f"cut from the left (by up to {max(cut)} tokens) to leave room for the new "
+                f"tokens in the model's context of {window}"
+            )
         out: list[str] = [""] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -255,21 +270,11 @@ class JaxlmLM(TemplateLM):
         else:
             chain = sample.strategies(0.0)
         window = self.max_length
-        if budget >= window:
-            self.log(
-                f"jaxlm eval: max_gen_toks={budget} does not fit the model's context of {window} "
-                f"tokens; generating {window - 1}"
-            )
-            budget = window - 1
+        asked = budget
+        budget = min(budget, window - 1)  # at least one token of context
         prompt = self.tok_encode(context) if context else [self.prefix_token_id]
-        if len(prompt) + budget > window:
-            self.truncated += 1
-            self.log(
-                f"jaxlm eval: generation request {i} has a {len(prompt)}-token context; its "
-                f"first {len(prompt) + budget - window} tokens were cut to leave room for "
-                f"{budget} new ones in the model's context of {window}"
-            )
-            prompt = prompt[len(prompt) + budget - window :]
+        cut = max(len(prompt) + budget - window, 0)
+        prompt = prompt[cut:]
         # `until` strings that are one token end a row early; every string cuts the text.
         stop = [self.eot_token_id]
         for s in until:
@@ -278,6 +283,8 @@ class JaxlmLM(TemplateLM):
                 stop.append(ids[0])
         return dict(
             prompt=prompt,
+            cut=cut,
+            asked=asked,
             stop=stop,
             until=until,
             context=context,

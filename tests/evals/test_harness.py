@@ -169,6 +169,21 @@ def test_long_contexts_are_cut_from_the_left_and_reported(tmp_path, params):
     assert sample["resps"][0][0][0] == pytest.approx(want, rel=1e-5, abs=2e-4)
     assert any("2 of 2 requests are longer than the model's context of 48" in m for m in messages)
     assert lm.truncated == 2
+    # Generation: the context keeps its last 48 - 6 tokens, room for 6 new ones.
+    gen = write_task(
+        tmp_path,
+        "long_gen",
+        [{"q": long_q, "a": "x"}],
+        output_type="generate_until",
+        doc_to_text="{{q}}",
+        doc_to_target="{{a}}",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 6},
+    )
+    out = run_tasks(lm, [str(gen)], log_samples=True)
+    (sample,) = out["samples"]["long_gen"]
+    assert sample["resps"][0][0] == _greedy_text(params, _ids(long_q)[-42:], 6, "\n")
+    assert any("1 of 1 generation requests had their contexts cut" in m for m in messages)
+    assert lm.truncated == 3
 
 
 def test_task_files_that_do_not_parse_are_named_with_their_line(tmp_path):
