@@ -146,6 +146,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "params_bytes": state["params"],
         "params_and_adam_bytes": state["params"] + state["optimizer"],
     }
+    from jaxlm.model import fused_attention
+
+    on = "tpu" if args.topology else None
+    impl, why = fused_attention.describe(model, seq_len, on=on)
+    info["attention_impl"], info["attention_impl_reason"] = impl, why
     if args.topology:
         info.update(_per_device_bytes(config, args.topology))
     if args.json:
@@ -161,6 +166,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"training FLOPs per token:   {info['flops_per_token']:.4g} (seq_len {seq_len})")
     print(f"params:                     {state['params'] / gib:.3f} GiB ({model.param_dtype})")
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")
+    where = f" on {args.topology}" if args.topology else ""
+    print(f"attention{where}:{' ' * max(1, 18 - len(where))}{impl} ({why})")
     if args.topology:
         print(f"on {args.topology} ({info['devices']} chips, mesh {info['mesh']}):")
         per_device = info["params_and_adam_bytes_per_device"] / gib

@@ -28,6 +28,7 @@ from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.pipeline import StreamIterator, check_batch_size
 from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
+from jaxlm.model import fused_attention
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
 from jaxlm.optim import make_optimizer
@@ -85,6 +86,11 @@ class RunPlan:
         self.tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
         check_run(config, self.tokenizer, data=check_data)
         self.mesh = mesh or sharding.make_mesh(config.mesh)
+        # An attention kernel the mesh's backend lacks, or tiles that do not divide a sequence.
+        fused_attention.describe(
+            config.model, config.data.seq_len, on=self.mesh.devices.flat[0].platform
+        )
+        fused_attention.check_blocks(config.model, config.data.seq_len)
         check_batch_size(config.data.batch_size, self.mesh, jax.process_count())
         self.rules = sharding.get_rules(config.mesh.rules)
         self.task: Task = get_task(config)

@@ -174,7 +174,7 @@ def prefill(
         prompt_tokens_BT,
         positions_BT,
         cache=cache,
-        prepend_prompt=True,
+        prefill=True,
         prefix_BT=prefix_BT,
     )
     last_B1V = jnp.take_along_axis(logits_BTV, (prompt_lengths_B - 1)[:, None, None], axis=1)

@@ -203,6 +203,18 @@ def use_mesh(mesh: Mesh, rules: Rules | str) -> Iterator[None]:
         _context.stack.pop()
 
 
+def current() -> tuple[Mesh, Rules] | None:
+    """The innermost `use_mesh` context's (mesh, rules), or None outside one."""
+    return _context.stack[-1] if _context.stack else None
+
+
+def platform() -> str:
+    """The platform of the current mesh's devices (the target when compiling ahead of time for
+    a TPU topology from a CPU host), else the default backend's."""
+    ctx = current()
+    return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrain the sharding of activation `x` by logical axis names; a no-op with no mesh."""
     if not _context.stack:

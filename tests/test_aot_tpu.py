@@ -154,3 +154,48 @@ def test_expert_parallel_moe_train_step_compiles_for_tpu(dispatch):
     assert up.sharding.shard_shape(up.shape)[1] == 1, up.sharding
     if dispatch == "dropless":
         assert "ragged" in text.lower()
+
+
+def test_splash_train_step_compiles_for_tpu_with_less_memory_than_xla(capsys):
+    """The shard_map-wrapped splash kernel in a whole fsdp x tensor train step on v5e:2x2: a
+    Mosaic custom call in the HLO, and clearly smaller temporaries than the XLA path at a long
+    sequence; `jaxlm info --topology` says splash."""
+    from jax.experimental import topologies
+
+    from jaxlm.cli import main
+    from jaxlm.configs.overrides import load_config
+    from jaxlm.run import abstract_batch, abstract_train_state, make_train_step
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    overrides = [
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "mesh.rules=fsdp_tp",
+        "model.max_seq_len=4096",
+        "data.seq_len=4096",
+        "data.batch_size=8",
+        "model.d_model=256",
+        "model.num_heads=8",
+        "model.num_kv_heads=2",
+        "model.dtype=bfloat16",
+    ]
+    temp, texts = {}, {}
+    for impl in ("xla", "splash"):
+        cfg = load_config("tiny-llama", [*overrides, f"model.attention_impl={impl}"])
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+        step = make_train_step(cfg, mesh)
+        with sharding.use_mesh(mesh, cfg.mesh.rules):
+            lowered = step.jitted.lower(abstract_train_state(cfg, mesh), abstract_batch(cfg, mesh))
+        compiled = lowered.compile()
+        temp[impl] = compiled.memory_analysis().temp_size_in_bytes
+        texts[impl] = compiled.as_text()
+    assert "tpu_custom_call" in texts["splash"] and "tpu_custom_call" not in texts["xla"]
+    with capsys.disabled():
+        ratio = temp["xla"] / temp["splash"]
+        print(f"\n8-head model, seq 4096, train step temporaries per chip: xla {temp['xla']:,} B")
+        print(f"splash {temp['splash']:,} B ({ratio:.1f}x less)")
+    assert temp["splash"] * 3 < temp["xla"]
+    args = ["info", "--config", "tiny-llama", "--topology", "v5e:2x2", "--json"]
+    assert main([*args, "--set", "model.max_seq_len=4096"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["attention_impl"] == "splash", info

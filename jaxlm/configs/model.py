@@ -14,6 +14,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 Head = Literal["lm", "score", "mlm"]
 NormPosition = Literal["pre", "post"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
+AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 CPU_UNROLL_MAX_LAYERS = 8  # scan_unroll=None unrolls scanned models this deep on CPU
@@ -188,6 +189,16 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     sliding_window: int | None = None
+    # How attention is computed: "xla" (einsums and a dense mask, every backend), "splash" (the
+    # Pallas TPU kernel; Pallas interpret mode on CPU, for checking), "cudnn" (cuDNN's fused
+    # kernel on GPU), or "auto": the fused kernel of the backend where it can express the
+    # config and sequence, "xla" elsewhere (`jaxlm info` says which). Decode steps always use
+    # "xla"; training, prefill and scoring use the kernel.
+    attention_impl: AttentionImpl = "auto"
+    # Splash tile sizes (multiples of 128); None = the largest of 512/256/128 that divides the
+    # sequence (at most 256 when head_dim > 128).
+    attention_block_q: int | None = None
+    attention_block_kv: int | None = None
     # False: bidirectional attention (an encoder, e.g. for masked LM): every token sees its whole
     # segment, before and after it (a sliding window then spans W - 1 tokens on each side). Such
     # a model cannot decode with a KV cache and cannot train for next-token prediction.
@@ -271,6 +282,7 @@ class ModelConfig:
             ("remat", RematPolicy),
             ("norm_position", NormPosition),
             ("head", Head),
+            ("attention_impl", AttentionImpl),
         ):
             _check_choice(name, getattr(self, name), literal)
         if self.position == "rope" and self.head_dim % 2:
@@ -304,6 +316,7 @@ class ModelConfig:
             check_positive_ints(self, "sliding_window")
         if self.scan_unroll is not None:
             check_positive_ints(self, "scan_unroll")
+        self._check_attention_impl()
         if self.moe.enabled and self.scan_layers:
             m = self.moe
             if m.first_dense or self.num_layers % m.every:
@@ -350,6 +363,43 @@ class ModelConfig:
                 f"ModelConfig.value_head=True is a language model's critic; model.head="
                 f"{self.head!r} has no policy to go with it"
             )
+
+    def fused_attention_blocker(self, impl: str) -> str | None:
+        """The feature of this config that fused kernel `impl` ("splash" or "cudnn") cannot
+        express, or None when it can express all of them."""
+        if self.prefix_lm:
+            return "prefix-LM attention (model.prefix_lm=True)"
+        if self.prompt_tokens:
+            return f"prompt tuning (model.prompt_tokens={self.prompt_tokens}: every token sees it)"
+        if impl == "cudnn":
+            if self.attn_logit_softcap is not None:
+                cap = self.attn_logit_softcap
+                return f"the attention-logit soft-cap (model.attn_logit_softcap={cap})"
+            if self.dtype == "float32":
+                return "float32 compute (cuDNN's kernel takes model.dtype=bfloat16 or float16)"
+            if self.sliding_window is not None and not self.causal:
+                return "a two-sided sliding window (cuDNN's windows look left only)"
+            if self.head_dim > 128 or self.head_dim % 8:
+                return f"head_dim={self.head_dim} (cuDNN's kernel takes multiples of 8 up to 128)"
+        return None
+
+    def _check_attention_impl(self) -> None:
+        for name in ("attention_block_q", "attention_block_kv"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 128 or value % 128
+            ):
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r} must be a multiple of 128 (the TPU's lane "
+                    "width; e.g. 128, 256, 512) or None (chosen per sequence length)"
+                )
+        if self.attention_impl in ("splash", "cudnn"):
+            blocker = self.fused_attention_blocker(self.attention_impl)
+            if blocker:
+                raise ValueError(
+                    f"ModelConfig.attention_impl={self.attention_impl!r} cannot express {blocker}; "
+                    "use attention_impl='auto' (falls back to 'xla' for this config) or 'xla'"
+                )
 
     def _check_lora(self) -> None:
         d, f = self.d_model, self.mlp_dim

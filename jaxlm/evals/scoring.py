@@ -175,7 +175,7 @@ def _score_shared_batch(
         context_BT,
         positions_BT,
         cache=cache,
-        prepend_prompt=True,
+        prefill=True,
         prefix_BT=prefix_BT,
         logits_at=(context_len_B - 1)[:, None],
     )

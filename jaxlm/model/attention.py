@@ -10,6 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlm.configs.model import ModelConfig
 from jaxlm.model import kv_cache
 from jaxlm.model.attend import attend
+from jaxlm.model.fused_attention import Segments, fused_attention
 from jaxlm.model.layers import Einsum, kernel_init, make_norm
 from jaxlm.model.positions import apply_rope
 from jaxlm.sharding import constrain
@@ -64,7 +65,7 @@ class Attention(nn.Module):
         self,
         x_BTD: jax.Array,
         positions_BT: jax.Array,
-        mask_BTS: jax.Array,
+        mask_BTS: jax.Array | Segments,
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """(output [B, T, D], updated cache layer or None).
@@ -75,6 +76,10 @@ class Attention(nn.Module):
         With a cache layer `kv` = (k, v), each [B, S, K, H], the new keys and values are written
         at slots positions[b, 0] .. positions[b, 0] + T - 1 and the queries attend over all S
         slots (`mask_BTS` is [B, T, S]).
+
+        `mask_BTS` may instead be `Segments`: self-attention over this call's own T tokens
+        (also with a cache: a prefill into an empty one) by the fused kernel of
+        `config.attention_impl`.
         """
         cfg = self.config
         d, n, k, h, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
@@ -106,18 +111,25 @@ class Attention(nn.Module):
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))
         k_BSKH = constrain(k_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
         v_BSKH = constrain(v_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
+        own_k_BTKH, own_v_BTKH = k_BSKH, v_BSKH
         if kv is not None:
             k_BSKH, v_BSKH = kv_cache.update(*kv, k_BSKH, v_BSKH, positions_BT[:, 0])
             kv = (k_BSKH, v_BSKH)
             k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
 
         b, t = q_BTNH.shape[:2]
-        q_BKGTH = jnp.transpose((q_BTNH * h**-0.5).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
-        # Without a cache a causal model's mask is causal by index, so blocks may be skipped
-        # (not a prefix LM's: a prefix sees the keys after it).
-        causal = kv is None and cfg.causal and not cfg.prefix_lm
-        out_BKGTH = attend(q_BKGTH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, causal=causal)
-        out_BTNH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+        if isinstance(mask_BTS, Segments):
+            q_BTNH = (q_BTNH * h**-0.5).astype(q_BTNH.dtype)
+            out_BTNH = fused_attention(q_BTNH, own_k_BTKH, own_v_BTKH, mask_BTS.ids_BT, cfg)
+        else:
+            q_BKGTH = jnp.transpose((q_BTNH * h**-0.5).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
+            # Without a cache a causal model's mask is causal by index, so blocks may be
+            # skipped (not a prefix LM's: a prefix sees the keys after it).
+            causal = kv is None and cfg.causal and not cfg.prefix_lm
+            out_BKGTH = attend(
+                q_BKGTH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, causal=causal
+            )
+            out_BTNH = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
         out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "head_dim"))
         out = Einsum(
             (n, h, d),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxlm import sharding
 from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
-from jaxlm.model import kv_cache
+from jaxlm.model import fused_attention, kv_cache
 from jaxlm.model.attend import softcap
 from jaxlm.model.attention import Attention, attention_mask, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
@@ -155,7 +155,10 @@ class Transformer(nn.Module):
     cache.lengths[b] + T - 1 (unless `positions` says otherwise); their keys and values are
     written to the cache, they attend causally to everything before them in the row, and the
     returned cache has `lengths` = last position + 1. `segment_ids` must be None then, and the
-    model causal.
+    model causal. `prefill=True` marks the call that fills an empty cache from position 0 (its
+    positions are 0 .. T - 1): it writes the prompt-tuning slots, and its attention over the
+    cache is attention over its own tokens, so a fused kernel (`config.attention_impl`) can
+    compute it.
 
     A prefix LM (`config.prefix_lm`) takes `prefix` [B, T] booleans: the tokens of each
     segment's prefix, which attend to the whole prefix (before and after them) instead of only
@@ -176,7 +179,7 @@ class Transformer(nn.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: Any = None,
-        prepend_prompt: bool = False,
+        prefill: bool = False,
         token_types_BT: jax.Array | None = None,
         prefix_BT: jax.Array | None = None,
         hidden: bool = False,
@@ -201,7 +204,7 @@ class Transformer(nn.Module):
         p = cfg.prompt_tokens
         # Prompt tuning: P learned embeddings before every row, at positions 0..P-1 (the tokens'
         # positions move up by P); with a cache they are written by the prefill call only.
-        prepend = p > 0 and (cache is None or prepend_prompt)
+        prepend = p > 0 and (cache is None or prefill)
         if cache is not None:
             if not cfg.causal:
                 raise ValueError(
@@ -233,7 +236,15 @@ class Transformer(nn.Module):
                 mask_BTS = mask_BTS | _prefix_mask(
                     positions_BT, slots_BS, prefix_BT, in_prefix_BS, ones, ones, cfg
                 )
+            # A prefill writes positions 0 .. T - 1 of an empty cache: attending over the cache
+            # is attending over its own tokens, which a fused kernel can do.
+            impl = fused_attention.call_impl(
+                cfg, t + prepend * p, prefill, prepend or prefix_BT is not None
+            )
+            if impl != "xla":
+                mask_BTS = fused_attention.Segments(None)
         else:
+            packed = segment_ids_BT is not None
             if segment_ids_BT is None:
                 segment_ids_BT = jnp.ones((b, t), jnp.int32)
             if positions_BT is None:
@@ -262,6 +273,9 @@ class Transformer(nn.Module):
                 mask_BTS = mask_BTS | _prefix_mask(
                     index_BT, index_BT, prefix_BT, prefix_BT, seg_BT, seg_BT, cfg
                 )
+            impl = fused_attention.call_impl(cfg, n, True, prepend or prefix_BT is not None)
+            if impl != "xla":  # the kernel builds its own mask from the segment ids
+                mask_BTS = fused_attention.Segments(segment_ids_BT if packed else None)
 
         embed = Embed(
             cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"
@@ -409,7 +423,7 @@ def scan_unroll(cfg: ModelConfig, length: int) -> int:
     """Iterations of the `length`-step layer loop to unroll (`ModelConfig.scan_unroll`)."""
     if cfg.scan_unroll is not None:
         return min(cfg.scan_unroll, length)
-    cpu = jax.default_backend() == "cpu"
+    cpu = sharding.platform() == "cpu"  # the target's: a TPU compile from a CPU host is TPU
     return length if cpu and cfg.num_layers <= CPU_UNROLL_MAX_LAYERS else 1
 
 
