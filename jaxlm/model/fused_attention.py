@@ -117,11 +117,20 @@ def check_blocks(cfg: ModelConfig, seq_len: int) -> None:
             )
 
 
+def window_sizes(cfg: ModelConfig) -> tuple[int, int] | None:
+    """The sliding window as (keys before, keys after) each query that it sees: key s is
+    visible from query t when t - s < W (and s - t < W when bidirectional)."""
+    if cfg.sliding_window is None:
+        return None
+    w = cfg.sliding_window - 1
+    return (w, 0 if cfg.causal else w)
+
+
 def _splash_kernel(
     heads: int,
     seq_len: int,
     causal: bool,
-    window: int | None,
+    window: tuple[int, int] | None,
     cap: float | None,
     bq: int,
     bkv: int,
@@ -130,8 +139,8 @@ def _splash_kernel(
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     shape = (seq_len, seq_len)
-    if window is not None:  # key s visible from query t when t - s < W (and s - t < W)
-        one = sa.LocalMask(shape, (window - 1, 0 if causal else window - 1), 0)
+    if window is not None:
+        one = sa.LocalMask(shape, window, 0)
     else:
         one = sa.CausalMask(shape) if causal else sa.FullMask(shape)
     blocks = dict(block_q=bq, block_kv=bkv, block_kv_compute=bkv)
@@ -164,7 +173,7 @@ def _splash(
 
     heads, t = q_BNTH.shape[1], q_BNTH.shape[2]
     kernel = _splash_kernel(
-        heads, t, cfg.causal, cfg.sliding_window, cfg.attn_logit_softcap, bq, bkv, interpret
+        heads, t, cfg.causal, window_sizes(cfg), cfg.attn_logit_softcap, bq, bkv, interpret
     )
     if ids_BT is None:
         return jax.vmap(kernel)(q_BNTH, k_BKTH, v_BKTH)
@@ -236,9 +245,6 @@ def cudnn_attention(
     mask = None
     if ids_BT is not None:
         mask = (ids_BT[:, :, None] == ids_BT[:, None, :])[:, None]
-    window = None
-    if cfg.sliding_window is not None:
-        window = (cfg.sliding_window - 1, 0 if cfg.causal else cfg.sliding_window - 1)
     return jax.nn.dot_product_attention(
         q_BTNH,
         k_BTKH,
@@ -246,7 +252,7 @@ def cudnn_attention(
         mask=mask,
         scale=1.0,
         is_causal=cfg.causal,
-        local_window_size=window,
+        local_window_size=window_sizes(cfg),
         implementation=implementation,
     )
 
@@ -276,4 +282,5 @@ __all__ = [
     "describe",
     "fused_attention",
     "splash_attention",
+    "window_sizes",
 ]
