@@ -2,6 +2,7 @@
 
 from jaxlm.configs.model import LoRAConfig, ModelConfig, MoEConfig
 from jaxlm.configs.presets import PRESETS, default_job, get_preset
+from jaxlm.configs.quant import QuantConfig
 from jaxlm.configs.run import (
     CheckpointConfig,
     DataConfig,
@@ -21,6 +22,7 @@ __all__ = [
     "MoEConfig",
     "ModelConfig",
     "OptimConfig",
+    "QuantConfig",
     "RunConfig",
     "TaskConfig",
     "TrainConfig",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from jaxlm.configs.quant import QuantConfig, check_quant
+
 Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
 Norm = Literal["layernorm", "rmsnorm"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "none"]
@@ -231,6 +233,8 @@ class ModelConfig:
     remat: RematPolicy = "none"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    # int8 / int4 weights (stored quantized, or fake-quantized for QAT): `jaxlm quantize`.
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     # Prompt tuning: this many learned embeddings before every sequence (0 = none); with them
     # (and with LoRA adapters) only they train.
     prompt_tokens: int = 0
@@ -328,6 +332,7 @@ class ModelConfig:
 
         if self.lora.rank:
             self._check_lora()
+        check_quant(self)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"ModelConfig.dropout={self.dropout!r} must be in [0, 1)")
         if self.prefix_lm and not self.causal:

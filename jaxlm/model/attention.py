@@ -93,6 +93,7 @@ class Attention(nn.Module):
                 cfg.attn_bias,
                 name=name,
                 lora=cfg.lora if cfg.lora.adapts(name) else None,
+                quant=cfg.quant,
                 **dt,
             )
             y = w("BTD,DNH->BTNH", x_BTD)
@@ -138,6 +139,7 @@ class Attention(nn.Module):
             cfg.use_attn_out_bias,
             name="out",
             lora=cfg.lora if cfg.lora.adapts("out") else None,
+            quant=cfg.quant,
             **dt,
         )
         out_BTD = out("BTNH,NHD->BTD", out_BTNH)

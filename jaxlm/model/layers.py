@@ -9,7 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.configs.model import LoRAConfig, ModelConfig
+from jaxlm.configs.quant import QuantConfig
 from jaxlm.model.lora import lora_delta
+from jaxlm.model.quant import (
+    contracted,
+    dequantize,
+    fake_quant,
+    int8_einsum,
+    quant_weight,
+    stored_params,
+    unpack_int4,
+)
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -76,14 +86,24 @@ class Einsum(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     lora: LoRAConfig | None = None  # a low-rank adapter beside `w` (`jaxlm.model.lora`)
+    # Stored int8/int4 weights (`w_q`, `w_scale`) or fake quantization (`jaxlm.model.quant`).
+    quant: QuantConfig | None = None
 
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-        w = self.param(
-            "w", nn.with_logical_partitioning(self.init_fn, self.axes), self.shape, self.param_dtype
-        )
-        eqn, x, lead = merge_leading(eqn, x)
-        y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+        in_axes = contracted(eqn)
+        quant = self.quant if self.quant is not None and self.quant.bits else None
+        if quant is not None and quant.int8_dot:
+            q, scale = stored_params(self, "w", self.shape, self.axes, in_axes, quant)
+            eqn, x, lead = merge_leading(eqn, x)
+            y = int8_einsum(eqn, x, q, scale, self.dtype)
+        else:
+            w = quant_weight(
+                self, "w", self.init_fn, self.shape, self.axes, in_axes, quant,
+                self.param_dtype, self.dtype,
+            )  # fmt: skip
+            eqn, x, lead = merge_leading(eqn, x)
+            y = jnp.einsum(eqn, x.astype(self.dtype), w)
         if self.lora is not None:
             y = y + lora_delta(self, self.lora, eqn, x, self.shape, self.axes, self.dtype)
         if self.use_bias:
@@ -154,7 +174,11 @@ def make_norm(config: ModelConfig, name: str, axis_name: str = "norm") -> Norm:
 
 
 class Embed(nn.Module):
-    """Token embedding table [V, D]; `attend` reuses it as the output projection (tied)."""
+    """Token embedding table [V, D]; `attend` reuses it as the output projection (tied).
+
+    With `quant` (bits set and `embed`), the table is stored quantized per row (its D input dim
+    grouped) or fake-quantized under QAT; a lookup dequantizes only the rows it takes.
+    """
 
     vocab_size: int
     features: int
@@ -162,19 +186,56 @@ class Embed(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     axes: tuple[str | None, str | None] = ("vocab", "embed")
+    quant: QuantConfig | None = None
 
     def setup(self) -> None:
+        shape = (self.vocab_size, self.features)
+        if self._stored is not None:
+            self.embedding_q, self.embedding_scale = stored_params(
+                self, "embedding", shape, self.axes, (1,), self._stored
+            )
+            return
         self.embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(jax.nn.initializers.normal(self.init_std), self.axes),
-            (self.vocab_size, self.features),
+            shape,
             self.param_dtype,
         )
 
+    @property
+    def _quant(self) -> QuantConfig | None:
+        q = self.quant
+        return q if q is not None and q.bits and q.embed else None
+
+    @property
+    def _stored(self) -> QuantConfig | None:
+        q = self._quant
+        return q if q is not None and q.stored else None
+
+    def _rows(self, q: jax.Array, scale: jax.Array) -> jax.Array:
+        if self._stored.bits == 4:
+            q = unpack_int4(q, -1)
+        return dequantize(q, scale, self.dtype)
+
+    def table(self) -> jax.Array:
+        """The [V, D] table in the compute dtype (dequantized, or fake-quantized under QAT)."""
+        if self._stored is not None:
+            return self._rows(self.embedding_q, self.embedding_scale)
+        if self._quant is not None:  # QAT
+            return fake_quant(self.embedding.astype(jnp.float32), (1,), self._quant).astype(
+                self.dtype
+            )
+        return self.embedding.astype(self.dtype)
+
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        if self._stored is not None:
+            q = jnp.take(self.embedding_q, tokens_BT, axis=0)
+            return self._rows(q, jnp.take(self.embedding_scale, tokens_BT, axis=0))
+        if self._quant is not None:
+            return jnp.take(self.table(), tokens_BT, axis=0)
         return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         eqn, x_ND, lead = merge_leading("BTD,VD->BTV", x_BTD.astype(self.dtype))
-        logits = jnp.einsum(eqn, x_ND, self.embedding.astype(self.dtype))
+        logits = jnp.einsum(eqn, x_ND, self.table())
         return logits.reshape(*lead, logits.shape[-1])

@@ -69,6 +69,7 @@ class MLP(nn.Module):
                 cfg.mlp_bias,
                 name=name,
                 lora=lora,
+                quant=cfg.quant,
                 **dt,
             )
             return w("BTD,DF->BTF", x_BTD)
@@ -83,6 +84,7 @@ class MLP(nn.Module):
             cfg.mlp_bias,
             name="down",
             lora=cfg.lora if cfg.lora.adapts("down") else None,
+            quant=cfg.quant,
             **dt,
         )
         out_BTD = down("BTF,FD->BTD", h_BTF)

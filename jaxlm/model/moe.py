@@ -33,6 +33,7 @@ from jaxlm.model.layers import Einsum, kernel_init
 from jaxlm.model.lora import dropout as lora_dropout
 from jaxlm.model.lora import expert_adapters
 from jaxlm.model.mlp import ACTIVATIONS, MLP
+from jaxlm.model.quant import quant_weight
 from jaxlm.sharding import constrain
 
 
@@ -122,8 +123,10 @@ class MoE(nn.Module):
         weights_NK, experts_NK, probs_NE = route(logits_NE, k, moe.score, moe.renormalize)
 
         def param(name: str, shape: tuple[int, ...], axes: tuple[str, ...], out: bool = False):
-            init = nn.with_logical_partitioning(kernel_init(cfg, 1, 2, output_projection=out), axes)
-            return self.param(name, init, shape, cfg.param_dtype).astype(cfg.dtype)
+            init = kernel_init(cfg, 1, 2, output_projection=out)
+            return quant_weight(
+                self, name, init, shape, axes, (1,), cfg.quant, cfg.param_dtype, cfg.dtype
+            )
 
         w_up_EDF = param("up", (e, d, f), ("expert", "embed", "expert_mlp"))
         w_gate_EDF = (

@@ -278,7 +278,13 @@ class Transformer(nn.Module):
                 mask_BTS = fused_attention.Segments(segment_ids_BT if packed else None)
 
         embed = Embed(
-            cfg.vocab_size, cfg.d_model, cfg.init_std, cfg.dtype, cfg.param_dtype, name="embed"
+            cfg.vocab_size,
+            cfg.d_model,
+            cfg.init_std,
+            cfg.dtype,
+            cfg.param_dtype,
+            quant=cfg.quant,
+            name="embed",
         )
         x_BTD = embed(tokens_BT)
         if prepend:
@@ -380,6 +386,7 @@ class Transformer(nn.Module):
                 kernel_init(cfg, 0, 1),
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
+                quant=cfg.quant if cfg.quant.embed else None,
                 name="unembed",
             )
             logits_BTV = unembed("BTD,DV->BTV", x_BTD)
