@@ -15,6 +15,7 @@ from typing import Any
 
 from jaxlm import compilation_cache
 from jaxlm.configs.overrides import load_config
+from jaxlm.configs.quant import QuantConfig
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 
 
@@ -108,22 +109,30 @@ def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
 
     leaves = jax.tree.leaves(abstract, is_leaf=lambda x: hasattr(x, "names"))
     names = param_names(abstract)
-    per_device = [
-        math.prod(s.shard_shape(a.value.shape))
+    per_device = [  # (elements, bytes) of each parameter's largest shard
+        (n := math.prod(s.shard_shape(a.value.shape)), n * a.value.dtype.itemsize)
         for a, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
     ]
-    adapters = sum(e for n, e in zip(names, per_device, strict=True) if is_adapter(n))
-    base = sum(per_device) - adapters
-    itemsize = jax.numpy.dtype(config.model.param_dtype).itemsize
-    params_bytes = base * itemsize + adapters * 4  # adapters are float32
-    return {
+    adapters = sum(e for n, (e, _) in zip(names, per_device, strict=True) if is_adapter(n))
+    # What trains: the adapters when there are some, else all (nothing for quantized weights).
+    rest = 0 if config.model.quant.stored else sum(e for e, _ in per_device)
+    params_bytes = sum(b for _, b in per_device)
+    out = {
         "topology": topology,
         "devices": len(devices),
         "mesh": dict(mesh.shape),
         "params_bytes_per_device": params_bytes,
-        # Adam's two float32 moments of what trains (only the adapters when there are some).
-        "params_and_adam_bytes_per_device": params_bytes + 8 * (adapters or base),
+        # Adam's two float32 moments of what trains.
+        "params_and_adam_bytes_per_device": params_bytes + 8 * (adapters or rest),
     }
+    if config.model.quant.stored:  # the same model's float weights, for comparison
+        plain = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, quant=QuantConfig())
+        )
+        out["params_bytes_per_device_unquantized"] = _per_device_bytes(plain, topology)[
+            "params_bytes_per_device"
+        ]
+    return out
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -136,6 +145,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     counts = param_count(model)
     state = training_state_bytes(model)
+    if model.quant.stored:
+        import jax
+
+        from jaxlm.compress.quantize import stored_bytes
+        from jaxlm.model.transformer import abstract_params
+
+        shapes = jax.tree.leaves(abstract_params(model), is_leaf=lambda x: hasattr(x, "names"))
+        state["params"] = stored_bytes([x.value for x in shapes])
+        state["optimizer"] = counts.adapters * 8
     info: dict[str, Any] = {
         "params": counts.total,
         "params_non_embedding": counts.non_embedding,
@@ -151,6 +169,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     on = "tpu" if args.topology else None
     impl, why = fused_attention.describe(model, seq_len, on=on)
     info["attention_impl"], info["attention_impl_reason"] = impl, why
+    info["weights"] = model.quant.describe() if model.quant.bits else model.param_dtype
     if args.topology:
         info.update(_per_device_bytes(config, args.topology))
     if args.json:
@@ -164,13 +183,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if counts.adapters:
         print(f"trained (adapters):         {counts.adapters:,} (LoRA / prompt tuning)")
     print(f"training FLOPs per token:   {info['flops_per_token']:.4g} (seq_len {seq_len})")
-    print(f"params:                     {state['params'] / gib:.3f} GiB ({model.param_dtype})")
+    dtype = model.quant.describe() if model.quant.bits else model.param_dtype
+    print(f"params:                     {state['params'] / gib:.3f} GiB ({dtype})")
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")
     where = f" on {args.topology}" if args.topology else ""
     print(f"attention{where}:{' ' * max(1, 18 - len(where))}{impl} ({why})")
     if args.topology:
         print(f"on {args.topology} ({info['devices']} chips, mesh {info['mesh']}):")
         per_device = info["params_and_adam_bytes_per_device"] / gib
+        if model.quant.stored:
+            params = info["params_bytes_per_device"] / gib
+            plain = info["params_bytes_per_device_unquantized"] / gib
+            print(f"  params per chip:          {params:.3f} GiB ({model.param_dtype} {plain:.3f})")
         print(f"  params + Adam per chip:   {per_device:.3f} GiB")
     return 0
 
@@ -284,6 +308,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             scan_layers=False if args.no_scan else None,
             tokenizer=args.tokenizer,
             adapter=args.adapter,
+            quant=_quant_format(*QUANTIZE[args.quantize]) if args.quantize else None,
         )
         print(f"jaxlm convert: wrote the jaxlm run {path}", file=sys.stderr)
         print(f"sample with: jaxlm sample --workdir {path} --prompt ...", file=sys.stderr)
@@ -292,6 +317,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError("--to-hf needs --out DIR (the Hugging Face directory to write)")
     if args.adapter:
         raise ValueError("--adapter goes with --from-hf (import); exports take --lora")
+    if args.quantize:
+        raise ValueError("--quantize goes with --from-hf (import); quantize a run: jaxlm quantize")
     if args.lora:
         from jaxlm.interop.peft import export_lora
 
@@ -312,6 +339,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     exported = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
     auto = "ForSequenceClassification" if "ForSequenceClassification" in exported else "ForCausalLM"
     print(f"jaxlm convert: wrote {path} (transformers.AutoModel{auto} loads it)")
+    return 0
+
+
+def _quant_format(bits: int | None, group: int | None, embed: bool = False) -> Any:
+    """The `QuantConfig` of --bits/--group (int4 default: groups of 128), checked."""
+    from jaxlm.configs.quant import QuantConfig
+
+    if bits not in (4, 8):
+        raise ValueError(f"--bits {bits} is not valid; choose 8 (int8) or 4 (packed int4)")
+    if group is None and bits == 4:
+        group = 128
+    return QuantConfig(bits=bits, group=group, embed=embed)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from jaxlm.compress.quantize import quantize_workdir, stored_bytes
+
+    fmt = _quant_format(args.bits, args.group, args.embed)
+    path = quantize_workdir(args.workdir, args.out, fmt, step=args.step)
+    from jaxlm.run import load_for_eval
+
+    config, _, params, _ = load_for_eval(path)
+    print(
+        f"jaxlm quantize: wrote {path} ({config.model.quant.describe()}: "
+        f"{stored_bytes(params) / 2**20:.2f} MiB of weights)",
+        file=sys.stderr,
+    )
+    print(f"sample with: jaxlm sample --workdir {path} --prompt ...", file=sys.stderr)
     return 0
 
 
@@ -596,6 +651,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+QUANTIZE = {"int8": (8, None), "int4": (4, 128)}  # convert --quantize: (bits, group)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -712,8 +770,30 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--adapter", default=None, metavar="DIR", help="import a PEFT LoRA adapter onto the model"
     )
+    conv.add_argument(
+        "--quantize",
+        default=None,
+        choices=sorted(QUANTIZE),
+        help="store the imported weights quantized (int4: groups of 128)",
+    )
     _add_config_args(conv)
     conv.set_defaults(func=cmd_convert)
+
+    qnt = sub.add_parser("quantize", help="a run's weights as int8 or int4, into a new run")
+    qnt.add_argument("--workdir", required=True, help="the float run to quantize")
+    qnt.add_argument("--out", required=True, help="the quantized run to create")
+    qnt.add_argument("--bits", type=int, required=True, help="8 (int8) or 4 (packed int4)")
+    qnt.add_argument(
+        "--group",
+        type=int,
+        default=None,
+        help="inputs per scale (default: 128 for int4, per output channel for int8)",
+    )
+    qnt.add_argument(
+        "--embed", action="store_true", help="also the embedding table and untied output head"
+    )
+    qnt.add_argument("--step", type=int, default=None, help="default: the newest that restores")
+    qnt.set_defaults(func=cmd_quantize)
 
     swp = sub.add_parser("sweep", help="run a sweep file's training runs, collect results")
     swp.add_argument("file", help="a .py file defining SWEEP or get_sweep() (SweepRun list)")

@@ -213,6 +213,13 @@ def train(
             f"train.init_from_step={config.train.init_from_step} needs train.init_from "
             "(--init-from DIR): the step of which run?"
         )
+    quant = config.model.quant
+    if quant.stored and not config.model.lora.rank:
+        raise ValueError(
+            f"this model's weights are stored quantized (model.quant: {quant.describe()}) and "
+            "cannot train; fine-tune the float run with model.quant.qat=true (quantization-aware "
+            "training, then jaxlm quantize), or train LoRA adapters on it (model.lora.rank=N)"
+        )
     distributed.check_agreement(_run_facts(config, workdir))
     plan = RunPlan(config)  # the checks, mesh, task, optimizer and abstract state
     mesh, tokenizer = plan.mesh, plan.tokenizer

@@ -4,6 +4,8 @@ in the layout `jaxlm.model.quant` reads, sharded by the quantized model's logica
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -88,3 +90,44 @@ def quantize_params(
 def stored_bytes(params: Any) -> int:
     """Bytes of a parameter tree as stored (int8 and packed int4 at one byte per element)."""
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+def quantize_workdir(
+    workdir: str | Path,
+    out: str | Path,
+    quant: QuantConfig,
+    *,
+    step: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the run at `workdir` (its newest checkpoint that restores, or `step`) as a new run
+    `out` with quantized weights: a step-0 checkpoint that `jaxlm sample` / `eval` / `score` read
+    as they read any run. LoRA adapters are merged first. Refusals (an already-quantized run, a
+    group size the model does not take, an `out` that holds a run) come before anything is
+    read or written."""
+    from jaxlm import checkpoint
+    from jaxlm.interop.workdir import write_workdir
+    from jaxlm.run import load_for_eval
+
+    saved = checkpoint.load_run_config(workdir)
+    quantized_config(saved.model, quant)  # refusals before the weights are read
+    out = Path(out).absolute()
+    if checkpoint.complete_steps(out) or (out / checkpoint.CONFIG_FILE).exists():
+        raise ValueError(f"--out {str(out)!r} already holds a jaxlm run; give a new directory")
+    config, mesh, params, tokenizer = load_for_eval(workdir, step, log)
+    qconfig, qparams = quantize_params(
+        config.model, params, quant, mesh=mesh, rules=config.mesh.rules
+    )
+    del params
+    # The new run reads like its source (data, tokenizer, mesh); it never trains by itself, so
+    # its step 0 is where its schedule starts.
+    run = dataclasses.replace(config, model=qconfig)
+    return write_workdir(
+        out,
+        qconfig,
+        lambda mesh, rules: qparams,
+        run_config=run,
+        mesh=mesh,
+        rules=config.mesh.rules,
+        tokenizer=tokenizer,
+    )

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlm.configs.model import ModelConfig
+from jaxlm.configs.model import LoRAConfig, ModelConfig
+from jaxlm.configs.quant import QuantConfig
 from jaxlm.configs.run import RunConfig
 from jaxlm.files import read_json
 from jaxlm.interop import safetensors_io
@@ -386,11 +387,13 @@ def import_checkpoint(
     scan_layers: bool | None = None,
     tokenizer: str | None = None,
     adapter: str | Path | None = None,
+    quant: QuantConfig | None = None,
 ) -> Path:
     """Convert a Hugging Face model directory into a new jaxlm workdir and return its path.
 
     `adapter`: a PEFT LoRA adapter directory made for this model; the run then holds the base
-    and the adapters (`model.lora` from its `adapter_config.json`).
+    and the adapters (`model.lora` from its `adapter_config.json`). `quant`: store the weights
+    quantized (`jaxlm.compress.quantize`; an adapter is merged into them first).
 
     The workdir holds a complete step-0 checkpoint (`jaxlm.interop.workdir`): `jaxlm sample`,
     `jaxlm eval` and `jaxlm train --workdir` (fine-tuning) use it unchanged. `run_config` sets
@@ -406,13 +409,21 @@ def import_checkpoint(
         config, adapters = read_adapter(adapter, base)
     tok = load_hf_tokenizer(hf_dir) if tokenizer is None else None
 
+    float_config = config
+    if quant is not None:
+        from jaxlm.compress.quantize import quantize_params, quantized_config
+
+        config = dataclasses.replace(quantized_config(config, quant), lora=LoRAConfig())
+
     def make_params(mesh: jax.sharding.Mesh, rules: str) -> Any:
         params = params_from_hf(hf_dir, base, mesh=mesh, rules=rules)
-        if adapters is None:
-            return params
-        from jaxlm.interop.peft import with_adapters
+        if adapters is not None:
+            from jaxlm.interop.peft import with_adapters
 
-        return with_adapters(params, config, adapters)
+            params = with_adapters(params, float_config, adapters)
+        if quant is not None:
+            params = quantize_params(float_config, params, quant, mesh=mesh, rules=rules)[1]
+        return params
 
     return write_workdir(
         workdir,

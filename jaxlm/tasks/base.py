@@ -128,10 +128,12 @@ class Task:
     def trainable(self, name: str) -> bool:
         """Whether the parameter at '/'-joined path `name` is trained (others stay frozen: no
         gradient, no optimizer state, bitwise unchanged). With LoRA adapters or prompt-tuning
-        embeddings, only they train."""
+        embeddings, only they train; stored quantized weights (`*_q`, `*_scale`) never do."""
         model = self.config.model
         if model.lora.rank or model.prompt_tokens:
             return is_adapter(name)
+        if model.quant.stored:
+            return not name.rsplit("/", 1)[-1].endswith(("_q", "_scale"))
         return True
 
     # --- the loss -------------------------------------------------------------------------
