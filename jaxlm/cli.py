@@ -532,6 +532,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     distributed.check_agreement(_facts("sample", args))
     config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
+    if args.kv_cache:
+        model = dataclasses.replace(config.model, kv_cache_dtype=args.kv_cache)
+        config = dataclasses.replace(config, model=model)
     main = _is_main_process()  # every process generates (the parameters span them); one prints
     out = sys.stdout if main else io.StringIO()
     if chats:
@@ -730,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--system", default=None, help="a system message for --chat")
     smp.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     smp.add_argument("--max-new-tokens", type=int, default=128)
+    smp.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=["auto", "int8"],
+        help="the KV cache's dtype (default: the run's model.kv_cache_dtype; auto = compute)",
+    )
     smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     smp.add_argument(
         "--fill-mask",

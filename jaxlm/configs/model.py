@@ -17,6 +17,7 @@ Head = Literal["lm", "score", "mlm"]
 NormPosition = Literal["pre", "post"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
 AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
+KVCacheDType = Literal["auto", "int8"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 CPU_UNROLL_MAX_LAYERS = 8  # scan_unroll=None unrolls scanned models this deep on CPU
@@ -235,6 +236,10 @@ class ModelConfig:
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     # int8 / int4 weights (stored quantized, or fake-quantized for QAT): `jaxlm quantize`.
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    # The KV cache of sampling and scoring: "auto" = the compute dtype; "int8" = int8 keys and
+    # values with one float32 scale per token and kv head (half of bfloat16's bytes, a little
+    # more with the scales).
+    kv_cache_dtype: KVCacheDType = "auto"
     # Prompt tuning: this many learned embeddings before every sequence (0 = none); with them
     # (and with LoRA adapters) only they train.
     prompt_tokens: int = 0
@@ -287,6 +292,7 @@ class ModelConfig:
             ("norm_position", NormPosition),
             ("head", Head),
             ("attention_impl", AttentionImpl),
+            ("kv_cache_dtype", KVCacheDType),
         ):
             _check_choice(name, getattr(self, name), literal)
         if self.position == "rope" and self.head_dim % 2:

@@ -180,9 +180,7 @@ def _score_shared_batch(
         logits_at=(context_len_B - 1)[:, None],
     )
     lengths_B = context_len_B + config.prompt_tokens  # the right padding is not context
-    rows = kv_cache.KVCache(
-        k=cache.k[:, owner_N], v=cache.v[:, owner_N], lengths=lengths_B[owner_N]
-    )
+    rows = cache.rows(owner_N, lengths_B[owner_N])
     logits_NTV, _, _ = model.apply({"params": params}, continuation_NT, cache=rows)
     # Token j of a continuation is predicted by the context's last position (j = 0) or by
     # continuation token j - 1.

@@ -66,16 +66,16 @@ class Attention(nn.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array,
         mask_BTS: jax.Array | Segments,
-        kv: tuple[jax.Array, jax.Array] | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        kv: kv_cache.Layer | None = None,
+    ) -> tuple[jax.Array, kv_cache.Layer | None]:
         """(output [B, T, D], updated cache layer or None).
 
         Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T]; for a
         causal model (`config.causal`) it must be causal by index (key s hidden from query t
         whenever s > t; `attend` skips such blocks), for a bidirectional one it may be any mask.
-        With a cache layer `kv` = (k, v), each [B, S, K, H], the new keys and values are written
-        at slots positions[b, 0] .. positions[b, 0] + T - 1 and the queries attend over all S
-        slots (`mask_BTS` is [B, T, S]).
+        With a cache layer `kv` = (k, v), each [B, S, K, H] (int8 ones with their scales), the
+        new keys and values are written at slots positions[b, 0] .. positions[b, 0] + T - 1 and
+        the queries attend over all S slots (`mask_BTS` is [B, T, S]).
 
         `mask_BTS` may instead be `Segments`: self-attention over this call's own T tokens
         (also with a cache: a prefill into an empty one) by the fused kernel of
@@ -114,9 +114,8 @@ class Attention(nn.Module):
         v_BSKH = constrain(v_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
         own_k_BTKH, own_v_BTKH = k_BSKH, v_BSKH
         if kv is not None:
-            k_BSKH, v_BSKH = kv_cache.update(*kv, k_BSKH, v_BSKH, positions_BT[:, 0])
-            kv = (k_BSKH, v_BSKH)
-            k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
+            kv = kv_cache.update(kv, k_BSKH, v_BSKH, positions_BT[:, 0])
+            k_BSKH, v_BSKH = kv_cache.read(kv, cfg.dtype)
 
         b, t = q_BTNH.shape[:2]
         if isinstance(mask_BTS, Segments):

@@ -5,6 +5,12 @@ token at position p lives in slot p, so positions, masks and RoPE need no bookke
 `lengths[b]`, the number of slots of row b that hold real tokens. Slots at or past `lengths[b]`
 may hold garbage (e.g. a prompt's right padding); the causal mask never lets a query see them,
 and decoding overwrites them in order.
+
+With `ModelConfig.kv_cache_dtype="int8"`, `k` and `v` hold int8 values and `k_scale`, `v_scale`
+[L, B, S, K] float32 scales: each token's key (and value) of each kv head is quantized on its
+own, symmetric round-to-nearest over its H features (scale = max|x| · (1 / 127)), when it is
+written; attention reads q · scale. A layer's cache travels through the model as a tuple:
+(k, v) or (k, v, k_scale, v_scale).
 """
 
 from __future__ import annotations
@@ -22,51 +28,101 @@ KV_AXES = ("layers", "act_batch", "cache_length", "act_kv_heads", "head_dim")
 LENGTHS_AXES = ("act_batch",)
 
 
+SCALE_AXES = KV_AXES[:-1]
+
+Layer = tuple[jax.Array, ...]  # (k, v) or (k, v, k_scale, v_scale)
+
+
 @struct.dataclass
 class KVCache:
     k: jax.Array  # [L, B, S, K, H]
     v: jax.Array  # [L, B, S, K, H]
     lengths: jax.Array  # [B] int32: real tokens per row
+    k_scale: jax.Array | None = None  # [L, B, S, K] float32 with int8 k, v
+    v_scale: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
 
-    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
-        return self.k[i], self.v[i]
+    @property
+    def arrays(self) -> Layer:
+        """The stacked [L, ...] arrays, as the model's layers take them."""
+        if self.k_scale is None:
+            return (self.k, self.v)
+        return (self.k, self.v, self.k_scale, self.v_scale)
+
+    def layer(self, i: int) -> Layer:
+        return tuple(x[i] for x in self.arrays)
+
+    def with_arrays(self, arrays: Layer, lengths: jax.Array) -> KVCache:
+        """This cache's kind around new stacked arrays (constrained to the cache's shardings)."""
+        axes = (KV_AXES, KV_AXES, SCALE_AXES, SCALE_AXES)
+        arrays = tuple(sharding.constrain(x, a) for x, a in zip(arrays, axes, strict=False))
+        return KVCache(*arrays[:2], lengths, *arrays[2:])
+
+    def rows(self, index_N: jax.Array, lengths_N: jax.Array) -> KVCache:
+        """Rows `index_N` of every layer (e.g. copies of a shared context's row)."""
+        return KVCache(*(x[:, index_N] for x in self.arrays[:2]), lengths_N,
+                       *(x[:, index_N] for x in self.arrays[2:]))  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in self.arrays)
 
 
 def init_cache(
     config: ModelConfig, batch: int, max_length: int, dtype: jnp.dtype | str | None = None
 ) -> KVCache:
     """An empty cache for `batch` rows of up to `max_length` tokens, in the model's compute dtype
-    (or `dtype`), constrained to the active mesh's shardings when there is one."""
+    (or `dtype`; int8 with scales for `config.kv_cache_dtype="int8"`), constrained to the active
+    mesh's shardings when there is one."""
     if not 1 <= max_length <= config.max_seq_len:
         raise ValueError(
             f"cache length {max_length} must be in [1, model.max_seq_len={config.max_seq_len}]"
         )
     shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if config.kv_cache_dtype == "int8" and dtype is None:
+        k, v = (sharding.constrain(jnp.zeros(shape, jnp.int8), KV_AXES) for _ in "kv")
+        ks, vs = (sharding.constrain(jnp.zeros(shape[:-1], jnp.float32), SCALE_AXES) for _ in "kv")
+        return KVCache(k=k, v=v, lengths=lengths, k_scale=ks, v_scale=vs)
     dtype = dtype or config.dtype
     k = sharding.constrain(jnp.zeros(shape, dtype), KV_AXES)
     v = sharding.constrain(jnp.zeros(shape, dtype), KV_AXES)
-    return KVCache(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
+    return KVCache(k=k, v=v, lengths=lengths)
 
 
-def update(
-    k_BSKH: jax.Array,
-    v_BSKH: jax.Array,
-    k_new_BTKH: jax.Array,
-    v_new_BTKH: jax.Array,
-    start_B: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
+def quantize_heads(x_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(int8 values, float32 scales [B, T, K]): each token's vector of each head on its own."""
+    xf = x_BTKH.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) * jnp.float32(1 / 127)
+    q = jnp.round(xf / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def update(layer: Layer, k_new_BTKH: jax.Array, v_new_BTKH: jax.Array, start_B: jax.Array) -> Layer:
     """One layer's cache with T new keys/values written at slots start[b] .. start[b]+T-1."""
 
-    def write(cache_SKH: jax.Array, new_TKH: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(
-            cache_SKH, new_TKH.astype(cache_SKH.dtype), (start, 0, 0)
-        )
+    def write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+        at = (start,) + (0,) * (cache.ndim - 1)
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
 
-    k = jax.vmap(write)(k_BSKH, k_new_BTKH, start_B)
-    v = jax.vmap(write)(v_BSKH, v_new_BTKH, start_B)
-    axes = KV_AXES[1:]
-    return sharding.constrain(k, axes), sharding.constrain(v, axes)
+    new = (k_new_BTKH, v_new_BTKH)
+    if len(layer) == 4:
+        (kq, ks), (vq, vs) = quantize_heads(k_new_BTKH), quantize_heads(v_new_BTKH)
+        new = (kq, vq, ks, vs)
+    out = tuple(jax.vmap(write)(c, n, start_B) for c, n in zip(layer, new, strict=True))
+    axes = (KV_AXES[1:], KV_AXES[1:], SCALE_AXES[1:], SCALE_AXES[1:])
+    return tuple(sharding.constrain(x, a) for x, a in zip(out, axes, strict=False))
+
+
+def read(layer: Layer, dtype: jnp.dtype | str) -> tuple[jax.Array, jax.Array]:
+    """One layer's keys and values [B, S, K, H] in `dtype` (dequantized from int8)."""
+    if len(layer) == 2:
+        return layer[0].astype(dtype), layer[1].astype(dtype)
+    k, v, ks, vs = layer
+    return (
+        (k.astype(jnp.float32) * ks[..., None]).astype(dtype),
+        (v.astype(jnp.float32) * vs[..., None]).astype(dtype),
+    )

@@ -49,7 +49,7 @@ class Block(nn.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array,
         mask_BTS: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None = None,
+        kv: kv_cache.Layer | None = None,
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
         """(x, (aux, updated cache layer or None))."""
         cfg = self.config
@@ -78,21 +78,21 @@ def _run_blocks(
     x_BTD: jax.Array,
     positions_BT: jax.Array,
     mask_BTS: jax.Array,
-    kv: tuple[jax.Array, jax.Array] | None,
-) -> tuple[jax.Array, list[dict[str, jax.Array]], tuple[jax.Array, jax.Array] | None]:
+    kv: kv_cache.Layer | None,
+) -> tuple[jax.Array, list[dict[str, jax.Array]], kv_cache.Layer | None]:
     """Apply `blocks` in order, block j on cache layer j of `kv` ([L, ...] arrays).
 
     Returns (x, the non-empty aux dicts in layer order, the updated cache restacked or None).
     """
     auxes, new_kv = [], []
     for j, block in enumerate(blocks):
-        layer_kv = None if kv is None else (kv[0][j], kv[1][j])
+        layer_kv = None if kv is None else tuple(x[j] for x in kv)
         x_BTD, (aux_j, kv_j) = block(x_BTD, positions_BT, mask_BTS, layer_kv)
         if aux_j:
             auxes.append(aux_j)
         new_kv.append(kv_j)
     if kv is not None:
-        kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+        kv = tuple(jnp.stack(xs) for xs in zip(*new_kv, strict=True))
     return x_BTD, auxes, kv
 
 
@@ -107,7 +107,7 @@ class BlockGroup(nn.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array,
         mask_BTS: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None = None,
+        kv: kv_cache.Layer | None = None,
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
         every = self.config.moe.every
         blocks = [Block(self.config, moe=j == every - 1, name=f"block_{j}") for j in range(every)]
@@ -328,7 +328,7 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             # Under scan, XLA cannot CSE across iterations, so prevent_cse is unnecessary there.
             unit = nn.remat(unit, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        kv = None if cache is None else (cache.k, cache.v)
+        kv = None if cache is None else cache.arrays
         if cfg.scan_layers:
             every = cfg.moe.every if grouped else 1
             length = cfg.num_layers // every
@@ -357,8 +357,7 @@ class Transformer(nn.Module):
             x_BTD, per_layer, kv = _run_blocks(blocks, x_BTD, positions_BT, mask_BTS, kv)
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
         if cache is not None:
-            k, v = (sharding.constrain(x, kv_cache.KV_AXES) for x in kv)
-            cache = kv_cache.KVCache(k=k, v=v, lengths=positions_BT[:, -1] + 1)
+            cache = cache.with_arrays(kv, positions_BT[:, -1] + 1)
 
         if cfg.norm_position == "pre":  # post-LN blocks end in a norm already
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
