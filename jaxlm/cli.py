@@ -370,6 +370,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from jaxlm.compress.prune import prune_workdir
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    keep = None
+    if args.keep:
+        keep = {}
+        for part in args.keep.split(","):
+            name, _, value = part.partition("=")
+            try:
+                keep[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"--keep {args.keep!r}: give KIND=FRACTION[,...], e.g. heads=0.5,mlp=0.75"
+                ) from None
+    path, _ = prune_workdir(
+        args.workdir,
+        args.out,
+        target_params=args.target_params,
+        keep=keep,
+        kinds=kinds,
+        score=args.score,
+        calibration_batches=args.calibration_batches,
+        step=args.step,
+    )
+    from jaxlm import checkpoint
+
+    model = checkpoint.load_run_config(path).model
+    print(
+        f"jaxlm prune: wrote {path}: {param_count(model).total:,} parameters ({model.num_layers} "
+        f"layers, {model.num_kv_heads} kv heads / {model.num_heads} heads, mlp_dim "
+        f"{model.mlp_dim}); fine-tune with: jaxlm train --workdir {path} --set train.steps=N",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _task_args(args: argparse.Namespace) -> dict[str, Any]:
     """The harness options of `jaxlm eval`, checked before anything is loaded."""
     if args.limit is not None and args.limit < 1:
@@ -803,6 +840,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qnt.add_argument("--step", type=int, default=None, help="default: the newest that restores")
     qnt.set_defaults(func=cmd_quantize)
+
+    prn = sub.add_parser("prune", help="remove heads, MLP neurons or layers, into a new run")
+    prn.add_argument("--workdir", required=True, help="the run to prune")
+    prn.add_argument("--out", required=True, help="the smaller run to create")
+    prn.add_argument("--target-params", type=int, default=None, help="at most this many")
+    prn.add_argument(
+        "--keep", default=None, help="fractions kept instead, e.g. heads=0.5,mlp=0.75,layers=1"
+    )
+    prn.add_argument(
+        "--kinds", default="heads,mlp", help="what --target-params shrinks (heads,mlp,layers)"
+    )
+    prn.add_argument("--score", default="taylor", choices=["taylor", "magnitude"])
+    prn.add_argument("--calibration-batches", type=int, default=8, help="for the Taylor score")
+    prn.add_argument("--step", type=int, default=None, help="default: the newest that restores")
+    prn.set_defaults(func=cmd_prune)
 
     swp = sub.add_parser("sweep", help="run a sweep file's training runs, collect results")
     swp.add_argument("file", help="a .py file defining SWEEP or get_sweep() (SweepRun list)")

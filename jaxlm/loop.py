@@ -240,6 +240,7 @@ def train(
     # Weights a task reads besides the run's (a reward model, a frozen reference): checked and
     # loaded before anything is written.
     rollouts = plan.rollouts
+    plan.frozen_inputs  # noqa: B018 (e.g. a distillation teacher, loaded now)
     # Room for the checkpoints still to be written: `keep` + the one being written, less those
     # already on disk (they are replaced, not added to).
     existing = len(checkpoint.complete_steps(workdir))

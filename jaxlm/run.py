@@ -171,18 +171,37 @@ class RunPlan:
         return call
 
     @functools.cached_property
+    def frozen_inputs(self) -> Any:
+        """The task's frozen parameters besides the run's (`Task.frozen_inputs`), or None."""
+        return self.task.frozen_inputs(self)
+
+    @functools.cached_property
     def train_step(self) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
-        """`train_step` jitted once with the state and batch shardings, the old state donated."""
+        """`train_step` jitted once with the state and batch shardings, the old state donated
+        (and the task's frozen inputs passed along as an argument)."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         step = functools.partial(train_step, config=self.config, task=self.task, tx=self.optimizer)
-        return self._in_mesh(
-            jax.jit(
-                step,
-                in_shardings=(self.state_shardings, self.batch_shardings),
-                out_shardings=(self.state_shardings, replicated),
-                donate_argnums=0,
+        extra = self.frozen_inputs
+        if extra is None:
+            return self._in_mesh(
+                jax.jit(
+                    step,
+                    in_shardings=(self.state_shardings, self.batch_shardings),
+                    out_shardings=(self.state_shardings, replicated),
+                    donate_argnums=0,
+                )
             )
+        jitted = jax.jit(
+            step,
+            in_shardings=(
+                self.state_shardings,
+                self.batch_shardings,
+                jax.tree.map(lambda x: x.sharding, extra),
+            ),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
         )
+        return self._in_mesh(lambda state, batch: jitted(state, batch, extra))
 
     @functools.cached_property
     def rollouts(self) -> Any:

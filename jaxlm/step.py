@@ -73,6 +73,7 @@ def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    extra: dict[str, Any] | None = None,
     *,
     config: RunConfig,
     task: Task | None = None,
@@ -93,17 +94,21 @@ def train_step(
     `nonfinite_streak` / `nonfinite_total` counters go up. The streak resets on a good step.
     With several updates per step, each is skipped on its own and the step counts as skipped
     when any was; the step's loss terms are the mean over its updates.
+
+    `extra`: frozen parameters besides the run's (`Task.frozen_inputs`, e.g. a teacher), merged
+    into what the loss sees and left out of the new state.
     """
     task = task or get_task(config)
     updates = task.updates_per_step
     tx = tx or make_optimizer(config.optim, config.train.steps, updates)
     trainable, frozen = partition(state.params, task.trainable)
+    frozen_in = frozen if extra is None else {**frozen, **extra}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def one(carry: Any, u: jax.Array) -> tuple[Any, Any]:
         trainable, opt_state = carry
         key = rng if updates == 1 else jax.random.fold_in(rng, u)  # one: the streams as before
-        out = _update(trainable, opt_state, frozen, batch, key, config, task, tx)
+        out = _update(trainable, opt_state, frozen_in, batch, key, config, task, tx)
         return (out[0], out[1]), out[2:]
 
     if updates == 1:

@@ -147,7 +147,18 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be > 0 or None")
 
 
-TASK_KINDS = ("lm", "sft", "dpo", "reward", "ppo", "grpo", "mlm", "prefix_lm", "contrastive")
+TASK_KINDS = (
+    "lm",
+    "sft",
+    "dpo",
+    "reward",
+    "ppo",
+    "grpo",
+    "mlm",
+    "prefix_lm",
+    "contrastive",
+    "distill",
+)
 POOLINGS = ("mean", "cls", "last")
 DPO_LOSSES = ("sigmoid", "ipo")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "plain", "raw", "tokenizer")
@@ -221,6 +232,11 @@ class TaskConfig:
     # tokens, "cls" = its first token's, "last" = its last token's) and the InfoNCE temperature.
     pooling: str = "mean"
     contrastive_temperature: float = 0.05
+    # distill: the frozen teacher (a run's workdir, same tokenizer), the weight of its soft
+    # targets against the data's next tokens, and the softmax temperature of both.
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "group_size", "max_new_tokens", "ppo_epochs")
@@ -240,6 +256,11 @@ class TaskConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < float("inf")):
                 raise ValueError(f"TaskConfig.{name}={value!r} must be a finite number >= 0")
+        alpha, temp = self.distill_alpha, self.distill_temperature
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"TaskConfig.distill_alpha={alpha!r} must be in [0, 1]")
+        if not (isinstance(temp, (int, float)) and 0.0 < temp < float("inf")):
+            raise ValueError(f"TaskConfig.distill_temperature={temp!r} must be a finite number > 0")
         if self.pooling not in POOLINGS:
             raise ValueError(f"TaskConfig.pooling={self.pooling!r} must be one of {POOLINGS}")
         temp = self.contrastive_temperature

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from jaxlm.configs.run import TASK_KINDS
 from jaxlm.tasks.base import Task, merge, param_names, partition
 from jaxlm.tasks.contrastive import ContrastiveTask
+from jaxlm.tasks.distill import DistillTask
 from jaxlm.tasks.dpo import DPOTask
 from jaxlm.tasks.lm import LMTask
 from jaxlm.tasks.mlm import MLMTask
@@ -28,6 +29,7 @@ TASKS: dict[str, type[Task]] = {
     RewardTask.kind: RewardTask,
     PPOTask.kind: PPOTask,
     GRPOTask.kind: GRPOTask,
+    DistillTask.kind: DistillTask,
 }
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "TASK_KINDS",
     "ContrastiveTask",
     "DPOTask",
+    "DistillTask",
     "GRPOTask",
     "LMTask",
     "MLMTask",

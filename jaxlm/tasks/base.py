@@ -184,6 +184,12 @@ class Task:
         """Per-step metrics from the whole batch's summed terms (`total` = `normalizer`)."""
         return {"loss": terms["loss"] / total}
 
+    def frozen_inputs(self, plan: Any) -> dict[str, Any] | None:
+        """None, or frozen parameters besides the run's (a distillation teacher) that every
+        train step takes as an argument: merged into the parameters `loss_terms` sees, never
+        updated nor saved. Loaded once per run (`RunPlan.frozen_inputs`), before training."""
+        return None
+
     # --- batches made from the current parameters (online RL) ----------------------------------
     def make_rollouts(self, plan: Any) -> Any:
         """None, or an object whose `train_batch(state, batch)` and `eval_batch(params, batch)`
