@@ -132,7 +132,11 @@ def test_a_distilled_student_beats_the_same_student_trained_alone(teacher, stdli
         (["model.vocab_size=300"], ValueError, r"has another vocabulary \(vocab_size=320, the st"),
         (["data.seq_len=512", "model.max_seq_len=512"], ValueError, r"up to 128 tokens"),
         (["task.distill_alpha=1.5"], ValueError, r"distill_alpha=1.5 must be in \[0, 1\]"),
-        (["task.distill_temperature=0"], ValueError, r"distill_temperature=0.0 must be a finite number > 0"),
+        (
+            ["task.distill_temperature=0"],
+            ValueError,
+            r"distill_temperature=0.0 must be a finite number > 0",
+        ),
     ],
 )
 def test_teachers_that_cannot_teach_are_refused(teacher, stdlib_cache, sets, error, match):
