@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxlm import compilation_cache
+from jaxlm import compilation_cache, platforms
 from jaxlm.configs.overrides import load_config
 from jaxlm.configs.quant import QuantConfig
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
@@ -85,17 +85,13 @@ def _is_main_process() -> bool:
 
 def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
     """Largest per-device share of params + Adam state under the run's mesh on a TPU topology."""
-    # Only a topology description is loaded (no chips are used): don't take libtpu's lock,
-    # so this also works next to a running job on a TPU VM.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
-    from jax.experimental import topologies
 
     from jaxlm import sharding
     from jaxlm.model.transformer import abstract_params
 
     try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        devices = platforms.tpu_topology(topology).devices  # type: ignore[attr-defined]
     except Exception as e:  # libtpu's errors vary by version; say what was asked for
         raise ValueError(
             f"cannot describe TPU topology {topology!r} (e.g. 'v5p:2x2x1', 'v5e:4x4'); "
@@ -925,6 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    platforms.skip_absent_accelerators()  # no libtpu start-up errors where no TPU is attached
     compilation_cache.enable()  # before anything compiles
     try:
         return args.func(args)

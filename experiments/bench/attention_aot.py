@@ -29,6 +29,7 @@ import jax
 
 from jaxlm import sharding
 from jaxlm.configs.overrides import load_config
+from jaxlm.platforms import tpu_topology
 from jaxlm.run import RunPlan
 
 # name: (preset, topology, overrides). Full remat and bfloat16 compute, as such runs train.
@@ -52,9 +53,7 @@ CASES = {
 
 def compile_step(preset: str, topology: str, overrides: list[str], impl: str) -> dict:
     """Compile the train step of `preset` for `topology` with attention `impl`: its figures."""
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    devices = tpu_topology(topology).devices
     config = load_config(preset, [*_COMMON, *overrides, f"model.attention_impl={impl}"])
     mesh = sharding.make_mesh(config.mesh, devices)
     from jaxlm.data.tokenizer import ByteTokenizer
@@ -84,13 +83,12 @@ def compile_core(preset: str, topology: str, overrides: list[str], impl: str) ->
     attention at one chip's share of the batch and heads), on one chip of `topology`."""
     import jax.numpy as jnp
     import numpy as np
-    from jax.experimental import topologies
     from jax.sharding import Mesh
 
     from jaxlm.model.attend import attend
     from jaxlm.model.fused_attention import splash_attention
 
-    device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    device = tpu_topology(topology).devices[0]
     config = load_config(preset, [*_COMMON, *overrides])
     cfg, mesh = config.model, config.mesh
     b = config.data.batch_size // (mesh.data * mesh.fsdp * mesh.expert)

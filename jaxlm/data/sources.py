@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import glob
 import hashlib
+import io
 import json
 import os
 import sys
@@ -231,9 +232,24 @@ def prepare_local_text(
     builder = LocalText(
         files=files, validation_percent=validation_percent, text_key=text_key, data_dir=str(root)
     )
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is for results
-        builder.download_and_prepare()
+    size = sum(f.stat().st_size for f in files)
+    _prepare_local(builder, f"{len(files):,} files ({size / 1e6:.1f} MB)")
     return builder
+
+
+def _prepare_local(builder: Any, source: str) -> None:
+    """Build a dataset of local files once, saying so in these words on stderr: TFDS's own
+    lines speak of "Downloading and preparing dataset Unknown size" where nothing downloads."""
+    if (Path(builder.data_dir) / "dataset_info.json").is_file():  # what TFDS reads back
+        return
+    print(
+        f"jaxlm: building the {builder.name} dataset from {source} into {builder.data_dir} "
+        "(once: reused while its files are unchanged)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
 
 
 def _text_of(record: Any, key: str) -> str:
@@ -339,8 +355,7 @@ def _tiny_shakespeare_offline(manual_dir: str, data_dir: str | None) -> None:
                 yield key, {"text": split_text}
 
         builder = TinyShakespeare(data_dir=root, file_format="array_record")
-        with contextlib.redirect_stdout(sys.stderr):
-            builder.download_and_prepare()
+        _prepare_local(builder, f"{raw} ({len(text.encode()) / 1e6:.1f} MB)")
 
 
 def _tfds_source(

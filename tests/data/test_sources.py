@@ -27,9 +27,14 @@ def _write_corpus(tmp_path):
     return f"{tmp_path / 'docs'}/*.txt,{tmp_path / 'more.jsonl'}"
 
 
-def test_local_text_builds_deterministic_hash_splits(tmp_path):
+def test_local_text_builds_deterministic_hash_splits(tmp_path, capfd):
     spec = _write_corpus(tmp_path)
     train, val = open_source(spec, "train"), open_source(spec, "validation")
+    # Built once, said in plain words on stderr (not TFDS's "Downloading and preparing dataset
+    # Unknown size" when nothing downloads); stdout stays free for results.
+    out, err = capfd.readouterr()
+    assert out == "" and "Download" not in err and "Unknown size" not in err
+    assert err.count("jaxlm: building the local_text dataset from 101 files") == 1, err
     got_train = sorted(train[i] for i in range(len(train)))
     got_val = sorted(val[i] for i in range(len(val)))
     # Reference: a document is validation iff its content hash is below 5%.
@@ -78,7 +83,7 @@ def test_tfds_names_read_through_data_source(name):
         assert all(isinstance(source[i], str) for i in range(6))
 
 
-def test_tiny_shakespeare_builds_offline_from_manual_dir(tmp_path):
+def test_tiny_shakespeare_builds_offline_from_manual_dir(tmp_path, capfd):
     text = "".join(f"CITIZEN {i}:\nSpeak, speak.\n\n" for i in range(300))
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "input.txt").write_text(text)
@@ -88,6 +93,9 @@ def test_tiny_shakespeare_builds_offline_from_manual_dir(tmp_path):
     assert open_source("tfds:tiny_shakespeare", "train", **kw)[0] == text[:i]
     assert open_source("tfds:tiny_shakespeare", "validation", **kw)[0] == text[i:j]
     assert open_source("tfds:tiny_shakespeare", "test", **kw)[0] == text[j:]
+    out, err = capfd.readouterr()
+    assert out == "" and "Download" not in err
+    assert err.count("building the tiny_shakespeare dataset from") == 1, err
 
 
 def test_bad_sources_are_refused_clearly(tmp_path):
