@@ -848,7 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kinds", default="heads,mlp", help="what --target-params shrinks (heads,mlp,layers)"
     )
     prn.add_argument("--score", default="taylor", choices=["taylor", "magnitude"])
-    prn.add_argument("--calibration-batches", type=int, default=8, help="for the Taylor score")
+    prn.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="for the Taylor score and the choice of sizes",
+    )
     prn.add_argument("--step", type=int, default=None, help="default: the newest that restores")
     prn.set_defaults(func=cmd_prune)
 

@@ -21,7 +21,9 @@ rate (a tenth of them warmup), with a fresh optimizer.
 - `distilled` / `student_alone`: a smaller student (`--student`) trained for `--student-steps`
   with `task.kind=distill` from the float run, and alone on the same batches.
 - `pruned_75`, `pruned_50`: `jaxlm prune --target-params` (75% / 50% of the parameters, Taylor
-  scores), then fine-tuned for `--tune-frac` of the original steps with the normal trainer.
+  scores, sizes chosen by calibration loss), then fine-tuned for `--tune-frac` of the original
+  steps with the normal trainer; `pruned_75_kd`, `pruned_50_kd`: the same fine-tune distilled
+  from the float model (`task.kind=distill`).
 
 Each row: stored bytes, held-out loss (nats per byte) and perplexity and their ratio to float32,
 greedy agreement with the float32 model over `--agree-tokens` new tokens from held-out prompts
@@ -239,32 +241,35 @@ def bench_model(name: str, root: Path, args: argparse.Namespace) -> dict[str, An
 
     # A smaller student, distilled from the float model and alone on the same batches.
     student = apply_overrides(_with_steps(config, args.student_steps), STUDENTS[name])
-    taught = apply_overrides(
-        student,
-        [
-            "task.kind=distill",
-            f"task.teacher={float_dir}",
-            f"task.distill_alpha={args.distill_alpha}",
-        ],
-    )
+    distill_sets = [
+        "task.kind=distill",
+        f"task.teacher={float_dir}",
+        f"task.distill_alpha={args.distill_alpha}",
+    ]
+    taught = apply_overrides(student, distill_sets)
     for vname, run_config in (("student_alone", student), ("distilled", taught)):
         run = _train(run_config, root / name / vname)
         vconfig, _, vparams, _ = load_for_eval(run)
         variants.append(Variant(vname, vconfig, vparams))
 
-    # Pruned to 75% and 50% of the parameters, then fine-tuned for tune_frac of the steps.
+    # Pruned to 75% and 50% of the parameters, then fine-tuned for tune_frac of the steps: with
+    # the data alone, and distilled from the float model (the same steps and batches).
     total = sum(x.size for x in jax.tree.leaves(params))
     for frac in (0.75, 0.5):
-        out = root / name / f"pruned_{round(frac * 100)}"
-        if not checkpoint.complete_steps(out):
-            prune_workdir(float_dir, out, target_params=int(frac * total))
-        extra = {}
-        if checkpoint.complete_steps(out) == [0]:
-            loss = loop.eval_workdir(out, max_batches=args.eval_batches)["eval_loss"]
-            extra["loss_before_fine_tune"] = round(loss, 5)
-        _train(_with_steps(checkpoint.load_run_config(out), tune, args.tune_lr_scale), out)
-        vconfig, _, vparams, _ = load_for_eval(out)
-        variants.append(Variant(out.name, vconfig, vparams, extra))
+        pruned = root / name / f"pruned_{round(frac * 100)}_step0"
+        if not checkpoint.complete_steps(pruned):
+            prune_workdir(float_dir, pruned, target_params=int(frac * total))
+        start = checkpoint.load_run_config(pruned)
+        loss = loop.eval_workdir(pruned, max_batches=args.eval_batches)["eval_loss"]
+        for how, sets in (("", []), ("_kd", distill_sets)):
+            tuned = _with_steps(start, tune, args.tune_lr_scale, init_from=str(pruned))
+            run = _train(
+                apply_overrides(tuned, sets), root / name / f"pruned_{round(frac * 100)}{how}"
+            )
+            vconfig, _, vparams, _ = load_for_eval(run)
+            variants.append(
+                Variant(run.name, vconfig, vparams, {"loss_before_fine_tune": round(loss, 5)})
+            )
 
     held = _held_out(config, mesh, tokenizer, 2)
     window = model.max_seq_len
@@ -302,6 +307,7 @@ def bench_model(name: str, root: Path, args: argparse.Namespace) -> dict[str, An
         "qat_int4_beats_ptq_int4": table["qat_int4"]["loss"] < table["ft_ptq_int4"]["loss"],
         "distilled_beats_alone": table["distilled"]["loss"] < table["student_alone"]["loss"],
         "pruned_75_ppl_within_5pct": table["pruned_75"]["ppl_vs_float32"] <= 1.05,
+        "pruned_75_kd_ppl_within_5pct": table["pruned_75_kd"]["ppl_vs_float32"] <= 1.05,
     }
     return {
         "model": name,

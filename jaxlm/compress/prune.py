@@ -8,7 +8,9 @@ or one layer):
   the group is set to zero; Molchanov et al., 2019), L = the mean next-token cross-entropy of
   the calibration batches.
 Every layer keeps the same number of heads and neurons (its own best ones), so the result is one
-plain config (scanned layers stay stacked). Removing a head or neuron is exact: the pruned model
+plain config (scanned layers stay stacked). For a target size, how many heads, neurons and
+layers stay is chosen by measuring: of the sizes that fit, the one whose pruned model has the
+lowest loss on the calibration batches. Removing a head or neuron is exact: the pruned model
 computes what the original computes with those groups' output weights zeroed. Layers can go only
 in pre-LN models (a pre-LN block with its output projections zeroed is the identity).
 """
@@ -16,6 +18,7 @@ in pre-LN models (a pre-LN block with its output projections zeroed is the ident
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,19 +134,20 @@ def group_scores(
     )
 
 
+def _calibration_loss(config: ModelConfig, p: dict, b: dict) -> jax.Array:
+    """The mean next-token cross-entropy of batch `b` (float32)."""
+    logits = Transformer(config).apply(
+        {"params": p}, b["tokens"], b["positions"], b["segment_ids"]
+    )[0]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
+    mask = b["mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def calibration_grads(config: ModelConfig, params: dict, batches: Sequence[dict]) -> dict:
     """∂L/∂params of the mean next-token cross-entropy over `batches` (float32)."""
-
-    def loss(p: dict, b: dict) -> jax.Array:
-        logits = Transformer(config).apply(
-            {"params": p}, b["tokens"], b["positions"], b["segment_ids"]
-        )[0]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
-        mask = b["mask"].astype(jnp.float32)
-        return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-    grad = jax.jit(jax.grad(loss))
+    grad = jax.jit(jax.grad(functools.partial(_calibration_loss, config)))
     total = None
     for b in batches:
         g = grad(params, b)
@@ -196,6 +200,68 @@ def sizes_for_target(
         else:
             hi = mid
     return sizes(lo)
+
+
+def _largest_mlp(config: ModelConfig, target: int, kv_heads: int, layers: int) -> int:
+    """The most MLP neurons that keep the model at or under `target` (0 if none fit)."""
+    lo, hi = 0, config.mlp_dim
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if param_count(pruned_config(config, kv_heads, mid, layers)).total <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _spread(values: Sequence[int], most: int) -> list[int]:
+    """At most `most` of `values` (ascending), evenly spaced, the largest always kept."""
+    values = list(values)
+    if len(values) <= most:
+        return values
+    picks = {values[round(i * (len(values) - 1) / (most - 1))] for i in range(most)}
+    return sorted(picks)
+
+
+def sizes_by_loss(
+    config: ModelConfig,
+    params: dict,
+    target: int,
+    kinds: Sequence[str],
+    scores: tuple[np.ndarray, np.ndarray, np.ndarray],
+    batches: Sequence[dict],
+    max_candidates: int = 8,
+) -> tuple[int, int, int]:
+    """(kv heads, MLP neurons, layers) kept: of the sizes that fit `target` (for a number of kv
+    heads and layers, the most neurons that fit; at most `max_candidates` such pairs, evenly
+    spread), the one whose pruned model (each layer's best groups by `scores`) has the lowest
+    loss on the calibration `batches`, measured. Heads and neurons are not worth the same on
+    every model: one common fraction can remove heads a model needs while neurons it can spare
+    stay, and summed first-order scores cannot tell (near a trained minimum the gradient is
+    mostly noise)."""
+    sizes_for_target(config, target, kinds)  # the target's checks
+    k, n = config.num_kv_heads, config.num_layers
+    heads_options = list(range(1, k + 1)) if "heads" in kinds else [k]
+    layer_options = list(range(1, n + 1)) if "layers" in kinds else [n]
+    per_axis = max(1, math.isqrt(max_candidates)) if len(layer_options) > 1 else max_candidates
+    candidates = []
+    for heads in _spread(heads_options, per_axis):
+        for layers in _spread(layer_options, per_axis):
+            mlp = config.mlp_dim
+            if "mlp" in kinds:
+                mlp = _largest_mlp(config, target, heads, layers)
+            elif param_count(pruned_config(config, heads, mlp, layers)).total > target:
+                mlp = 0
+            if mlp >= 1:
+                candidates.append((heads, mlp, layers))
+    if len(candidates) == 1:
+        return candidates[0]
+    losses = []
+    for sizes in candidates:
+        small, pruned = apply_plan(config, params, plan_pruning(config, scores, *sizes))
+        loss = jax.jit(functools.partial(_calibration_loss, small))
+        losses.append(float(np.mean([float(loss(pruned, b)) for b in batches])))
+    return candidates[int(np.argmin(losses))]
 
 
 def plan_pruning(
@@ -270,10 +336,11 @@ def prune_params(
     score: str = "taylor",
     batches: Sequence[dict] = (),
 ) -> tuple[ModelConfig, dict, PrunePlan]:
-    """Prune to at most `target_params` (the `kinds` shrunk by one common fraction) or by the
-    fractions kept per kind in `keep` ({"heads": 0.5, "mlp": 0.75, "layers": 1.0}); `score`
-    "taylor" needs calibration `batches` (dicts with tokens, positions, segment_ids, targets,
-    mask)."""
+    """Prune to at most `target_params` (with calibration `batches`: the sizes of the `kinds`
+    whose pruned model has the lowest calibration loss, `sizes_by_loss`; without: the `kinds`
+    shrunk by one common fraction) or by the fractions kept per kind in `keep` ({"heads": 0.5,
+    "mlp": 0.75, "layers": 1.0}); `score` "taylor" needs calibration `batches` (dicts with
+    tokens, positions, segment_ids, targets, mask)."""
     check_prunable(config)
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}")
@@ -283,7 +350,7 @@ def prune_params(
     if (target_params is None) == (keep is None):
         raise ValueError("give a target size (target_params) or the fractions to keep (keep)")
     if target_params is not None:
-        sizes = sizes_for_target(config, target_params, kinds)
+        sizes_for_target(config, target_params, kinds)  # a bad target before any work
     else:
         bad = {k: v for k, v in keep.items() if k not in ("heads", "mlp", "layers")}
         if bad or any(not 0 < v <= 1 for v in keep.values()):
@@ -298,7 +365,14 @@ def prune_params(
     if score == "taylor" and not batches:
         raise ValueError("score='taylor' needs calibration batches")
     grads = calibration_grads(config, params, batches) if score == "taylor" else None
-    plan = plan_pruning(config, group_scores(config, params, grads), *sizes)
+    scores = group_scores(config, params, grads)
+    if target_params is not None:
+        sizes = (
+            sizes_by_loss(config, params, target_params, kinds, scores, batches)
+            if batches
+            else sizes_for_target(config, target_params, kinds)
+        )
+    plan = plan_pruning(config, scores, *sizes)
     small, pruned = apply_plan(config, params, plan)
     return small, pruned, plan
 
@@ -337,7 +411,7 @@ def prune_workdir(
     model, params = merge_lora(config.model, params)
     config = dataclasses.replace(config, model=model)
     batches = []
-    if score == "taylor":
+    if score == "taylor" or target_params is not None:  # scores; sizes chosen by their loss
         plan = RunPlan(config, mesh=mesh, tokenizer=tokenizer)
         it = plan.make_iterator()
         keys = ("tokens", "positions", "segment_ids", "targets", "mask")

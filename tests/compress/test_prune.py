@@ -161,6 +161,41 @@ def test_sizes_for_a_target_are_the_largest_that_fit_and_bad_targets_are_refused
         prune.sizes_for_target(moe, 1000, ("mlp",))
 
 
+def test_sizes_for_a_target_are_those_whose_pruned_model_has_the_lowest_calibration_loss(trained):
+    config, mesh, params, tokenizer = load_for_eval(trained)
+    cfg = config.model
+    it = RunPlan(config, mesh=mesh, tokenizer=tokenizer).make_iterator()
+    keys = ("tokens", "positions", "segment_ids", "targets", "mask")
+    batches = [{k: v for k, v in next(it).items() if k in keys} for _ in range(2)]
+    scores = prune.group_scores(cfg, params, prune.calibration_grads(cfg, params, batches))
+    target = int(0.7 * param_count(cfg).total)
+    # The reference: every number of kv heads with the most neurons that fit, each scored by
+    # the original model with the removed groups zeroed, its loss computed here.
+    losses = {}
+    n = cfg.num_layers
+    for k in range(1, cfg.num_kv_heads + 1):
+        fits = [f for f in range(1, cfg.mlp_dim + 1)
+                if param_count(prune.pruned_config(cfg, k, f, n)).total <= target]  # fmt: skip
+        f = max(fits)
+        plan = prune.plan_pruning(cfg, scores, k, f, n)
+        zeroed = _zeroed(cfg, params, plan)
+        nll = []
+        for b in batches:
+            logits = np.asarray(
+                Transformer(cfg).apply({"params": zeroed}, *(b[k] for k in keys[:3]))[0], np.float64
+            )
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            t, m = np.asarray(b["targets"]), np.asarray(b["mask"], bool)
+            nll.append(-np.take_along_axis(logp, t[..., None], -1)[..., 0][m].mean())
+        losses[(k, f, n)] = float(np.mean(nll))
+    got = prune.sizes_by_loss(cfg, params, target, ("heads", "mlp"), scores, batches)
+    assert got == min(losses, key=losses.get), (got, losses)
+    assert len(set(losses)) > 1 and max(losses.values()) - min(losses.values()) > 0.01
+    # One common fraction would have kept other sizes here (measured: 1 kv head of 2 kept).
+    assert prune.sizes_for_target(cfg, target, ("heads", "mlp")) != got
+
+
 def test_a_trained_run_pruned_to_75_percent_and_fine_tuned_recovers(
     trained, tmp_path, stdlib_cache
 ):
