@@ -219,6 +219,8 @@ def _spread(values: Sequence[int], most: int) -> list[int]:
     values = list(values)
     if len(values) <= most:
         return values
+    if most <= 1:
+        return values[-1:]
     picks = {values[round(i * (len(values) - 1) / (most - 1))] for i in range(most)}
     return sorted(picks)
 
