@@ -91,7 +91,7 @@ def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
     from jaxlm.model.transformer import abstract_params
 
     try:
-        devices = platforms.tpu_topology(topology).devices  # type: ignore[attr-defined]
+        devices = platforms.tpu_topology(topology).devices
     except Exception as e:  # libtpu's errors vary by version; say what was asked for
         raise ValueError(
             f"cannot describe TPU topology {topology!r} (e.g. 'v5p:2x2x1', 'v5e:4x4'); "

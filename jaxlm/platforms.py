@@ -15,6 +15,7 @@ import glob
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # every TPU generation's PCI vendor id
 _GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
@@ -62,7 +63,7 @@ def skip_absent_accelerators() -> bool:
     return True
 
 
-def tpu_topology(name: str) -> object:
+def tpu_topology(name: str) -> Any:
     """`jax.experimental.topologies.get_topology_desc` for TPU topology `name` (e.g. 'v5p:2x2x2'):
     devices to compile for ahead of time, from any machine with libtpu (the `tpu` extra).
 
