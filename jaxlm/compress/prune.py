@@ -76,7 +76,12 @@ def group_scores(
     config: ModelConfig, params: dict, grads: dict | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(heads [L, K], neurons [L, F], layers [L]) importances: |Σ w g| with `grads`, else the
-    L2 norm of the group's weights."""
+    L2 norm of the group's weights (one compiled program over the parameters where they are)."""
+    heads, neurons, layers = jax.jit(functools.partial(_group_scores, config))(params, grads)
+    return np.asarray(heads), np.asarray(neurons), np.asarray(layers)
+
+
+def _group_scores(config: ModelConfig, params: dict, grads: dict | None) -> tuple[jax.Array, ...]:
     g_ = config.num_groups
     n_layers, k_heads = config.num_layers, config.num_kv_heads
 
@@ -127,11 +132,7 @@ def group_scores(
         flat_w = jax.tree.leaves(blk)
         flat_g = jax.tree.leaves(gblk) if gblk is not None else [None] * len(flat_w)
         layers.append(score(list(zip(flat_w, flat_g, strict=True)), jnp.sum))
-    return (
-        np.asarray(jnp.stack(heads)),
-        np.asarray(jnp.stack(neurons)),
-        np.asarray(jnp.stack(layers)),
-    )
+    return jnp.stack(heads), jnp.stack(neurons), jnp.stack(layers)
 
 
 def _calibration_loss(config: ModelConfig, p: dict, b: dict) -> jax.Array:
