@@ -1,18 +1,29 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and strict rank promotion."""
 
 import os
+from importlib.metadata import version
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-).strip()
+_FLAGS = ["--xla_force_host_platform_device_count=8"]
+# The 8 fake devices' threads meet at every collective. On 2 cores shared by two test workers and
+# the CLI processes they start, one device's thread can arrive later than XLA:CPU's default
+# termination timeout, which then aborts the whole process ("Termination timeout for `all reduce
+# ...` exceeded ... only 7 of them arrived on time": seen with the timeout set to 2 s under load;
+# at the default, test workers died at the same point with no message kept). The tests allow
+# 15 minutes (a real deadlock still ends the process) and say so after 2.
+if tuple(int(x) for x in version("jaxlib").split(".")[:3] if x.isdigit()) >= (0, 10, 2):
+    _FLAGS += [
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+        "--xla_cpu_collective_call_terminate_timeout_seconds=900",
+    ]
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 # libtpu is installed by the `tpu` extra (for ahead-of-time TPU compiles); the tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Only topology descriptions are loaded from libtpu here (no chips), so several test processes
 # (pytest-xdist workers, CLI subprocesses) may load it at once without its lockfile.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax
-import pytest
+import jax  # noqa: E402 (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
