@@ -77,10 +77,11 @@ def group_scores(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(heads [L, K], neurons [L, F], layers [L]) importances: |Σ w g| with `grads`, else the
     L2 norm of the group's weights (one compiled program over the parameters where they are)."""
-    heads, neurons, layers = jax.jit(functools.partial(_group_scores, config))(params, grads)
+    heads, neurons, layers = _group_scores(config, params, grads)
     return np.asarray(heads), np.asarray(neurons), np.asarray(layers)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _group_scores(config: ModelConfig, params: dict, grads: dict | None) -> tuple[jax.Array, ...]:
     g_ = config.num_groups
     n_layers, k_heads = config.num_layers, config.num_kv_heads
