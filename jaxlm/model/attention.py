@@ -66,16 +66,17 @@ class Attention(nn.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array,
         mask_BTS: jax.Array | Segments,
-        kv: kv_cache.Layer | None = None,
-    ) -> tuple[jax.Array, kv_cache.Layer | None]:
-        """(output [B, T, D], updated cache layer or None).
+        kv: kv_cache.LayerSlot | None = None,
+    ) -> tuple[jax.Array, kv_cache.LayerSlot | None]:
+        """(output [B, T, D], updated cache slot or None).
 
         Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T]; for a
         causal model (`config.causal`) it must be causal by index (key s hidden from query t
         whenever s > t; `attend` skips such blocks), for a bidirectional one it may be any mask.
-        With a cache layer `kv` = (k, v), each [B, S, K, H] (int8 ones with their scales), the
-        new keys and values are written at slots positions[b, 0] .. positions[b, 0] + T - 1 and
-        the queries attend over all S slots (`mask_BTS` is [B, T, S]).
+        With a cache slot `kv` (this layer of the stacked (k, v) arrays [L, B, S, K, H], int8
+        ones with their scales), the new keys and values are written at slots positions[b, 0]
+        .. positions[b, 0] + T - 1 and the queries attend over all S slots (`mask_BTS` is
+        [B, T, S]).
 
         `mask_BTS` may instead be `Segments`: self-attention over this call's own T tokens
         (also with a cache: a prefill into an empty one) by the fused kernel of

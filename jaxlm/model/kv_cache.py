@@ -15,6 +15,8 @@ written; attention reads q · scale. A layer's cache travels through the model a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -101,24 +103,45 @@ def quantize_heads(x_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-def update(layer: Layer, k_new_BTKH: jax.Array, v_new_BTKH: jax.Array, start_B: jax.Array) -> Layer:
-    """One layer's cache with T new keys/values written at slots start[b] .. start[b]+T-1."""
+class LayerSlot(NamedTuple):
+    """Layer `index` of the stacked [L, ...] cache arrays, as one layer reads and writes it.
 
-    def write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-        at = (start,) + (0,) * (cache.ndim - 1)
-        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
+    A layer writes its new keys and values into the stacked arrays in place and reads its own
+    layer where attention needs it: slicing layers out and restacking them would copy the whole
+    cache at every decode step.
+    """
+
+    arrays: Layer  # stacked [L, B, S, ...]
+    index: jax.Array | int
+
+
+def update(
+    slot: LayerSlot, k_new_BTKH: jax.Array, v_new_BTKH: jax.Array, start_B: jax.Array
+) -> LayerSlot:
+    """The slot with T new keys/values written at slots start[b] .. start[b]+T-1 of its layer."""
+    b, t = k_new_BTKH.shape[:2]
+    rows_B1 = jnp.arange(b)[:, None]
+    slots_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+
+    def write(cache: jax.Array, new: jax.Array) -> jax.Array:
+        # One scatter into the stacked arrays (in place), their layout untouched.
+        return cache.at[slot.index, rows_B1, slots_BT].set(
+            new.astype(cache.dtype), indices_are_sorted=True, unique_indices=True, mode="drop"
+        )
 
     new = (k_new_BTKH, v_new_BTKH)
-    if len(layer) == 4:
+    if len(slot.arrays) == 4:
         (kq, ks), (vq, vs) = quantize_heads(k_new_BTKH), quantize_heads(v_new_BTKH)
         new = (kq, vq, ks, vs)
-    out = tuple(jax.vmap(write)(c, n, start_B) for c, n in zip(layer, new, strict=True))
-    axes = (KV_AXES[1:], KV_AXES[1:], SCALE_AXES[1:], SCALE_AXES[1:])
-    return tuple(sharding.constrain(x, a) for x, a in zip(out, axes, strict=False))
+    out = tuple(write(c, n) for c, n in zip(slot.arrays, new, strict=True))
+    axes = (KV_AXES, KV_AXES, SCALE_AXES, SCALE_AXES)
+    out = tuple(sharding.constrain(x, a) for x, a in zip(out, axes, strict=False))
+    return LayerSlot(out, slot.index)
 
 
-def read(layer: Layer, dtype: jnp.dtype | str) -> tuple[jax.Array, jax.Array]:
-    """One layer's keys and values [B, S, K, H] in `dtype` (dequantized from int8)."""
+def read(slot: LayerSlot, dtype: jnp.dtype | str) -> tuple[jax.Array, jax.Array]:
+    """The slot's layer's keys and values [B, S, K, H] in `dtype` (dequantized from int8)."""
+    layer = tuple(jax.lax.dynamic_index_in_dim(x, slot.index, 0, False) for x in slot.arrays)
     if len(layer) == 2:
         return layer[0].astype(dtype), layer[1].astype(dtype)
     k, v, ks, vs = layer

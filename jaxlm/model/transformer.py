@@ -46,12 +46,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x_BTD: jax.Array,
+        x_BTD: jax.Array | tuple[jax.Array, kv_cache.Layer, jax.Array],
         positions_BT: jax.Array,
         mask_BTS: jax.Array,
-        kv: kv_cache.Layer | None = None,
-    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-        """(x, (aux, updated cache layer or None))."""
+        kv: kv_cache.LayerSlot | None = None,
+    ) -> tuple[Any, tuple[dict[str, jax.Array], Any]]:
+        """(x, (aux, updated cache slot or None)). Scanned over layers with a cache, the carry
+        is (x, the stacked cache arrays, this layer's index): `_carried`."""
+        x_BTD, kv, carried = _carried(x_BTD, kv)
         cfg = self.config
         attn_norm, mlp_norm = make_norm(cfg, "attn_norm"), make_norm(cfg, "mlp_norm")
         pre = cfg.norm_position == "pre"
@@ -70,7 +72,21 @@ class Block(nn.Module):
         if not pre:
             x_BTD = mlp_norm(x_BTD)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+        if carried:
+            return (x_BTD, kv.arrays, kv.index + 1), (aux, None)
         return x_BTD, (aux, kv)
+
+
+def _carried(
+    x: jax.Array | tuple[jax.Array, kv_cache.Layer, jax.Array], kv: kv_cache.LayerSlot | None
+) -> tuple[jax.Array, kv_cache.LayerSlot | None, bool]:
+    """(x, the cache slot, whether the scan carries the cache). Scanned with a cache, a block (or
+    group) takes (x, stacked cache arrays, index) as its carry and returns the arrays updated in
+    place with index + 1, so the scan neither slices layers out of the cache nor restacks them."""
+    if isinstance(x, tuple):
+        x_BTD, arrays, index = x
+        return x_BTD, kv_cache.LayerSlot(arrays, index), True
+    return x, kv, False
 
 
 def _run_blocks(
@@ -79,20 +95,20 @@ def _run_blocks(
     positions_BT: jax.Array,
     mask_BTS: jax.Array,
     kv: kv_cache.Layer | None,
+    first: jax.Array | int = 0,
 ) -> tuple[jax.Array, list[dict[str, jax.Array]], kv_cache.Layer | None]:
-    """Apply `blocks` in order, block j on cache layer j of `kv` ([L, ...] arrays).
+    """Apply `blocks` in order, block j on layer `first + j` of the stacked cache arrays `kv`.
 
-    Returns (x, the non-empty aux dicts in layer order, the updated cache restacked or None).
+    Returns (x, the non-empty aux dicts in layer order, the updated cache arrays or None).
     """
-    auxes, new_kv = [], []
+    auxes = []
     for j, block in enumerate(blocks):
-        layer_kv = None if kv is None else tuple(x[j] for x in kv)
-        x_BTD, (aux_j, kv_j) = block(x_BTD, positions_BT, mask_BTS, layer_kv)
+        slot = None if kv is None else kv_cache.LayerSlot(kv, first + j)
+        x_BTD, (aux_j, slot) = block(x_BTD, positions_BT, mask_BTS, slot)
         if aux_j:
             auxes.append(aux_j)
-        new_kv.append(kv_j)
-    if kv is not None:
-        kv = tuple(jnp.stack(xs) for xs in zip(*new_kv, strict=True))
+        if slot is not None:
+            kv = slot.arrays
     return x_BTD, auxes, kv
 
 
@@ -104,15 +120,21 @@ class BlockGroup(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x_BTD: jax.Array,
+        x_BTD: jax.Array | tuple[jax.Array, kv_cache.Layer, jax.Array],
         positions_BT: jax.Array,
         mask_BTS: jax.Array,
-        kv: kv_cache.Layer | None = None,
-    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+        kv: kv_cache.LayerSlot | None = None,
+    ) -> tuple[Any, tuple[dict[str, jax.Array], Any]]:
+        """As `Block`, the slot's index counting groups (group g holds layers g * every ...)."""
+        x_BTD, slot, carried = _carried(x_BTD, kv)
         every = self.config.moe.every
         blocks = [Block(self.config, moe=j == every - 1, name=f"block_{j}") for j in range(every)]
-        x_BTD, auxes, kv = _run_blocks(blocks, x_BTD, positions_BT, mask_BTS, kv)
-        return x_BTD, (auxes[0], kv)  # the group's one MoE block
+        arrays, first = (None, 0) if slot is None else (slot.arrays, slot.index * every)
+        x_BTD, auxes, arrays = _run_blocks(blocks, x_BTD, positions_BT, mask_BTS, arrays, first)
+        if carried:
+            return (x_BTD, arrays, slot.index + 1), (auxes[0], None)
+        slot = None if slot is None else kv_cache.LayerSlot(arrays, slot.index)
+        return x_BTD, (auxes[0], slot)  # the group's one MoE block
 
 
 def _pad_prompt(prefix_BT: jax.Array, p: int) -> jax.Array:
@@ -332,8 +354,6 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             every = cfg.moe.every if grouped else 1
             length = cfg.num_layers // every
-            if kv is not None and grouped:  # [L, ...] -> [L / every, every, ...]
-                kv = tuple(x.reshape(length, every, *x.shape[1:]) for x in kv)
             layers = nn.scan(
                 unit,
                 variable_axes={"params": 0},
@@ -344,11 +364,12 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             kwargs = {} if grouped else {"moe": cfg.moe.enabled}
-            x_BTD, (aux, kv) = layers(cfg, name="layers", **kwargs)(
-                x_BTD, positions_BT, mask_BTS, kv
+            # With a cache, the carry holds the stacked cache arrays and the layer index.
+            carry = x_BTD if kv is None else (x_BTD, kv, jnp.zeros((), jnp.int32))
+            carry, (aux, _) = layers(cfg, name="layers", **kwargs)(
+                carry, positions_BT, mask_BTS, None
             )
-            if kv is not None and grouped:
-                kv = tuple(x.reshape(cfg.num_layers, *x.shape[2:]) for x in kv)
+            x_BTD, kv = (carry, None) if kv is None else carry[:2]
         else:
             blocks = [
                 unit(cfg, moe=cfg.is_moe_layer(i), name=f"layers_{i}")

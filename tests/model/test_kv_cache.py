@@ -98,3 +98,22 @@ def test_bfloat16_cache_tracks_the_bfloat16_forward():
 def test_cache_length_is_checked():
     with pytest.raises(ValueError, match=r"cache length 40 must be in \[1, model.max_seq_len=32\]"):
         init_cache(LLAMA, 1, 40)
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned", "scanned_loop"])
+def test_a_decode_step_updates_the_cache_in_place(layout):
+    """Each layer writes its token into the stacked cache and reads its own layer: the compiled
+    step's temporaries stay a fraction of the cache (0.16x unrolled, 0.5x scanned and unrolled
+    by XLA, 0.17x as a loop). Slicing layers out and restacking them, as before, needed more
+    temporary memory than the whole cache (1.07x, 1.38x, 1.23x)."""
+    scan = {"unrolled": {}, "scanned": {"scan_layers": True}}
+    scan["scanned_loop"] = {"scan_layers": True, "scan_unroll": 1}
+    cfg = dataclasses.replace(LLAMA, num_layers=8, max_seq_len=512, **scan[layout])
+    params = jax.eval_shape(lambda: random_params(cfg, seed=0))
+    cache = jax.eval_shape(lambda: init_cache(cfg, 4, 512))
+    step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c), donate_argnums=2)
+    tokens = jax.ShapeDtypeStruct((4,), jnp.int32)
+    memory = step.lower(params, tokens, cache).compile().memory_analysis()
+    cache_bytes = cache.k.size * cache.k.dtype.itemsize * 2
+    assert memory.alias_size_in_bytes >= cache_bytes  # the donated cache is the output's
+    assert memory.temp_size_in_bytes < 0.6 * cache_bytes, memory.temp_size_in_bytes / cache_bytes
