@@ -9,8 +9,9 @@ and decoding overwrites them in order.
 With `ModelConfig.kv_cache_dtype="int8"`, `k` and `v` hold int8 values and `k_scale`, `v_scale`
 [L, B, S, K] float32 scales: each token's key (and value) of each kv head is quantized on its
 own, symmetric round-to-nearest over its H features (scale = max|x| · (1 / 127)), when it is
-written; attention reads q · scale. A layer's cache travels through the model as a tuple:
-(k, v) or (k, v, k_scale, v_scale).
+written; attention reads q · scale. The stacked arrays travel through the model as a tuple,
+(k, v) or (k, v, k_scale, v_scale); each layer gets them as a `LayerSlot` with its index, writes
+its new tokens into them in place and reads its own layer.
 """
 
 from __future__ import annotations
