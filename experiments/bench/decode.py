@@ -19,7 +19,7 @@ All four must give the same tokens. The runs are interleaved (one of each per ro
 `vs_reference_b1` / `vs_reference_b8` (a/d), `cache_vs_nocache_speedup` (a/b, batch 8) and
 `compiled_vs_python_loop_speedup` (a/c, batch 1).
 
-    python experiments/bench/decode.py [--repeats 3]
+    python experiments/bench/decode.py [--repeats 5]
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ LENGTHS_AXES = ("act_batch",)
 
 SCALE_AXES = KV_AXES[:-1]
 
-Layer = tuple[jax.Array, ...]  # (k, v) or (k, v, k_scale, v_scale)
+Layer = tuple[jax.Array, ...]  # (k, v) or (k, v, k_scale, v_scale), stacked [L, ...] in the model
 
 
 @struct.dataclass
@@ -54,9 +54,6 @@ class KVCache:
         if self.k_scale is None:
             return (self.k, self.v)
         return (self.k, self.v, self.k_scale, self.v_scale)
-
-    def layer(self, i: int) -> Layer:
-        return tuple(x[i] for x in self.arrays)
 
     def with_arrays(self, arrays: Layer, lengths: jax.Array) -> KVCache:
         """This cache's kind around new stacked arrays (constrained to the cache's shardings)."""
