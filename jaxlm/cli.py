@@ -619,6 +619,69 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} must be in [0, 65535] (0 = any free port)")
+    if not 1 <= args.slots <= 4096:
+        raise ValueError(f"--slots {args.slots} must be in [1, 4096]")
+    import signal
+    import threading
+
+    import jax
+
+    from jaxlm.data.chat import get_template, stop_ids
+    from jaxlm.run import load_for_eval
+    from jaxlm.serve.engine import Engine
+    from jaxlm.serve.http import Server
+
+    if jax.process_count() > 1:
+        raise ValueError("jaxlm serve runs on one host; serve a model that fits one host's devices")
+    config, mesh, params, tokenizer = load_for_eval(args.workdir, args.step)
+    if args.kv_cache:
+        model = dataclasses.replace(config.model, kv_cache_dtype=args.kv_cache)
+        config = dataclasses.replace(config, model=model)
+    engine = Engine(
+        config.model, params, args.slots, mesh=mesh, rules=config.mesh.rules,
+        pad_id=tokenizer.pad_id,
+    )  # fmt: skip
+    template = get_template(config.task.chat_template, tokenizer)
+    name = args.name or Path(args.workdir).absolute().name
+    try:
+        server = Server(
+            engine,
+            tokenizer,
+            name,
+            template=template,
+            stop_ids=[tokenizer.eos_id] if config.data.add_eos else [],
+            chat_stop_ids=stop_ids(template, tokenizer),
+            bos_id=tokenizer.bos_id if config.data.add_bos else None,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            log=not args.quiet,
+        )
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose "
+                         "another --host/--port") from None  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    engine.start()  # compiles the decode step
+    server.start()
+    print(
+        f"jaxlm serve: model {name!r} at {server.url} ({args.slots} slots, context "
+        f"{engine.context} tokens, chat template {template.name or 'tokenizer'!r}); SIGTERM or "
+        "Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    print("jaxlm serve: stopping: finishing the requests accepted", file=sys.stderr, flush=True)
+    server.shutdown()
+    print("jaxlm serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from jaxlm.data.chat import conversation
     from jaxlm.data.preference import pair_conversations
@@ -790,6 +853,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_distributed_args(smp)
     smp.set_defaults(func=cmd_sample)
+
+    srv = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (continuous batching) for a run"
+    )
+    srv.add_argument("--workdir", required=True)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    srv.add_argument("--slots", type=int, default=16, help="requests decoded together")
+    srv.add_argument("--name", default=None, help="the model id clients ask for (default: the "
+                     "workdir's directory name)")  # fmt: skip
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    srv.add_argument("--kv-cache", default=None, choices=["auto", "int8"])
+    srv.add_argument(
+        "--step", type=int, default=None, help="default: the newest checkpoint that restores"
+    )
+    srv.add_argument("--quiet", action="store_true", help="do not log each HTTP request")
+    srv.set_defaults(func=cmd_serve)
 
     conv = sub.add_parser("convert", help="Hugging Face safetensors <-> jaxlm checkpoints")
     conv.add_argument("--from-hf", default=None, metavar="HF_DIR", help="import this model dir")

@@ -71,7 +71,7 @@ def test_a_cancelled_request_frees_its_row_for_the_next(params):
     try:
         long = engine.submit(Request(prompt=[4, 5, 6], max_tokens=100, temperature=0))
         waiting = engine.submit(Request(prompt=[9, 8], max_tokens=3, temperature=0))
-        r, first = long.events.get(timeout=120)  # running now
+        r, _ = long.events.get(timeout=120)  # running now
         assert r is long and engine.load["running"] == 1 and engine.load["waiting"] == 1
         long.cancel()
         tokens, why = _collect([waiting])[0]
