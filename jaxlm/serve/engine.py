@@ -70,7 +70,9 @@ class Request:
 
 
 class Engine:
-    """`slots` rows of up to `max_len` tokens (default: the model's context) decoded together.
+    """`slots` rows of up to the model's context decoded together, `steps_per_call` decode steps
+    per compiled call (fewer host round trips; a row admitted or finished waits for the call's
+    end, and tokens a row makes after its stop are dropped).
 
     `params` are the model's (sharded over `mesh` with logical `rules`, or on one device); call
     `start()` (or use the engine as a context manager), then `submit` requests from any thread.
@@ -85,11 +87,15 @@ class Engine:
         mesh: jax.sharding.Mesh | None = None,
         rules: str | None = None,
         pad_id: int = 0,
+        steps_per_call: int = 4,
     ) -> None:
         sample._check_chain((), config)
         sample._check_params(config, params)
         if not (isinstance(slots, int) and 1 <= slots <= 4096):
             raise ValueError(f"slots={slots!r} must be an integer in [1, 4096]")
+        if not (isinstance(steps_per_call, int) and 1 <= steps_per_call <= 64):
+            raise ValueError(f"steps_per_call={steps_per_call!r} must be an integer in [1, 64]")
+        self.steps_per_call = steps_per_call
         self.config, self.params, self.slots = config, params, slots
         self.context = config.max_seq_len - config.prompt_tokens  # prompt + new tokens, at most
         self._mesh = (mesh, rules or "default") if mesh is not None else None
@@ -241,7 +247,7 @@ class Engine:
 
     def _step(self) -> np.ndarray:
         active = np.asarray([r is not None for r in self._rows])
-        next_B, self._cache = device.step(
+        next_NB, self._cache = device.step(
             self.params,
             self._cache,
             self._tokens,
@@ -252,14 +258,16 @@ class Engine:
             self._top_k,
             self._top_p,
             config=self.config,
+            steps=self.steps_per_call,
         )
-        self.steps += 1
-        return np.asarray(next_B)
+        self.steps += self.steps_per_call
+        return np.asarray(next_NB)
 
-    def _deliver(self, next_B: np.ndarray) -> None:
-        for i, r in enumerate(self._rows):
-            if r is not None:
-                self._emit(i, int(next_B[i]))
+    def _deliver(self, next_NB: np.ndarray) -> None:
+        for next_B in next_NB:
+            for i, r in enumerate(self._rows):
+                if r is not None:  # a row that finished in this call stops taking tokens
+                    self._emit(i, int(next_B[i]))
 
     def _emit(self, row: int, token: int) -> None:
         """Row `row`'s request produced `token` (its token number counts[row])."""

@@ -38,6 +38,11 @@ class _Failed(Exception):
     """The engine failed while decoding (an XLA error): a 500 for the request, not a crash."""
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    # Connections waiting to be accepted: the standard library's 5 resets a burst of clients.
+    request_queue_size = 1024
+
+
 class Server:
     """Serve `engine` as model `name` on `host`:`port` (0 picks a free port; see `.port`).
 
@@ -69,7 +74,7 @@ class Server:
         self._idle = threading.Condition()
         self._draining = False
         handler = type("Handler", (_Handler,), {"server_ref": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _HTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
@@ -256,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._generate(raw, chat=path.endswith("chat/completions"))
         except BadRequest as e:
             self._error(e)
-        except _Gone:
+        except (_Gone, ConnectionError):
             self.close_connection = True
         except _Failed as e:
             self.close_connection = True
@@ -317,12 +322,15 @@ class _Handler(BaseHTTPRequestHandler):
                 for i in range(len(requests)):
                     self._sse(protocol.chunk(rid, parsed, i, "", role=True))
         try:
+            checked = time.monotonic()
             while None in finish:
+                if time.monotonic() - checked > POLL_S:  # even while tokens keep coming
+                    if self._client_gone():
+                        raise _Gone
+                    checked = time.monotonic()
                 try:
                     r, event = events.get(timeout=POLL_S)
                 except Empty:
-                    if self._client_gone():
-                        raise _Gone from None
                     continue
                 i = index[id(r)]
                 if finish[i] is not None:

@@ -112,7 +112,7 @@ def insert(
     return first, cache.with_arrays(arrays, lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=(1,))
 def step(
     params: Any,
     cache: KVCache,
@@ -125,11 +125,20 @@ def step(
     top_p_B: jax.Array,
     *,
     config: ModelConfig,
+    steps: int = 1,
 ) -> tuple[jax.Array, KVCache]:
-    """One decode step for every row: feed `tokens_B`, sample the next token of each row
-    (token number counts_B[b]). Free rows (`active_B` false) stay at length 0."""
-    logits_BV, cache = decode_step(config, params, tokens_B, cache)
-    cache = cache.replace(lengths=jnp.where(active_B, cache.lengths, 0))
+    """`steps` decode steps for every row: feed `tokens_B`, sample the next token of each row
+    (token number counts_B[b], then the next ones), feed it back: ([steps, B] tokens, cache).
+    Free rows (`active_B` false) stay at length 0; a row that stops partway keeps decoding
+    until the call ends, and the caller drops those tokens."""
     keys_B = jax.random.wrap_key_data(key_data_B)
-    next_B = sample_rows(logits_BV, keys_B, counts_B, temperature_B, top_k_B, top_p_B)
-    return next_B, cache
+
+    def one(carry, i):
+        tokens_B, cache = carry
+        logits_BV, cache = decode_step(config, params, tokens_B, cache)
+        cache = cache.replace(lengths=jnp.where(active_B, cache.lengths, 0))
+        next_B = sample_rows(logits_BV, keys_B, counts_B + i, temperature_B, top_k_B, top_p_B)
+        return (next_B, cache), next_B
+
+    (_, cache), tokens_NB = jax.lax.scan(one, (tokens_B, cache), jnp.arange(steps))
+    return tokens_NB, cache
