@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.distributed import to_host
-from jaxlm.model.kv_cache import KVCache, init_cache
+from jaxlm.model.kv_cache import KVCache, init_cache, to_ring
 from jaxlm.model.transformer import Transformer, abstract_params
 
 _NEG = -1e30  # masked-out logits (finite, so a row never becomes all-NaN)
@@ -183,6 +183,31 @@ def prefill(
     return last_B1V[:, 0].astype(jnp.float32), cache.replace(lengths=lengths_B)
 
 
+def uses_ring(config: ModelConfig, cache_len: int) -> bool:
+    """Decoding `cache_len` positions of a sliding-window model keeps only its window: a ring
+    buffer of `model.sliding_window` slots."""
+    return config.sliding_window is not None and cache_len > config.sliding_window
+
+
+def prefill_cache(
+    config: ModelConfig,
+    params: Any,
+    prompt_tokens_BT: jax.Array,
+    prompt_lengths_B: jax.Array,
+    cache_len: int,
+) -> tuple[jax.Array, KVCache]:
+    """`prefill` into a new cache for `cache_len` positions: (last prompt logits [B, V], cache).
+    A sliding-window model whose window is shorter gets a ring buffer of its window instead
+    (the prompt is prefilled into an ordinary cache, then its last window moved over)."""
+    b, t = prompt_tokens_BT.shape
+    if not uses_ring(config, cache_len):
+        cache = init_cache(config, b, cache_len)
+        return prefill(config, params, prompt_tokens_BT, prompt_lengths_B, cache)
+    cache = init_cache(config, b, t + config.prompt_tokens)
+    logits_BV, cache = prefill(config, params, prompt_tokens_BT, prompt_lengths_B, cache)
+    return logits_BV, to_ring(cache, config.sliding_window)
+
+
 def decode_step(
     config: ModelConfig, params: Any, tokens_B: jax.Array, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
@@ -275,8 +300,7 @@ def continue_loop(
 def _model_start(
     params, prompt_BT, lengths_B, key, max_new_B, stop_BS, config, chain, buffer, cache_len, pad_id
 ):
-    cache = init_cache(config, prompt_BT.shape[0], cache_len)
-    logits_BV, cache = prefill(config, params, prompt_BT, lengths_B, cache)
+    logits_BV, cache = prefill_cache(config, params, prompt_BT, lengths_B, cache_len)
     return start_loop(logits_BV, cache, key, chain, max_new_B, stop_BS, pad_id, buffer)
 
 

@@ -313,3 +313,19 @@ def test_a_prefix_lm_decodes_after_a_bidirectional_prompt_as_the_full_forward(cf
         cache = sample.init_cache(c, len(prompts), batch.cache_len)
         last[c.prefix_lm] = sample.prefill(c, params, batch.tokens, batch.lengths, cache)[0]
     assert np.abs(np.asarray(last[True]) - np.asarray(last[False])).max() > 1e-2
+
+
+def test_a_sliding_window_model_generates_past_its_window_from_a_ring_buffer():
+    """Mistral-style (window 8): `generate` keeps 8 cache slots per row (not prompt + new
+    tokens) and gives the no-cache argmax loop's tokens far past the window."""
+    cfg = dataclasses.replace(LLAMA, sliding_window=8)
+    params = random_params(cfg, seed=7)
+    prompts = [[1, 40, 41], [1, *range(50, 62)]]  # shorter and longer than the window
+    batch = sample.prepare(cfg, prompts, 30)
+    assert sample.uses_ring(cfg, batch.cache_len)
+    _, cache = jax.jit(
+        lambda p: sample.prefill_cache(cfg, p, batch.tokens, batch.lengths, batch.cache_len)
+    )(params)
+    assert cache.k.shape[2] == 8
+    got = generate(cfg, params, prompts, 30)
+    assert got == [_argmax_loop(cfg, params, p, 30) for p in prompts]

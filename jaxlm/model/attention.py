@@ -115,7 +115,8 @@ class Attention(nn.Module):
         v_BSKH = constrain(v_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
         own_k_BTKH, own_v_BTKH = k_BSKH, v_BSKH
         if kv is not None:
-            kv = kv_cache.update(kv, k_BSKH, v_BSKH, positions_BT[:, 0])
+            ring = kv_cache.is_ring(cfg, kv.arrays[0].shape[2])
+            kv = kv_cache.update(kv, k_BSKH, v_BSKH, positions_BT[:, 0], ring)
             k_BSKH, v_BSKH = kv_cache.read(kv, cfg.dtype)
 
         b, t = q_BTNH.shape[:2]

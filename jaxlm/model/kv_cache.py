@@ -6,6 +6,12 @@ token at position p lives in slot p, so positions, masks and RoPE need no bookke
 may hold garbage (e.g. a prompt's right padding); the causal mask never lets a query see them,
 and decoding overwrites them in order.
 
+A sliding-window model (`ModelConfig.sliding_window` = W) may decode with a ring buffer: a cache
+of exactly W slots, where position p lives in slot p % W (`is_ring`). Only the last W positions
+are ever visible, so the cache needs W slots however long the generation; a prompt is prefilled
+into an ordinary cache and its last W positions moved into a ring by `to_ring`. For positions
+below W the two layouts agree, so a W-slot cache is always read as a ring.
+
 With `ModelConfig.kv_cache_dtype="int8"`, `k` and `v` hold int8 values and `k_scale`, `v_scale`
 [L, B, S, K] float32 scales: each token's key (and value) of each kv head is quantized on its
 own, symmetric round-to-nearest over its H features (scale = max|x| · (1 / 127)), when it is
@@ -93,6 +99,35 @@ def init_cache(
     return KVCache(k=k, v=v, lengths=lengths)
 
 
+def is_ring(config: ModelConfig, length: int) -> bool:
+    """A cache of `length` slots is a ring buffer: the model's sliding window is that long."""
+    return config.sliding_window is not None and length == config.sliding_window
+
+
+def slot_positions(last_B: jax.Array, length: int, ring: bool) -> jax.Array:
+    """[B, S]: the position slot s holds when row b's newest position is last_B[b] (-1 for a
+    slot not written yet). Without a ring, slot s holds position s."""
+    s_S = jnp.arange(length, dtype=jnp.int32)
+    if not ring:
+        return jnp.broadcast_to(s_S, (last_B.shape[0], length))
+    pos_BS = last_B[:, None] - jnp.mod(last_B[:, None] - s_S[None, :], length)
+    return jnp.where(pos_BS >= 0, pos_BS, -1)
+
+
+def to_ring(cache: KVCache, window: int) -> KVCache:
+    """An ordinary cache (slot = position, e.g. after a prefill) as a ring of `window` slots
+    holding each row's last `window` positions (slot = position % window)."""
+    last_B = cache.lengths - 1
+    pos_BW = slot_positions(last_B, window, True)
+    index_BW = jnp.clip(pos_BW, 0, cache.max_length - 1)
+
+    def gather(x: jax.Array) -> jax.Array:  # [L, B, S, ...] -> [L, B, W, ...]
+        index = index_BW.reshape((1, *index_BW.shape) + (1,) * (x.ndim - 3))
+        return jnp.take_along_axis(x, index, axis=2)
+
+    return cache.with_arrays(tuple(gather(x) for x in cache.arrays), cache.lengths)
+
+
 def quantize_heads(x_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(int8 values, float32 scales [B, T, K]): each token's vector of each head on its own."""
     xf = x_BTKH.astype(jnp.float32)
@@ -114,12 +149,19 @@ class LayerSlot(NamedTuple):
 
 
 def update(
-    slot: LayerSlot, k_new_BTKH: jax.Array, v_new_BTKH: jax.Array, start_B: jax.Array
+    slot: LayerSlot,
+    k_new_BTKH: jax.Array,
+    v_new_BTKH: jax.Array,
+    start_B: jax.Array,
+    ring: bool = False,
 ) -> LayerSlot:
-    """The slot with T new keys/values written at slots start[b] .. start[b]+T-1 of its layer."""
+    """The slot with T new keys/values written at slots start[b] .. start[b]+T-1 of its layer
+    (modulo the cache length for a `ring`)."""
     b, t = k_new_BTKH.shape[:2]
     rows_B1 = jnp.arange(b)[:, None]
     slots_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+    if ring:  # one token per row (the caller checks): its position modulo the ring's length
+        slots_BT = jnp.mod(slots_BT, slot.arrays[0].shape[2])
 
     def write(cache: jax.Array, new: jax.Array) -> jax.Array:
         # One scatter into the stacked arrays (in place), their layout untouched.

@@ -244,10 +244,17 @@ class Transformer(nn.Module):
             if prepend:
                 prompt_pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
                 positions_BT = jnp.concatenate([prompt_pos, positions_BT], axis=1)
-            # Keys are cache slots; slot s holds position s of the row.
-            slots_BS = jnp.broadcast_to(
-                jnp.arange(cache.max_length, dtype=jnp.int32), (b, cache.max_length)
-            )
+            # Keys are cache slots; slot s holds position s of the row (in a ring buffer, the
+            # newest position that is s modulo its length; -1 where none was written).
+            ring = kv_cache.is_ring(cfg, cache.max_length)
+            if ring and t > 1 and not prefill:
+                raise ValueError(
+                    f"a ring-buffer cache (model.sliding_window={cfg.sliding_window} slots) takes "
+                    f"one token per call after the prefill, not {t}"
+                )
+            slots_BS = kv_cache.slot_positions(positions_BT[:, -1], cache.max_length, ring)
+            if ring:  # slots not written yet: never visible (a position past every query)
+                slots_BS = jnp.where(slots_BS >= 0, slots_BS, jnp.iinfo(jnp.int32).max)
             ones = jnp.ones((b, 1), jnp.int32)
             mask_BTS = attention_mask(positions_BT, slots_BS, ones, ones, cfg.sliding_window)
             if prefix_BT is not None:

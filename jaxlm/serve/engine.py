@@ -149,9 +149,10 @@ class Engine:
     def start(self) -> Engine:
         """Compile the decode step and start the engine's thread."""
         with self._context():
-            self._cache = device.empty_cache(
-                config=self.config, slots=self.slots, length=self.config.max_seq_len
-            )
+            length = self.config.max_seq_len
+            if sample.uses_ring(self.config, length):
+                length = self.config.sliding_window  # a ring buffer of the window
+            self._cache = device.empty_cache(config=self.config, slots=self.slots, length=length)
             self._step()  # compiles the one decode step now, not at the first request
         self._thread = threading.Thread(target=self._run, name="jaxlm-engine", daemon=True)
         self._thread.start()

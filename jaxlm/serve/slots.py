@@ -5,7 +5,8 @@ Each row samples with its own settings (temperature, top-k, top-p) and its own k
 token number i is drawn with `fold_in(key_b, i)` from the same filtered logits `sample.generate`
 computes, so a request gets the tokens `generate` gives it alone, whatever else is in the batch.
 The prompt is prefilled with the shapes `generate` would use for it (its bucket and cache
-length), then copied into its row of the shared cache.
+length), then copied into its row of the shared cache. A sliding-window model's shared cache is
+a ring buffer of its window (see `kv_cache`), however long the context.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.model.kv_cache import KVCache, init_cache
-from jaxlm.sample import _NEG, decode_step, prefill
+from jaxlm.sample import _NEG, decode_step, prefill_cache
 
 
 def _top_k(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
@@ -93,8 +94,7 @@ def insert(
     """Prefill one prompt ([1, T], right-padded to a bucket) into a cache of `cache_len` rows,
     sample its first token (count 0) and copy its keys and values into row `slot` of `cache`:
     (first token (scalar int32), the shared cache)."""
-    own = init_cache(config, 1, cache_len)
-    logits_1V, own = prefill(config, params, prompt_1T, length_1, own)
+    logits_1V, own = prefill_cache(config, params, prompt_1T, length_1, cache_len)
     first = sample_rows(
         logits_1V,
         jax.random.wrap_key_data(key_data[None]),

@@ -117,3 +117,43 @@ def test_a_decode_step_updates_the_cache_in_place(layout):
     cache_bytes = cache.k.size * cache.k.dtype.itemsize * 2
     assert memory.alias_size_in_bytes >= cache_bytes  # the donated cache is the output's
     assert memory.temp_size_in_bytes < 0.6 * cache_bytes, memory.temp_size_in_bytes / cache_bytes
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_a_ring_buffer_of_the_window_decodes_as_the_full_forward(int8):
+    """Mistral-style: every layer slides a window of 6; the cache holds 6 slots, decoding runs
+    far past the window from prompts shorter and longer than it, rows of different lengths."""
+    from jaxlm.model.kv_cache import to_ring
+
+    w, total = 6, 30
+    cfg = dataclasses.replace(LLAMA, sliding_window=w, max_seq_len=32)
+    if int8:
+        cfg = dataclasses.replace(cfg, kv_cache_dtype="int8")
+    params = random_params(cfg, seed=5)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, total)))
+    full = np.asarray(Transformer(dataclasses.replace(cfg, kv_cache_dtype="auto")).apply(
+        {"params": params}, tokens)[0])  # fmt: skip
+    lengths = jnp.asarray([3, 9], jnp.int32)  # one shorter than the window, one longer
+    cache = init_cache(cfg, 2, 16)
+    logits, cache = jax.jit(lambda p, t, n, c: prefill(cfg, p, t, n, c))(
+        params, tokens[:, :16], lengths, cache
+    )
+    ring = to_ring(cache, w)
+    assert ring.k.shape[2] == w and ring.lengths.tolist() == [3, 9]
+    step = jax.jit(lambda p, t, c: decode_step(cfg, p, t, c))
+    tol = dict(atol=0.05, rtol=0.05) if int8 else dict(atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits, full[[0, 1], [2, 8]], **tol)
+    pos = np.asarray(lengths)
+    for _ in range(total - 9):  # row 1 reaches position 29, 5 windows past its prompt
+        logits, ring = step(params, tokens[jnp.arange(2), pos], ring)
+        np.testing.assert_allclose(logits, full[[0, 1], pos], **tol, err_msg=f"{pos}")
+        pos = pos + 1
+    assert ring.k.shape[2] == w
+
+
+def test_a_ring_buffer_takes_one_token_per_decode_call():
+    cfg = dataclasses.replace(LLAMA, sliding_window=4, max_seq_len=32)
+    params = random_params(cfg, seed=5)
+    cache = init_cache(cfg, 1, 4)
+    with pytest.raises(ValueError, match=r"ring-buffer cache .* takes one token per call"):
+        Transformer(cfg).apply({"params": params}, jnp.zeros((1, 2), jnp.int32), cache=cache)

@@ -120,3 +120,24 @@ def test_bad_engine_settings_are_refused(params):
         Engine(CFG, params, slots=0)
     with pytest.raises(ValueError, match="params do not match"):
         Engine(CFG, {"params": params}, slots=1)
+
+
+def test_a_sliding_window_model_is_served_from_a_ring_buffer(params):
+    """Window 8 (every layer): the shared cache holds 8 slots per row, and requests running far
+    past the window still get `generate`'s tokens."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, sliding_window=8)
+    requests = [
+        Request(prompt=list(range(3, 3 + n)), max_tokens=m, temperature=t, seed=n)
+        for n, m, t in ((3, 40, 0.0), (20, 30, 0.8), (5, 6, 0.0))
+    ]
+    with Engine(cfg, params, slots=2) as engine:
+        assert engine._cache.k.shape[2] == 8
+        for r in requests:
+            engine.submit(r)
+        got = _collect(requests)
+    for r, (tokens, _) in zip(requests, got, strict=True):
+        chain = sample.strategies(r.temperature)
+        want = sample.generate(cfg, params, [r.prompt], r.max_tokens, key=r.seed, chain=chain)
+        assert tokens == want[0]
