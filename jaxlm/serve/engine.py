@@ -140,6 +140,11 @@ class Engine:
         return request
 
     @property
+    def alive(self) -> bool:
+        """The engine's thread is running (False before `start` and after `stop`)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def load(self) -> dict[str, int]:
         """Requests decoding now and waiting for a row."""
         with self._lock:
@@ -218,7 +223,12 @@ class Engine:
             if request.cancelled:
                 request.events.put((request, Finished("cancelled")))
                 continue
-            self._insert(self._rows.index(None), request)
+            try:
+                self._insert(self._rows.index(None), request)
+            except Exception as e:  # this request's prefill failed: it ends, others go on
+                request.events.put((request, Finished("error", f"{type(e).__name__}: {e}")))
+                if request in self._rows:
+                    self._rows[self._rows.index(request)] = None
 
     def _insert(self, row: int, r: Request) -> None:
         batch = sample.prepare(self.config, [r.prompt], r.max_tokens, [r.stop_ids], self._pad_id)

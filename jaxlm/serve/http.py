@@ -327,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if time.monotonic() - checked > POLL_S:  # even while tokens keep coming
                     if self._client_gone():
                         raise _Gone
+                    if not srv.engine.alive and events.empty():
+                        raise _Failed(srv.engine.error or "the engine stopped")
                     checked = time.monotonic()
                 try:
                     r, event = events.get(timeout=POLL_S)
