@@ -76,13 +76,19 @@ class TopP:
             raise ValueError(f"top_p={self.p!r} must be in (0, 1]")
 
     def __call__(self, logits_BV: jax.Array) -> jax.Array:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly before each token
-        keep_BV = before_BV < self.p  # the first token is always kept
-        # The smallest kept logit is the threshold (ties with it are kept too).
-        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        return jnp.where(logits_BV >= threshold_B1, logits_BV, _NEG)
+        return nucleus(logits_BV, self.p)
+
+
+def nucleus(logits_BV: jax.Array, p: float | jax.Array) -> jax.Array:
+    """`TopP` with `p` a number or one per row ([B, 1]): logits outside the smallest set of
+    most likely tokens whose probability reaches p are masked out."""
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly before each token
+    keep_BV = before_BV < p  # the first token is always kept
+    # The smallest kept logit is the threshold (ties with it are kept too).
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV >= threshold_B1, logits_BV, _NEG)
 
 
 @dataclasses.dataclass(frozen=True)

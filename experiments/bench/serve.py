@@ -27,23 +27,12 @@ import time
 
 import jax
 import numpy as np
+from decode import CONFIG  # the decode benchmark's model (this script's directory)
 
-from jaxlm.configs import ModelConfig
 from jaxlm.data import ByteTokenizer
 from jaxlm.model.transformer import init_params
 from jaxlm.serve.engine import Engine
 from jaxlm.serve.http import Server
-
-CONFIG = ModelConfig(
-    vocab_size=1024,
-    d_model=256,
-    num_layers=4,
-    num_heads=4,
-    mlp_dim=1024,
-    max_seq_len=256,
-    activation="gelu_tanh",
-    scan_layers=False,
-)
 
 
 def _requests(n: int) -> list[dict]:

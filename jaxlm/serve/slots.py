@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxlm.configs.model import ModelConfig
 from jaxlm.model.kv_cache import KVCache, init_cache
-from jaxlm.sample import _NEG, decode_step, prefill_cache
+from jaxlm.sample import _NEG, decode_step, nucleus, prefill_cache
 
 
 def _top_k(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
@@ -31,14 +31,8 @@ def _top_k(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
 
 
 def _top_p(logits_BV: jax.Array, p_B: jax.Array) -> jax.Array:
-    """Nucleus filtering with each row's p_B[b] (p = 1 keeps all), the same steps as `TopP`."""
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = before_BV < p_B[:, None]
-    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    kept_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, _NEG)
-    return jnp.where(p_B[:, None] < 1, kept_BV, logits_BV)
+    """Nucleus filtering with each row's p_B[b] (p = 1 keeps all), as `TopP`."""
+    return jnp.where(p_B[:, None] < 1, nucleus(logits_BV, p_B[:, None]), logits_BV)
 
 
 def sample_rows(
