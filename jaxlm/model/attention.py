@@ -73,7 +73,7 @@ class Attention(nn.Module):
         Without a cache, keys are this call's own T tokens and `mask_BTS` is [B, T, T]; for a
         causal model (`config.causal`) it must be causal by index (key s hidden from query t
         whenever s > t; `attend` skips such blocks), for a bidirectional one it may be any mask.
-        With a cache slot `kv` (this layer of the stacked (k, v) arrays [L, B, S, K, H], int8
+        With a cache slot `kv` (this layer of the stacked (k, v) arrays [L, B, K, S, H], int8
         ones with their scales), the new keys and values are written at slots positions[b, 0]
         .. positions[b, 0] + T - 1 and the queries attend over all S slots (`mask_BTS` is
         [B, T, S]).
@@ -115,9 +115,10 @@ class Attention(nn.Module):
         v_BSKH = constrain(v_BSKH, ("act_batch", "act_length", "act_kv_heads", "head_dim"))
         own_k_BTKH, own_v_BTKH = k_BSKH, v_BSKH
         if kv is not None:
-            ring = kv_cache.is_ring(cfg, kv.arrays[0].shape[2])
+            ring = kv_cache.is_ring(cfg, kv.arrays[0].shape[3])
             kv = kv_cache.update(kv, k_BSKH, v_BSKH, positions_BT[:, 0], ring)
-            k_BSKH, v_BSKH = kv_cache.read(kv, cfg.dtype)
+            # Read as [B, K, S, H]; XLA folds the swap into attention's matmuls.
+            k_BSKH, v_BSKH = (jnp.swapaxes(x, 1, 2) for x in kv_cache.read(kv, cfg.dtype))
 
         b, t = q_BTNH.shape[:2]
         if isinstance(mask_BTS, Segments):

@@ -1,8 +1,11 @@
 """The KV cache: an explicit pytree of keys and values for every layer, plus per-row lengths.
 
-Layout: `k`, `v` are [L, B, S, K, H] (layers, batch, cache length, kv heads, head dim). Row b's
-token at position p lives in slot p, so positions, masks and RoPE need no bookkeeping beyond
-`lengths[b]`, the number of slots of row b that hold real tokens. Slots at or past `lengths[b]`
+Layout: `k`, `v` are [L, B, K, S, H] (layers, batch, kv heads, cache length, head dim): each
+head's keys of a row are one contiguous [S, H] matrix, which attention multiplies as it is
+stored (a [B, S, K, H] layout is copied into that order by every layer at every decode step,
+most of a step's time at batch 8 on CPU). Row b's token at position p lives in slot p, so
+positions, masks and RoPE need no bookkeeping beyond `lengths[b]`, the number of slots of row
+b that hold real tokens. Slots at or past `lengths[b]`
 may hold garbage (e.g. a prompt's right padding); the causal mask never lets a query see them,
 and decoding overwrites them in order.
 
@@ -13,7 +16,7 @@ into an ordinary cache and its last W positions moved into a ring by `to_ring`. 
 below W the two layouts agree, so a W-slot cache is always read as a ring.
 
 With `ModelConfig.kv_cache_dtype="int8"`, `k` and `v` hold int8 values and `k_scale`, `v_scale`
-[L, B, S, K] float32 scales: each token's key (and value) of each kv head is quantized on its
+[L, B, K, S] float32 scales: each token's key (and value) of each kv head is quantized on its
 own, symmetric round-to-nearest over its H features (scale = max|x| · (1 / 127)), when it is
 written; attention reads q · scale. The stacked arrays travel through the model as a tuple,
 (k, v) or (k, v, k_scale, v_scale); each layer gets them as a `LayerSlot` with its index, writes
@@ -33,7 +36,7 @@ from jaxlm.configs.model import ModelConfig
 
 # Logical axes: batch shards like activations (data/fsdp), kv heads over `tensor` where they
 # divide, as the model's activations do; layers, slots and head dims stay whole.
-KV_AXES = ("layers", "act_batch", "cache_length", "act_kv_heads", "head_dim")
+KV_AXES = ("layers", "act_batch", "act_kv_heads", "cache_length", "head_dim")
 LENGTHS_AXES = ("act_batch",)
 
 
@@ -44,15 +47,15 @@ Layer = tuple[jax.Array, ...]  # (k, v) or (k, v, k_scale, v_scale), stacked [L,
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
     lengths: jax.Array  # [B] int32: real tokens per row
-    k_scale: jax.Array | None = None  # [L, B, S, K] float32 with int8 k, v
+    k_scale: jax.Array | None = None  # [L, B, K, S] float32 with int8 k, v
     v_scale: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def arrays(self) -> Layer:
@@ -87,7 +90,7 @@ def init_cache(
         raise ValueError(
             f"cache length {max_length} must be in [1, model.max_seq_len={config.max_seq_len}]"
         )
-    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_length, config.head_dim)
     lengths = jnp.zeros((batch,), jnp.int32)
     if config.kv_cache_dtype == "int8" and dtype is None:
         k, v = (sharding.constrain(jnp.zeros(shape, jnp.int8), KV_AXES) for _ in "kv")
@@ -121,9 +124,9 @@ def to_ring(cache: KVCache, window: int) -> KVCache:
     pos_BW = slot_positions(last_B, window, True)
     index_BW = jnp.clip(pos_BW, 0, cache.max_length - 1)
 
-    def gather(x: jax.Array) -> jax.Array:  # [L, B, S, ...] -> [L, B, W, ...]
-        index = index_BW.reshape((1, *index_BW.shape) + (1,) * (x.ndim - 3))
-        return jnp.take_along_axis(x, index, axis=2)
+    def gather(x: jax.Array) -> jax.Array:  # [L, B, K, S, ...] -> [L, B, K, W, ...]
+        index = index_BW.reshape((1, index_BW.shape[0], 1, window) + (1,) * (x.ndim - 4))
+        return jnp.take_along_axis(x, index, axis=3)
 
     return cache.with_arrays(tuple(gather(x) for x in cache.arrays), cache.lengths)
 
@@ -144,7 +147,7 @@ class LayerSlot(NamedTuple):
     cache at every decode step.
     """
 
-    arrays: Layer  # stacked [L, B, S, ...]
+    arrays: Layer  # stacked [L, B, K, S, ...]
     index: jax.Array | int
 
 
@@ -161,11 +164,12 @@ def update(
     rows_B1 = jnp.arange(b)[:, None]
     slots_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
     if ring:  # one token per row (the caller checks): its position modulo the ring's length
-        slots_BT = jnp.mod(slots_BT, slot.arrays[0].shape[2])
+        slots_BT = jnp.mod(slots_BT, slot.arrays[0].shape[3])
 
     def write(cache: jax.Array, new: jax.Array) -> jax.Array:
-        # One scatter into the stacked arrays (in place), their layout untouched.
-        return cache.at[slot.index, rows_B1, slots_BT].set(
+        # One scatter into the stacked arrays (in place), their layout untouched. The slice
+        # between the indexed dims puts the indexed ones first: `new` is [B, T, K, ...].
+        return cache.at[slot.index, rows_B1, :, slots_BT].set(
             new.astype(cache.dtype), indices_are_sorted=True, unique_indices=True, mode="drop"
         )
 
@@ -180,7 +184,7 @@ def update(
 
 
 def read(slot: LayerSlot, dtype: jnp.dtype | str) -> tuple[jax.Array, jax.Array]:
-    """The slot's layer's keys and values [B, S, K, H] in `dtype` (dequantized from int8)."""
+    """The slot's layer's keys and values [B, K, S, H] in `dtype` (dequantized from int8)."""
     layer = tuple(jax.lax.dynamic_index_in_dim(x, slot.index, 0, False) for x in slot.arrays)
     if len(layer) == 2:
         return layer[0].astype(dtype), layer[1].astype(dtype)

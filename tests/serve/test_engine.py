@@ -133,7 +133,7 @@ def test_a_sliding_window_model_is_served_from_a_ring_buffer(params):
         for n, m, t in ((3, 40, 0.0), (20, 30, 0.8), (5, 6, 0.0))
     ]
     with Engine(cfg, params, slots=2) as engine:
-        assert engine._cache.k.shape[2] == 8
+        assert engine._cache.max_length == 8
         for r in requests:
             engine.submit(r)
         got = _collect(requests)
