@@ -115,6 +115,25 @@ def test_einsum_merged_leading_dims_match_numpy(eqn, x_shape, w_shape, merged):
 
 
 @pytest.mark.parametrize(
+    "eqn, x_shape, w_shape",
+    [
+        ("ZNH,NHD->ZD", (3, 4, 5), (4, 5, 6)),  # two contracted dims, taken in the weight's order
+        ("ZD,VD->ZV", (3, 6), (7, 6)),  # the tied output embedding
+        ("ZD,DF->FZ", (3, 6), (6, 2)),  # output dims reordered
+        ("ECI,EIO->ECO", (2, 3, 4), (2, 4, 5)),  # a batch dim (experts): einsum's own way
+        ("ZDK,DF->ZF", (3, 6, 2), (6, 4)),  # a summed dim: einsum's own way
+    ],
+)
+def test_weight_einsum_matches_numpy(eqn, x_shape, w_shape):
+    from jaxlm.model.layers import weight_einsum
+
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    got = weight_einsum(eqn, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(got, np.einsum(eqn, x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
     "kind, use_bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)]
 )
 def test_norms_match_numpy(kind, use_bias):
