@@ -36,8 +36,8 @@ def _capped_logits(q_BKQH: jax.Array, k_BSKH: jax.Array, cap: float | None) -> j
     if q_BKQH.shape[2] <= FEW_QUERIES:
         # Decoding: keys as the matrix and the few queries as vectors, so XLA:CPU reads each
         # head's [S, H] keys as stored; the other way round it first copies them transposed
-        # at every layer of every step (batch-1 decode went from about 1.0x to 1.4x the
-        # benchmark's minimal reference). The [S, Q] result is small to swap.
+        # at every layer of every step (batch-1 decode went from about 1.0x to 1.1-1.4x the
+        # benchmark's minimal reference in most runs). The [S, Q] result is small to swap.
         logits_BKSQ = jnp.einsum(
             "BSKH,BKQH->BKSQ", k_BSKH, q_BKQH, preferred_element_type=jnp.float32
         )

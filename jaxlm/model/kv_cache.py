@@ -5,9 +5,8 @@ head's keys of a row are one contiguous [S, H] matrix, which attention multiplie
 stored (a [B, S, K, H] layout is copied into that order by every layer at every decode step,
 most of a step's time at batch 8 on CPU). Row b's token at position p lives in slot p, so
 positions, masks and RoPE need no bookkeeping beyond `lengths[b]`, the number of slots of row
-b that hold real tokens. Slots at or past `lengths[b]`
-may hold garbage (e.g. a prompt's right padding); the causal mask never lets a query see them,
-and decoding overwrites them in order.
+b that hold real tokens. Slots at or past `lengths[b]` may hold garbage (e.g. a prompt's right
+padding); the causal mask never lets a query see them, and decoding overwrites them in order.
 
 A sliding-window model (`ModelConfig.sliding_window` = W) may decode with a ring buffer: a cache
 of exactly W slots, where position p lives in slot p % W (`is_ring`). Only the last W positions
