@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxlm import distributed
+from jaxlm import distributed, storage
 from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import CheckpointConfig, RunConfig
 from jaxlm.files import read_json
@@ -46,13 +46,14 @@ def _split(state: Any) -> tuple[Any, dict[str, Any]]:
     return state.params, rest
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-    return Path(workdir).absolute() / CHECKPOINT_DIR
+def checkpoint_dir(workdir: str | Path) -> storage.AnyPath:
+    return storage.as_path(workdir, absolute=True) / CHECKPOINT_DIR
 
 
 def complete_steps(workdir: str | Path) -> list[int]:
     """Steps with a committed checkpoint in `workdir`, oldest first (creates nothing)."""
     directory = checkpoint_dir(workdir)
+    storage.refresh(directory)
     if not directory.is_dir():
         return []
     return sorted(
@@ -79,8 +80,8 @@ def tokenizer_files(tokenizer: Any) -> dict[str, str]:
         }
 
 
-def write_tokenizer_files(files: dict[str, str], directory: str | Path) -> Path:
-    directory = Path(directory)
+def write_tokenizer_files(files: dict[str, str], directory: str | Path) -> storage.AnyPath:
+    directory = storage.as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (directory / Path(name).name).write_bytes(base64.b64decode(data))
@@ -105,8 +106,9 @@ class Checkpointer:
         self, workdir: str | Path, config: CheckpointConfig | None = None, read_only: bool = False
     ) -> None:
         config = config or CheckpointConfig()
-        self.workdir = Path(workdir).absolute()
+        self.workdir = storage.as_path(workdir, absolute=True)
         self.directory = checkpoint_dir(workdir)
+        storage.refresh(self.directory)  # a bucket listed earlier may have new checkpoints
         self._every = config.every
         self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
@@ -229,10 +231,7 @@ class Checkpointer:
     def quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
             target = self.workdir / QUARANTINE_DIR / str(step)
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            storage.move_tree(self.directory / str(step), target)
         distributed.barrier(f"jaxlm_quarantine_{step}")  # moved before any process re-lists
         self._manager.reload()
 
@@ -254,7 +253,19 @@ def check_workdir(workdir: str | Path, needed_bytes: int) -> None:
     """Fail now, not mid-run, when `workdir` cannot be written or lacks `needed_bytes` free.
 
     Creates `workdir` if needed (and removes it again when the check fails and it was empty).
+    A bucket is checked by writing and deleting a small object; it has no free space to check.
     """
+    if storage.is_remote(workdir):
+        probe = storage.as_path(workdir) / _PROBE
+        try:
+            probe.write_bytes(b"\0" * 4096)
+            probe.unlink()
+        except Exception as e:  # gcsfs raises OSError subclasses and HTTP errors
+            raise ValueError(
+                f"cannot write to workdir {str(workdir)!r}: {brief(e)} (check the bucket name "
+                "and that application default credentials may write to it)"
+            ) from None
+        return
     workdir = Path(workdir)
     created = not workdir.exists()
     try:
@@ -284,12 +295,16 @@ def check_workdir(workdir: str | Path, needed_bytes: int) -> None:
 def save_run_files(workdir: str | Path, config: RunConfig, tokenizer: Any) -> None:
     """Write the run config (JSON) and tokenizer files next to the checkpoints (for people and
     tools; each checkpoint holds its own copy as well)."""
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    tmp.replace(workdir / CONFIG_FILE)  # atomic: a kill never leaves half a config
-    tokenizer.save(workdir / TOKENIZER_DIR)
+    # atomic: a kill never leaves half a config
+    storage.write_text_atomic(workdir / CONFIG_FILE, json.dumps(to_dict(config), indent=2) + "\n")
+    if storage.is_remote(workdir):
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save(tmp)
+            storage.upload_dir(Path(tmp), workdir / TOKENIZER_DIR)
+    else:
+        tokenizer.save(workdir / TOKENIZER_DIR)
 
 
 # Fields that a resumed run must share with the saved one: the parameters' shapes, the optimizer
@@ -338,7 +353,7 @@ def load_run_config(workdir: str | Path) -> RunConfig:
             return saved_config(workdir, step)
         except (OSError, ValueError):  # a damaged checkpoint: try the next older one
             continue
-    path = Path(workdir) / CONFIG_FILE
+    path = storage.as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(workdir)!r} is not a jaxlm run directory (no {CONFIG_FILE})")
     return from_dict(RunConfig, read_json(path, what="a run config"))

@@ -198,10 +198,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     name = Path(args.config).stem if args.config else "default"
     workdir = args.workdir or os.path.join("runs", name)
-    from jaxlm import checkpoint
+    from jaxlm import checkpoint, storage
     from jaxlm.configs.overrides import apply_overrides
 
-    if args.config is None and (Path(workdir) / checkpoint.CONFIG_FILE).is_file():
+    if args.config is None and (storage.as_path(workdir) / checkpoint.CONFIG_FILE).is_file():
         # Continue the run in `workdir` with its own config (plus any --set overrides).
         config = apply_overrides(checkpoint.load_run_config(workdir), args.overrides)
     elif args.config is None and args.init_from:
@@ -442,11 +442,12 @@ def _eval_tasks(args: argparse.Namespace, options: dict[str, Any]) -> int:
     lm = JaxlmLM.from_workdir(args.workdir, args.step, batch_size=args.batch_size)
     results = run_tasks(lm, options.pop("tasks"), **options)
     if _is_main_process():
-        path = Path(args.output) if args.output else results_path(args.workdir, lm.step, results)
+        from jaxlm import storage
+
+        path = args.output or results_path(args.workdir, lm.step, results)
+        path = storage.as_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, path)
+        storage.write_text_atomic(path, json.dumps(results, indent=2) + "\n")
         print(f"jaxlm eval: wrote {path}", file=sys.stderr)
         print(json.dumps({"step": lm.step, **headline(results)}))
     return 0
@@ -645,7 +646,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pad_id=tokenizer.pad_id,
     )  # fmt: skip
     template = get_template(config.task.chat_template, tokenizer)
-    name = args.name or Path(args.workdir).absolute().name
+    from jaxlm import storage
+
+    name = args.name or storage.as_path(args.workdir, absolute=True).name
     try:
         server = Server(
             engine,

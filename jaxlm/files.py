@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jaxlm import storage
+
 _KINDS = {dict: "a JSON object", list: "a JSON list"}
 
 
@@ -23,7 +25,7 @@ def _kind(value: Any) -> str:
 
 def read_text(path: str | Path) -> str:
     """The file's text; a clear error when it is not UTF-8 text (a binary file, say)."""
-    path = Path(path)
+    path = storage.as_path(path)
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -55,7 +57,7 @@ def read_json(
 ) -> Any:
     """The JSON value in `path`, which must be of type `expect` (dict or list) and, for a dict,
     hold `keys`. `what` names the file's role in errors ("a run config", ...)."""
-    path = Path(path)
+    path = storage.as_path(path)
     role = f" ({what})" if what else ""
     value = parse_json(read_text(path), str(path))
     if not isinstance(value, expect):

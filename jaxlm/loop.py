@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint, distributed, metrics
+from jaxlm import checkpoint, distributed, metrics, storage
 from jaxlm.configs.overrides import to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data import as_stream_state, to_global
@@ -138,11 +138,11 @@ class _StopRequests:
         return self._agreement.should_stop(step, self.signal is not None)
 
 
-def _run_facts(config: RunConfig, workdir: Path) -> dict[str, Any]:
+def _run_facts(config: RunConfig, workdir: storage.AnyPath) -> dict[str, Any]:
     """What every process of one run must share (compared before anything else happens)."""
     return {
         "config": distributed.fingerprint(to_dict(config)),
-        "workdir": str(workdir.absolute()),
+        "workdir": str(storage.as_path(workdir, absolute=True)),
         "jaxlm": _version(),
         "local_devices": jax.local_device_count(),
         "platform": jax.devices()[0].platform,
@@ -156,7 +156,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _check_resume(config: RunConfig, workdir: Path) -> None:
+def _check_resume(config: RunConfig, workdir: storage.AnyPath) -> None:
     steps = checkpoint.complete_steps(workdir)
     if not steps:
         return
@@ -207,7 +207,7 @@ def train(
                 init_from_step=init_from_step,
             ),
         )
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     if config.train.init_from_step is not None and config.train.init_from is None:
         raise ValueError(
             f"train.init_from_step={config.train.init_from_step} needs train.init_from "
@@ -247,6 +247,8 @@ def train(
     to_write = max(config.checkpoint.keep + 1 - existing, 1)
     if jax.process_index() == 0:
         checkpoint.check_workdir(workdir, to_write * plan.checkpoint_bytes())
+        if storage.is_remote(workdir):
+            _log(f"note: workdir {workdir} is a bucket; its free space is not checked")
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     if jax.process_index() == 0:
         checkpoint.save_run_files(workdir, config, tokenizer)
@@ -284,7 +286,7 @@ def train(
     if jax.process_index() == 0:
         # Records past the resumed step came from a run that was cut off: they are redone.
         metrics.drop_records_after(workdir / metrics.METRICS_FILE, start)
-    writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
+    writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
     progress = _Progress(config.train.steps)
     total = config.train.steps
     pending = None  # (step, device metrics): fetched after the next step is dispatched
@@ -333,6 +335,7 @@ def train(
         if not math.isfinite(norm):
             raise NonFiniteError(f"parameters at step {step} are not finite; not saving them")
         data_state = train_it.global_state()
+        writer.flush()  # in a bucket, the metrics up to `step` are uploaded before its checkpoint
         try:
             ckpt.save(step, state, data_state, config, tokenizer_files)
         except OSError as e:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.configs.model import ModelConfig
 
 
@@ -194,10 +195,10 @@ METRICS_FILE = "metrics.jsonl"
 def drop_records_after(path: str | os.PathLike, step: int) -> None:
     """Remove records with "step" > `step` from a metrics.jsonl (atomically), e.g. those a
     preempted run logged after its last checkpoint, before the resumed run logs them again."""
-    if not os.path.isfile(path):
+    path = storage.as_path(path)
+    if not path.is_file():
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
@@ -206,10 +207,7 @@ def drop_records_after(path: str | os.PathLike, step: int) -> None:
         except json.JSONDecodeError:  # a line cut off by a kill
             continue
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        storage.write_text_atomic(path, "".join(kept))
 
 
 def _summary_writer() -> type:
@@ -230,17 +228,18 @@ def _summary_writer() -> type:
 
 
 class MetricWriter:
-    """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events."""
+    """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events
+    (in a bucket, both are uploaded every few tens of seconds and on `close`)."""
 
-    def __init__(self, workdir: str, enabled: bool = True) -> None:
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
         self._enabled = enabled
-        self._jsonl = None
+        self._jsonl: storage.AppendFile | None = None
         self._tb = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
+            workdir = storage.as_path(workdir)
+            self._jsonl = storage.AppendFile(workdir / METRICS_FILE)
             try:
-                self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"))
+                self._tb = _summary_writer()(os.fspath(workdir / "tensorboard"))
             except ImportError:  # TensorBoard events are optional; metrics.jsonl is not
                 self._tb = None
 
@@ -249,10 +248,14 @@ class MetricWriter:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), int(step))
+
+    def flush(self) -> None:
+        """Upload what a bucket's `metrics.jsonl` lacks (each line is already written on disk)."""
+        if self._jsonl:
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self._jsonl:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import checkpoint, sharding
+from jaxlm import checkpoint, sharding, storage
 from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.pipeline import StreamIterator, check_batch_size
@@ -249,7 +249,7 @@ class RunPlan:
 class InitSource:
     """A checkpoint another run starts from: its workdir, step and config."""
 
-    workdir: Path
+    workdir: storage.AnyPath
     step: int
     config: RunConfig
 
@@ -276,7 +276,7 @@ def check_init_source(
     from (or compare with: `what` names the setting in errors); a clear error if `workdir` is
     not a run, has no such checkpoint, holds a model of another architecture or used another
     tokenizer."""
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     flag = f"{what}={str(workdir)!r}"
     steps = checkpoint.complete_steps(workdir)
     if not (workdir / checkpoint.CONFIG_FILE).is_file() and not steps:
@@ -370,8 +370,8 @@ def load_step_for_eval(
 ) -> tuple[int, RunConfig, Mesh, Any, Tokenizer]:
     """`load_for_eval` with the step it restored first (the newest that restores by default)."""
     log = log or _log_stderr
-    if not Path(workdir).is_dir():
-        what = "is a file" if Path(workdir).exists() else "does not exist"
+    if not storage.as_path(workdir).is_dir():
+        what = "is a file" if storage.as_path(workdir).exists() else "does not exist"
         raise FileNotFoundError(f"--workdir {str(workdir)!r} {what}: give a jaxlm run directory")
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:

@@ -51,3 +51,21 @@ def stdlib_cache(_session_cache, monkeypatch):
     """$JAXLM_CACHE pointed at a per-session directory (prepared corpora are reused within it)."""
     monkeypatch.setenv("JAXLM_CACHE", str(_session_cache))
     return _session_cache
+
+
+@pytest.fixture(scope="session")
+def _gcs_emulator():
+    from tests.gcs_emulator import Emulator
+
+    emulator = Emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(_gcs_emulator, monkeypatch):
+    """gs://NAME of a new bucket on a local Cloud Storage emulator; this process and the
+    processes it starts (the environment is set) reach the emulator, never the internet."""
+    for k, v in _gcs_emulator.env().items():
+        monkeypatch.setenv(k, v)
+    return f"gs://{_gcs_emulator.new_bucket()}"

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, storage
 from jaxlm.configs.overrides import load_config
 from jaxlm.run import abstract_train_state
 from jaxlm.sharding import make_mesh
@@ -63,13 +63,23 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _start(workdir: Path, args: list[str], process: int | None, port: int = 0, devices: int = 4):
-    """One `jaxlm train` process (process=None: a single-process run on 8 devices)."""
+def _start(
+    workdir: Path | str,
+    args: list[str],
+    process: int | None,
+    port: int = 0,
+    devices: int = 4,
+    logs: Path | None = None,
+):
+    """One `jaxlm train` process (process=None: a single-process run on 8 devices); its stderr
+    goes to `<logs>/<workdir name>.<process>.log` (`logs`: default the workdir's parent)."""
     cmd = [sys.executable, "-m", "jaxlm", "train", "--workdir", str(workdir), *args]
     if process is not None:
         cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
         cmd += ["--process-id", str(process), "--heartbeat-timeout", "10", "--init-timeout", "60"]
-    log = workdir.parent / f"{workdir.name}.{'single' if process is None else process}.log"
+    name = str(workdir).rstrip("/").rsplit("/", 1)[-1]
+    logs = logs or Path(workdir).parent
+    log = logs / f"{name}.{'single' if process is None else process}.log"
     return subprocess.Popen(
         cmd,
         env=_env(8 if process is None else devices),
@@ -107,15 +117,15 @@ def _log(workdir: Path, process) -> str:
     return (workdir.parent / f"{workdir.name}.{process}.log").read_text()
 
 
-def run_two(workdir: Path, *overrides: str, **kw):
+def run_two(workdir: Path | str, *overrides: str, **kw):
     port = _free_port()
     args = [*RUN, *[x for o in overrides for x in ("--set", o)]]
     return _finish([_start(workdir, args, i, port, **kw) for i in range(2)])
 
 
-def run_one(workdir: Path, *overrides: str):
+def run_one(workdir: Path | str, *overrides: str, **kw):
     args = [*RUN, *[x for o in overrides for x in ("--set", o)]]
-    return _finish([_start(workdir, args, None)])[0]
+    return _finish([_start(workdir, args, None, **kw)])[0]
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -190,6 +200,31 @@ def test_two_processes_train_like_one_and_restore_on_either_count(reference, tmp
             [losses[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5
         )
         _assert_params_equal(_params(workdir, 12), _params(reference, 12))
+
+
+def test_two_processes_save_to_a_bucket_and_one_process_resumes_from_it(
+    reference, tmp_path, gcs_bucket
+):
+    """The cooperative save (each process writes its shards, process 0 commits) to a gs://
+    workdir on the Cloud Storage emulator; 1 process resumes from the bucket and ends like the
+    reference."""
+    workdir = f"{gcs_bucket}/run"
+    results = run_two(workdir, "train.steps=8", logs=tmp_path)
+    logs = "".join((tmp_path / f"run.{i}.log").read_text() for i in (0, 1))
+    assert [rc for rc, _ in results] == [0, 0], logs
+    assert checkpoint.complete_steps(workdir) == [4, 8]
+    rc, _ = run_one(workdir, "train.steps=12", logs=tmp_path)
+    single = (tmp_path / "run.single.log").read_text()
+    assert rc == 0, single
+    assert f"resumed from step 8 in {workdir}/checkpoints" in single
+    expected = _losses(reference)
+    lines = (storage.as_path(workdir) / "metrics.jsonl").read_text().splitlines()
+    losses = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    assert sorted(losses) == list(range(1, 13))
+    np.testing.assert_allclose(
+        [losses[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-5
+    )
+    _assert_params_equal(_params(workdir, 12), _params(reference, 12))
 
 
 def _wait_for_checkpoint(workdir: Path, procs, after: int = 0, timeout: float = TIMEOUT):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from jaxlm import storage
 from jaxlm.files import read_json, read_text
 
 MANIFEST = "jaxlm_tokenizer.json"
@@ -324,8 +325,9 @@ def _hf_chat_settings(directory: Path) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from a directory `save` wrote, a `tokenizer.json` or a SentencePiece `.model`."""
-    path = Path(path)
+    """A tokenizer from a directory `save` wrote, a `tokenizer.json` or a SentencePiece `.model`
+    (on disk or in a bucket: gs://...)."""
+    path = storage.local_copy(path) if storage.is_remote(path) else Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
         manifest = read_json(path / MANIFEST, keys=["kind"], what="a jaxlm tokenizer")
         kind = manifest.get("kind")

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.tokenizer import ByteTokenizer, Tokenizer
 from jaxlm.evals.scoring import (
@@ -477,9 +478,11 @@ def write_task(
     return path
 
 
-def results_path(workdir: str | os.PathLike, step: int | None, results: dict[str, Any]) -> Path:
+def results_path(
+    workdir: str | os.PathLike, step: int | None, results: dict[str, Any]
+) -> storage.AnyPath:
     """Where `jaxlm eval --tasks` writes the results of a run: <workdir>/evals/
     step<step>_<tasks>.json (the tasks' names, shortened)."""
     names = "+".join(sorted(results.get("results", {}))) or "tasks"
     safe = "".join(c if c.isalnum() or c in "-_+." else "_" for c in names)[:80]
-    return Path(workdir) / "evals" / f"step{step}_{safe}.json"
+    return storage.as_path(workdir) / "evals" / f"step{step}_{safe}.json"
