@@ -332,7 +332,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     path = hf.export_checkpoint(
         args.to_hf, args.out, step=args.step, model_type=args.model_type, dtype=args.dtype
     )
-    exported = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    exported = json.loads((path / "config.json").read_text())["architectures"][0]
     auto = "ForSequenceClassification" if "ForSequenceClassification" in exported else "ForCausalLM"
     print(f"jaxlm convert: wrote {path} (transformers.AutoModel{auto} loads it)")
     return 0

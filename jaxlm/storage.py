@@ -104,6 +104,16 @@ def rmtree(path: AnyPath) -> None:
         shutil.rmtree(path)
 
 
+def size(path: AnyPath) -> int:
+    """The file's (object's) size in bytes."""
+    return path.stat().length if is_remote(path) else path.stat().st_size
+
+
+def upload_file(local: Path, target: AnyPath) -> None:
+    """Copy the local file `local` to `target` (one object upload: all or nothing)."""
+    _fs(target).put_file(str(local), os.fspath(target))
+
+
 def upload_dir(local: Path, target: AnyPath) -> None:
     """Copy the files of the local directory `local` (not recursive) into `target`."""
     target.mkdir(parents=True, exist_ok=True)

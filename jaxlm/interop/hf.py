@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxlm import storage
 from jaxlm.configs.model import LoRAConfig, ModelConfig
 from jaxlm.configs.quant import QuantConfig
 from jaxlm.configs.run import RunConfig
@@ -49,8 +50,8 @@ _LIST_LIMIT = 20  # names shown in an error message
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """The `config.json` of a Hugging Face model directory, as a dict."""
-    hf_dir = Path(hf_dir)
+    """The `config.json` of a Hugging Face model directory (on disk or gs://), as a dict."""
+    hf_dir = storage.as_path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{str(hf_dir)!r} is not a directory")
     path = hf_dir / "config.json"
@@ -61,7 +62,7 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
 
 def open_weights(hf_dir: str | Path) -> safetensors_io.SafetensorsDir:
     """The safetensors weights of `hf_dir`; refuses pickled PyTorch checkpoints."""
-    hf_dir = Path(hf_dir)
+    hf_dir = storage.as_path(hf_dir)
     if not any(hf_dir.glob("*.safetensors")):
         pickles = sorted(p.name for pattern in _PICKLES for p in hf_dir.glob(pattern))
         if pickles:
@@ -226,7 +227,7 @@ def _leaf_reader(params: Any) -> tuple[dict[str, Any], Callable[[str, int | None
     return leaves, read
 
 
-def _tokenizer_files(tokenizer: Any, out_dir: Path, hf: dict[str, Any]) -> None:
+def _tokenizer_files(tokenizer: Any, out_dir: storage.AnyPath, hf: dict[str, Any]) -> None:
     """Write the tokenizer in Hugging Face's file names and its special ids into `hf`."""
     if tokenizer is None:
         return
@@ -243,7 +244,7 @@ def _tokenizer_files(tokenizer: Any, out_dir: Path, hf: dict[str, Any]) -> None:
             from tokenizers import Tokenizer as HFTok
 
             (out_dir / "tokenizer.json").write_bytes((Path(tmp) / manifest["file"]).read_bytes())
-            tok = HFTok.from_file(str(out_dir / "tokenizer.json"))
+            tok = HFTok.from_file(str(Path(tmp) / manifest["file"]))
             special = {
                 f"{name}_token": tok.id_to_token(hf[f"{name}_token_id"])
                 for name in ("bos", "eos", "pad")
@@ -279,7 +280,7 @@ def save_hf(
     exactly, else a ValueError names the fields that differ. Tensors are written one at a time
     in `dtype` (default: the parameters' dtype).
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     family = export_family(config, model_type)
     hf = hf_config(config, family.model_type)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +301,7 @@ def save_hf(
     hf["dtype"] = str(out_dtype)
     specs = [(n, shapes[n], out_dtype) for n in names]
     safetensors_io.write_dir(out_dir, specs, lambda n: read(n).astype(out_dtype), max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    storage.write_text_atomic(out_dir / "config.json", json.dumps(hf, indent=2) + "\n")
     return out_dir
 
 
@@ -345,7 +346,7 @@ def export_checkpoint(
     )
 
 
-def _special_ids(hf_dir: Path, hf: Mapping[str, Any]) -> dict[str, int]:
+def _special_ids(hf_dir: storage.AnyPath, hf: Mapping[str, Any]) -> dict[str, int]:
     """bos/eos/pad ids from config.json, else generation_config.json (first of a list)."""
     sources = [hf]
     generation = hf_dir / "generation_config.json"
@@ -367,12 +368,12 @@ def load_hf_tokenizer(hf_dir: str | Path) -> Any:
     `tokenizer.model`), with the special ids its configs name; None when it has neither."""
     from jaxlm.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 
-    hf_dir = Path(hf_dir)
+    hf_dir = storage.as_path(hf_dir)
     if (hf_dir / "tokenizer.json").is_file():
         ids = _special_ids(hf_dir, read_hf_config(hf_dir))
-        return HFTokenizer.load(hf_dir / "tokenizer.json", **ids)
+        return HFTokenizer.load(storage.local_copy(hf_dir / "tokenizer.json"), **ids)
     if (hf_dir / "tokenizer.model").is_file():
-        return SentencePieceTokenizer.load(hf_dir / "tokenizer.model")
+        return SentencePieceTokenizer.load(storage.local_copy(hf_dir / "tokenizer.model"))
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.files import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,9 +59,9 @@ class SafetensorsFile:
     """One `.safetensors` file, memory-mapped: `names()`, `shape(n)`, `dtype(n)`, `view(n)`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        self.path = storage.as_path(path)
+        size = storage.size(self.path)
+        with self.path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
@@ -103,6 +105,11 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[name]
         if begin == end:
             return np.zeros(shape, dtype)
+        if storage.is_remote(self.path):  # in a bucket: this tensor's byte range only
+            with self.path.open("rb") as f:
+                f.seek(self._start + begin)
+                raw = np.frombuffer(f.read(end - begin), np.uint8)
+            return raw.view(dtype).reshape(shape)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._map[self._start + begin : self._start + end]
@@ -114,7 +121,7 @@ class SafetensorsDir:
     `model.safetensors.index.json` lists, or else every `*.safetensors` file in it."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+        self.directory = storage.as_path(directory)
         index = self.directory / INDEX_FILE
         if index.is_file():
             weight_map: dict[str, str] = read_json(index, keys=["weight_map"])["weight_map"]
@@ -178,8 +185,15 @@ def write_file(
     tensors: Iterable[np.ndarray],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write `tensors` (in the order of `specs` = (name, shape, dtype)) as one safetensors file."""
-    path = Path(path)
+    """Write `tensors` (in the order of `specs` = (name, shape, dtype)) as one safetensors file
+    (into a bucket: written locally first, then uploaded as one object)."""
+    path = storage.as_path(path)
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="jaxlm-") as tmp:
+            local = Path(tmp) / path.name
+            write_file(local, specs, tensors, metadata)
+            storage.upload_file(local, path)
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(_header(specs, metadata or {"format": "pt"}))
@@ -219,7 +233,7 @@ def write_dir(
 ) -> list[Path]:
     """Write tensors `read(name)` for every spec as `model.safetensors`, or as numbered shards
     plus `model.safetensors.index.json` when they exceed `max_shard_bytes`. Returns the files."""
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     groups = shard_specs(specs, max_shard_bytes)
     if len(groups) == 1:
@@ -235,7 +249,7 @@ def write_dir(
             total += math.prod(spec[1]) * np.dtype(spec[2]).itemsize
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        storage.write_text_atomic(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return [directory / n for n in names]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, storage
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.run import RunConfig
 
@@ -43,7 +43,7 @@ def write_workdir(
     from jaxlm.data import ByteTokenizer, make_tokenizer
     from jaxlm.run import RunPlan
 
-    workdir = Path(workdir).absolute()
+    workdir = storage.as_path(workdir, absolute=True)
     if checkpoint.complete_steps(workdir) or (workdir / checkpoint.CONFIG_FILE).exists():
         raise ValueError(f"{str(workdir)!r} already holds a jaxlm run; import into a new workdir")
     if tokenizer_spec is not None:

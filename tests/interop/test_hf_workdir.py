@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlm import checkpoint, loop  # noqa: E402
+from jaxlm import checkpoint, loop, storage  # noqa: E402
 from jaxlm.configs import get_preset  # noqa: E402
 from jaxlm.configs.model import MoEConfig  # noqa: E402
 from jaxlm.configs.run import (  # noqa: E402
@@ -26,7 +26,7 @@ from jaxlm.configs.run import (  # noqa: E402
     TrainConfig,
 )
 from jaxlm.data import HFTokenizer  # noqa: E402
-from jaxlm.interop import hf  # noqa: E402
+from jaxlm.interop import hf, safetensors_io  # noqa: E402
 from jaxlm.model.transformer import Transformer, param_shardings  # noqa: E402
 from jaxlm.run import load_for_eval  # noqa: E402
 from jaxlm.sharding import make_mesh  # noqa: E402
@@ -132,6 +132,35 @@ def test_export_checkpoint_loads_in_transformers(workdir, tmp_path):
     assert auto.encode("class Point:") == tokenizer.encode("class Point:")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["eos_token_id"] == tokenizer.eos_id
+
+
+def test_import_from_a_bucket_and_export_to_one_equal_disk(
+    llama_dir, workdir, gcs_bucket, tmp_path, stdlib_cache
+):
+    """HF model directories and jaxlm runs in Cloud Storage (the emulator): a model imported from
+    the bucket into a bucket run equals the one imported on disk; its export into the bucket
+    holds the same tensors as the export on disk and loads in transformers once copied down."""
+    storage.upload_dir(llama_dir, storage.as_path(f"{gcs_bucket}/llama"))
+    run = checkpoint.load_run_config(workdir)
+    bucket_run = f"{gcs_bucket}/run"
+    hf.import_checkpoint(f"{gcs_bucket}/llama", bucket_run, run_config=run)
+    assert checkpoint.complete_steps(bucket_run) == [0]
+    got, want = load_for_eval(bucket_run), load_for_eval(workdir)
+    assert got[0].model == want[0].model
+    jax.tree.map(np.testing.assert_array_equal, got[2], want[2])
+    assert got[3].encode("class Point:") == want[3].encode("class Point:")
+
+    hf.export_checkpoint(bucket_run, f"{gcs_bucket}/export")
+    on_disk = hf.export_checkpoint(workdir, tmp_path / "disk")
+    in_bucket = safetensors_io.SafetensorsDir(f"{gcs_bucket}/export")
+    expected = safetensors_io.SafetensorsDir(on_disk)
+    assert in_bucket.names() == expected.names()
+    for name in expected.names():
+        np.testing.assert_array_equal(in_bucket.view(name), expected.view(name))
+    local = storage.local_copy(f"{gcs_bucket}/export")
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in on_disk.iterdir())
+    tokens = np.random.default_rng(1).integers(0, 300, (1, 8))
+    np.testing.assert_array_equal(_hf_logits(local, tokens), _hf_logits(on_disk, tokens))
 
 
 def test_import_refuses_a_workdir_that_holds_a_run(llama_dir, workdir):
