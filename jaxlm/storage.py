@@ -109,6 +109,27 @@ def size(path: AnyPath) -> int:
     return path.stat().length if is_remote(path) else path.stat().st_size
 
 
+def identity(path: AnyPath) -> str:
+    """A string that changes when the file does: its absolute path, size and modification time
+    (a bucket object's generation)."""
+    if not is_remote(path):
+        stat = path.stat()
+        return f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    info = _fs(path).info(os.fspath(path))
+    return f"{os.fspath(path)}\0{info['size']}\0{info.get('generation') or info.get('mtime')}"
+
+
+def expand_remote(pattern: str) -> list[AnyPath]:
+    """The objects under a bucket prefix (recursively) or matching a glob (`*`, `**`), sorted."""
+    fs = _fs(pattern)
+    scheme = pattern.split("://", 1)[0] + "://"
+    if fs.isdir(pattern):
+        names = fs.find(pattern)
+    else:
+        names = [n for n, info in fs.glob(pattern, detail=True).items() if info["type"] == "file"]
+    return [as_path(scheme + n) for n in sorted(names) if not n.endswith("/")]
+
+
 def upload_file(local: Path, target: AnyPath) -> None:
     """Copy the local file `local` to `target` (one object upload: all or nothing)."""
     _fs(target).put_file(str(local), os.fspath(target))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxlm import storage
 from jaxlm.files import parse_json_line, read_text
 
 # Preparing a local corpus takes a second; TFDS's progress bars would only clutter the run's log.
@@ -68,12 +69,16 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named by paths, directories (recursively) or globs; a clear error when none match."""
-    files: list[Path] = []
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[storage.AnyPath]:
+    """Files named by paths, directories (recursively) or globs, on disk or in a bucket
+    (gs://BUCKET/prefix, gs://BUCKET/**/*.txt); a clear error when none match."""
+    files: list[storage.AnyPath] = []
     for item in inputs:
         item = str(item)
-        if os.path.isdir(item):
+        if storage.is_remote(item):
+            storage.as_path(item)  # a clear error for unsupported schemes
+            found = storage.expand_remote(item)
+        elif os.path.isdir(item):
             found = sorted(p for p in Path(item).rglob("*") if p.is_file())
         else:
             found = sorted(Path(p) for p in glob.glob(item, recursive=True) if os.path.isfile(p))
@@ -135,7 +140,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     def __init__(
         self,
         *,
-        files: Sequence[Path],
+        files: Sequence[storage.AnyPath],
         validation_percent: float = 5.0,
         text_key: str = "text",
         **kwargs: Any,
@@ -207,17 +212,16 @@ def _split_tail(text: str, percent: float) -> tuple[str, str]:
 _FORMAT_VERSION = 4
 
 
-def _fingerprint(files: Sequence[Path], **settings: Any) -> str:
+def _fingerprint(files: Sequence[storage.AnyPath], **settings: Any) -> str:
     settings = {**settings, "format": _FORMAT_VERSION}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in files:
-        stat = f.stat()
-        h.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        h.update(f"{storage.identity(f)}\n".encode())
     return h.hexdigest()[:16]
 
 
 def prepare_local_text(
-    files: Sequence[Path],
+    files: Sequence[storage.AnyPath],
     data_dir: str | os.PathLike | None = None,
     validation_percent: float = 5.0,
     text_key: str = "text",
@@ -232,7 +236,7 @@ def prepare_local_text(
     builder = LocalText(
         files=files, validation_percent=validation_percent, text_key=text_key, data_dir=str(root)
     )
-    size = sum(f.stat().st_size for f in files)
+    size = sum(storage.size(f) for f in files)
     _prepare_local(builder, f"{len(files):,} files ({size / 1e6:.1f} MB)")
     return builder
 

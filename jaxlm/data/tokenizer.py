@@ -88,7 +88,7 @@ def _expand(inputs: Iterable[str | os.PathLike]) -> list[str]:
     files = expand_inputs(list(inputs))
     if not any(read_text(f).strip() for f in files):  # read_text: UTF-8 text, or a clear error
         raise ValueError(f"no text in the input ({len(files)} file(s), all empty or blank)")
-    return [str(p) for p in files]
+    return [str(storage.local_copy(p)) for p in files]  # the trainers read local files
 
 
 def _check_vocab(vocab_size: int, minimum: int, kind: str) -> None:

@@ -6,6 +6,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+from jaxlm import storage
 from jaxlm.data import open_source, stdlib_files
 from jaxlm.data.sources import MAX_CHUNK_CHARS, _hash
 
@@ -41,6 +42,25 @@ def test_local_text_builds_deterministic_hash_splits(tmp_path, capfd):
     want_val = sorted(d for d in DOCS if _hash(d) < 0.05)
     assert got_val == want_val and len(want_val) > 0
     assert got_train == sorted(d for d in DOCS if _hash(d) >= 0.05)
+
+
+def test_a_corpus_in_a_bucket_gives_the_same_splits_as_on_disk(tmp_path, gcs_bucket):
+    """gs:// globs and prefixes (the Cloud Storage emulator): the same documents, the same
+    hash splits; a glob that matches nothing names itself."""
+    _write_corpus(tmp_path)
+    storage.upload_dir(tmp_path / "docs", storage.as_path(f"{gcs_bucket}/corpus/docs"))
+    (storage.as_path(gcs_bucket) / "corpus" / "more.jsonl").write_bytes(
+        (tmp_path / "more.jsonl").read_bytes()
+    )
+    for spec in (f"{gcs_bucket}/corpus/docs/*.txt,{gcs_bucket}/corpus/more.jsonl",
+                 f"files:{gcs_bucket}/corpus"):  # fmt: skip
+        train, val = open_source(spec, "train"), open_source(spec, "validation")
+        assert sorted(val[i] for i in range(len(val))) == sorted(d for d in DOCS if _hash(d) < 0.05)
+        assert sorted(train[i] for i in range(len(train))) == sorted(
+            d for d in DOCS if _hash(d) >= 0.05
+        )
+    with pytest.raises(FileNotFoundError, match=f"no file matches '{gcs_bucket}/nothing/"):
+        open_source(f"{gcs_bucket}/nothing/*.txt", "train")
 
 
 def test_long_documents_are_chunked_at_line_breaks(tmp_path):
