@@ -432,7 +432,16 @@ def open_source(
     comma-separated local paths/globs ("files:data/*.txt,more.jsonl" or just "data/*.txt").
     Local corpora have splits "train" and "validation". With `download=False` a TFDS dataset
     that is not prepared in `data_dir` is an immediate error instead of a download attempt.
+    Local-text files may be in a bucket (gs://...); `data_dir` must be on local disk.
     """
+    if data_dir is not None and storage.is_remote(data_dir):
+        # TFDS opens a bucket's dataset, but the array_record reader under it reads local files
+        # only (with the emulator it hangs at the first record): refuse before anything waits.
+        raise ValueError(
+            f"data.data_dir={str(data_dir)!r}: prepared datasets are read from local disk; copy "
+            f"it to each host first (gcloud storage cp -r {data_dir}/NAME DIR) and give "
+            "data.data_dir=DIR (local-text corpora can be read from gs:// directly)"
+        )
     if dataset.startswith("tfds:"):
         return _tfds_source(dataset[5:], split, data_dir, manual_dir, text_key, download)
     if dataset == DEFAULT_CORPUS:

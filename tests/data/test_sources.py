@@ -61,6 +61,8 @@ def test_a_corpus_in_a_bucket_gives_the_same_splits_as_on_disk(tmp_path, gcs_buc
         )
     with pytest.raises(FileNotFoundError, match=f"no file matches '{gcs_bucket}/nothing/"):
         open_source(f"{gcs_bucket}/nothing/*.txt", "train")
+    with pytest.raises(ValueError, match=r"data\.data_dir='gs://.*': prepared datasets are read"):
+        open_source("tfds:tiny_shakespeare", "train", data_dir=f"{gcs_bucket}/tfds")
 
 
 def test_long_documents_are_chunked_at_line_breaks(tmp_path):
