@@ -143,6 +143,21 @@ def upload_dir(local: Path, target: AnyPath) -> None:
             write_bytes_atomic(target / p.name, p.read_bytes())
 
 
+_COPIES: dict[str, Path] = {}
+
+
+def cached_copy(path: AnyPath) -> Path:
+    """A local copy of the bucket object `path`, downloaded once per process and version of the
+    object (streamed to disk, not held in memory), removed when the process exits."""
+    key = identity(path)
+    if key not in _COPIES or not _COPIES[key].exists():
+        local = Path(tempfile.mkdtemp(prefix="jaxlm-")) / path.name
+        atexit.register(shutil.rmtree, local.parent, ignore_errors=True)
+        _fs(path).get_file(os.fspath(path), str(local))
+        _COPIES[key] = local
+    return _COPIES[key]
+
+
 def local_copy(path: str | os.PathLike) -> Path:
     """`path` itself when it is local; for a URL, a local copy of the file, or of the files of
     the directory (not recursive), for libraries that read only local files. The copy lasts as

@@ -105,13 +105,11 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[name]
         if begin == end:
             return np.zeros(shape, dtype)
-        if storage.is_remote(self.path):  # in a bucket: this tensor's byte range only
-            with self.path.open("rb") as f:
-                f.seek(self._start + begin)
-                raw = np.frombuffer(f.read(end - begin), np.uint8)
-            return raw.view(dtype).reshape(shape)
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # A file in a bucket is copied to local disk once (streamed; its header was read
+            # by range and checked first), then mapped like any other.
+            local = storage.cached_copy(self.path) if storage.is_remote(self.path) else self.path
+            self._map = np.memmap(local, dtype=np.uint8, mode="r")
         raw = self._map[self._start + begin : self._start + end]
         return raw.view(dtype).reshape(shape)
 
