@@ -252,7 +252,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if main:
         print(
             f"jaxlm sweep: {len(rows)} of {len(runs)} runs finished; results in "
-            f"{Path(workdir) / sweep.RESULTS_JSON} and {sweep.RESULTS_CSV}",
+            f"{str(workdir).rstrip('/')}/{sweep.RESULTS_JSON} and {sweep.RESULTS_CSV}",
             file=sys.stderr,
         )
     return 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -228,18 +231,33 @@ def _summary_writer() -> type:
 
 
 class MetricWriter:
-    """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events
-    (in a bucket, both are uploaded every few tens of seconds and on `close`)."""
+    """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard events.
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+    In a bucket, both are uploaded every `upload_seconds`, on `flush` (before each checkpoint)
+    and on `close`; TensorBoard's events are written to a local temporary directory and its
+    files uploaded whole (tensorboardX's own Cloud Storage writer uploads again when garbage
+    collected, after the run, which hangs once the storage is out of reach).
+    """
+
+    def __init__(
+        self, workdir: str | os.PathLike, enabled: bool = True, upload_seconds: float = 30.0
+    ) -> None:
         self._enabled = enabled
         self._jsonl: storage.AppendFile | None = None
         self._tb = None
+        self._tb_upload: tuple[Path, storage.AnyPath] | None = None
+        self._upload_seconds = upload_seconds
+        self._uploaded = time.monotonic()
         if enabled:
             workdir = storage.as_path(workdir)
-            self._jsonl = storage.AppendFile(workdir / METRICS_FILE)
+            self._jsonl = storage.AppendFile(workdir / METRICS_FILE, upload_seconds)
+            events = workdir / "tensorboard"
+            if storage.is_remote(workdir):
+                local = Path(tempfile.mkdtemp(prefix="jaxlm-tensorboard-"))
+                self._tb_upload = (local, events)
+                events = local
             try:
-                self._tb = _summary_writer()(os.fspath(workdir / "tensorboard"))
+                self._tb = _summary_writer()(os.fspath(events))
             except ImportError:  # TensorBoard events are optional; metrics.jsonl is not
                 self._tb = None
 
@@ -251,14 +269,27 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), int(step))
+        if self._tb_upload and time.monotonic() - self._uploaded >= self._upload_seconds:
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        if self._tb is not None and self._tb_upload:
+            self._tb.flush()
+            storage.upload_dir(*self._tb_upload)
+        self._uploaded = time.monotonic()
 
     def flush(self) -> None:
-        """Upload what a bucket's `metrics.jsonl` lacks (each line is already written on disk)."""
+        """Upload what the bucket lacks (on disk, every line is written already)."""
         if self._jsonl:
             self._jsonl.flush()
+        if self._tb_upload:
+            self._upload_events()
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._tb_upload:
+            storage.upload_dir(*self._tb_upload)  # the closed writer's whole files
+            shutil.rmtree(self._tb_upload[0], ignore_errors=True)

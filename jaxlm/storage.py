@@ -89,9 +89,12 @@ def move_tree(source: AnyPath, target: AnyPath) -> None:
     if target.exists():
         rmtree(target)
     if is_remote(source):
-        # Copies each object, then deletes the originals (a bucket has no folders to create
-        # first, nor a rename).
-        _fs(source).mv(os.fspath(source), os.fspath(target), recursive=True)
+        # A server-side copy of each object, then the originals deleted (a bucket has no
+        # folders to create first, nor a rename; gcsfs's `mv` tries the move API first, which
+        # only some buckets offer, and retries it for seconds per object before copying).
+        fs = _fs(source)
+        fs.copy(os.fspath(source), os.fspath(target), recursive=True)
+        fs.rm(os.fspath(source), recursive=True)
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), str(target))

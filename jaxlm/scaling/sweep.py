@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import re
@@ -12,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, storage
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.overrides import apply_overrides, call_user_function, load_python_file
 from jaxlm.configs.run import RunConfig
-from jaxlm.files import read_json
+from jaxlm.files import read_json, read_text
 from jaxlm.metrics import flops_per_token, param_count
 
 RESULTS_JSON = "results.json"
@@ -151,7 +152,7 @@ def check_runs(runs: Iterable[SweepRun]) -> list[SweepRun]:
     return runs
 
 
-def _final_eval(workdir: Path, steps: int) -> dict[str, float] | None:
+def _final_eval(workdir: storage.AnyPath, steps: int) -> dict[str, float] | None:
     """The eval record at the last step, if the run finished (its final checkpoint exists)."""
     if steps not in checkpoint.complete_steps(workdir):
         return None
@@ -181,24 +182,22 @@ def _row(run: SweepRun, record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_results(workdir: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """`results.json` and `results.csv` in `workdir` (each written atomically)."""
-    workdir = Path(workdir)
+def write_results(workdir: str | Path, rows: Sequence[Mapping[str, Any]]) -> storage.AnyPath:
+    """`results.json` and `results.csv` in `workdir` (on disk or gs://; each written
+    atomically)."""
+    workdir = storage.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / (RESULTS_JSON + ".tmp")
-    tmp.write_text(json.dumps(list(rows), indent=1) + "\n")
-    tmp.replace(workdir / RESULTS_JSON)
+    storage.write_text_atomic(workdir / RESULTS_JSON, json.dumps(list(rows), indent=1) + "\n")
     if rows:
-        tmp = workdir / (RESULTS_CSV + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(workdir / RESULTS_CSV)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        storage.write_text_atomic(workdir / RESULTS_CSV, table.getvalue())
     return workdir / RESULTS_JSON
 
 
-def _csv_row(row: dict[str, str], path: Path, line: int) -> dict[str, Any]:
+def _csv_row(row: dict[str, str], path: storage.AnyPath, line: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in row.items():
         if k is None or v is None:
@@ -212,14 +211,13 @@ def _csv_row(row: dict[str, str], path: Path, line: int) -> dict[str, Any]:
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a results table (`results.json`, `results.csv`, or a sweep directory)."""
-    path = Path(path)
+    path = storage.as_path(path)
     if path.is_dir():
         path = path / RESULTS_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no results table at {str(path)!r}")
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
         return [_csv_row(r, path, i + 2) for i, r in enumerate(rows)]
     rows = read_json(path, expect=list, what="a results table: a list of one object per run")
     for i, row in enumerate(rows):
@@ -234,7 +232,7 @@ def run_sweep(
     *,
     overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
-    train_fn: Callable[[RunConfig, Path], Any] | None = None,
+    train_fn: Callable[[RunConfig, Any], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every run in `workdir/<name>` in order and return (and write) the results table.
 
@@ -247,7 +245,7 @@ def run_sweep(
     ]
     if train_fn is None:
         from jaxlm.loop import train as train_fn
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     rows: list[dict[str, Any]] = []
     for i, run in enumerate(runs):
         run_dir = workdir / run.name

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli
+from jaxlm import checkpoint, cli, storage
 from jaxlm.configs import RunConfig
 from jaxlm.configs.overrides import load_config
 from jaxlm.metrics import param_count
@@ -148,6 +148,33 @@ def test_sweep_finishes_skips_finished_runs_and_resumes_a_killed_one(tmp_path):
     run_sweep(load_sweep(sweep_file), workdir, log=messages.append, train_fn=_must_not_train)
     assert all(" done (eval loss " in m for m in messages) and len(messages) == 3
     assert (workdir / "results.json").read_text() == before
+
+
+def test_a_sweep_in_a_bucket_writes_its_runs_and_tables_there_and_skips_them_on_rerun(
+    tmp_path, gcs_bucket, stdlib_cache
+):
+    """`run_sweep` into gs:// (the Cloud Storage emulator): every run's checkpoints and metrics
+    and the results tables in the bucket; a rerun finds the finished runs there."""
+    sweep_file = _write_sweep(tmp_path, 4)
+    workdir = f"{gcs_bucket}/sweep"
+    rows = run_sweep(
+        load_sweep(sweep_file), workdir, overrides=["checkpoint.every=4"], log=lambda m: None
+    )
+    assert [r["name"] for r in rows] == ["d16", "d32", "d48"]
+    for row in rows:
+        run = storage.as_path(f"{workdir}/{row['name']}")
+        assert checkpoint.complete_steps(run)[-1] == 4
+        final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert row["eval_loss"] == [r for r in final if "eval_loss" in r][-1]["eval_loss"]
+    assert load_results(workdir) == rows
+    csv_rows = load_results(f"{workdir}/results.csv")
+    assert [r["name"] for r in csv_rows] == [r["name"] for r in rows]
+    np.testing.assert_allclose(
+        [r["eval_loss"] for r in csv_rows], [r["eval_loss"] for r in rows], rtol=1e-12
+    )
+    messages: list[str] = []
+    run_sweep(load_sweep(sweep_file), workdir, log=messages.append, train_fn=_must_not_train)
+    assert all(" done (eval loss " in m for m in messages) and len(messages) == 3
 
 
 def _must_not_train(config, workdir):
