@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.configs.model import LoRAConfig, ModelConfig
 from jaxlm.files import read_json
 from jaxlm.interop import safetensors_io
@@ -80,9 +81,11 @@ def adapter_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def save_adapter(out_dir: str | Path, config: ModelConfig, params: Any, base: str = "") -> Path:
-    """Write the LoRA adapters of `params` as a PEFT adapter directory."""
-    out_dir = Path(out_dir)
+def save_adapter(
+    out_dir: str | Path, config: ModelConfig, params: Any, base: str = ""
+) -> storage.AnyPath:
+    """Write the LoRA adapters of `params` as a PEFT adapter directory (on disk or gs://)."""
+    out_dir = storage.as_path(out_dir)
     lora = config.lora
     if not lora.rank:
         raise ValueError("this model has no LoRA adapters (model.lora.rank=0)")
@@ -106,7 +109,7 @@ def save_adapter(out_dir: str | Path, config: ModelConfig, params: Any, base: st
         "modules_to_save": None,
         "layers_to_transform": None,
     }
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
+    storage.write_text_atomic(out_dir / ADAPTER_CONFIG, json.dumps(adapter, indent=2) + "\n")
     return out_dir
 
 
@@ -118,7 +121,7 @@ def export_lora(
     step: int | None = None,
     model_type: str | None = None,
     dtype: str | None = None,
-) -> Path:
+) -> storage.AnyPath:
     """Export a LoRA run: `mode="merged"` writes a plain transformers model with W + scale·A B;
     `mode="adapter"` writes the PEFT adapter to `out_dir` and the frozen base model (plain
     transformers files) to `out_dir/base_model`, which `adapter_config.json` names."""
@@ -133,7 +136,7 @@ def export_lora(
     if not config.lora.rank:
         raise ValueError(f"{workdir} has no LoRA adapters (model.lora.rank=0); drop --lora")
     _check_exportable(config, model_type, adapter=mode == "adapter")
-    out_dir = Path(out_dir)
+    out_dir = storage.as_path(out_dir, absolute=True)
     if mode == "merged":
         plain, merged = merge_lora(config, params)
         return save_hf(
@@ -146,14 +149,14 @@ def export_lora(
     base_dir = save_hf(
         out_dir / BASE_DIR, plain, base, tokenizer=tokenizer, model_type=model_type, dtype=dtype
     )
-    save_adapter(out_dir, config, params, base=str(base_dir.absolute()))
+    save_adapter(out_dir, config, params, base=str(base_dir))
     return out_dir
 
 
 def read_adapter(adapter_dir: str | Path, config: ModelConfig) -> tuple[ModelConfig, dict]:
     """(`config` with the adapter's LoRA settings, {(layer, target): (A, B)} in jaxlm's
     layout) from a PEFT adapter directory; a clear error when it was made for another base."""
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = storage.as_path(adapter_dir)
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")

@@ -16,6 +16,7 @@ peft = pytest.importorskip("peft")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from jaxlm import storage  # noqa: E402
 from jaxlm.configs import LoRAConfig  # noqa: E402
 from jaxlm.configs.run import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from jaxlm.interop import hf  # noqa: E402
@@ -133,7 +134,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(lora_run, tmp_
     assert plain.returncode == 2 and "--lora merged" in plain.stderr
 
 
-def test_a_peft_adapter_imports_onto_its_base(lora_run, _session_cache, monkeypatch):
+def test_a_peft_adapter_imports_onto_its_base(lora_run, _session_cache, monkeypatch, gcs_bucket):
     root, workdir = lora_run
     monkeypatch.setenv("JAXLM_CACHE", str(_session_cache))
     out = root / "adapter2"
@@ -148,6 +149,15 @@ def test_a_peft_adapter_imports_onto_its_base(lora_run, _session_cache, monkeypa
         params,
         want,
     )
+    # The same adapter exported into a bucket (the Cloud Storage emulator) reads back the same.
+    bucket = f"{gcs_bucket}/adapter"
+    export_lora(workdir, bucket, "adapter")
+    base = hf.load_model_config(root / "hf")
+    got, expected = read_adapter(bucket, base), read_adapter(out, base)
+    assert got[0] == expected[0]
+    jax.tree.map(np.testing.assert_array_equal, got[1], expected[1])
+    spec = json.loads(storage.as_path(f"{bucket}/adapter_config.json").read_text())
+    assert spec["base_model_name_or_path"] == f"{bucket}/base_model"
     # An adapter for another base is refused, naming the tensor and the shapes.
     other = dataclasses.replace(hf.load_model_config(root / "hf"), d_model=96, head_dim=16)
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight is \(4, 64\).*needs \(4, 96\)"):
