@@ -60,6 +60,7 @@ class Emulator:
         return {
             "STORAGE_EMULATOR_HOST": self.url,  # gcsfs, google-cloud-storage (tensorboardX)
             "TENSORSTORE_GCS_HTTP_URL": self.url,  # Orbax's arrays
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,  # array_record (TFDS datasets)
             "GOOGLE_CLOUD_PROJECT": "test",
             # TensorStore's fixed token for tests: it then looks for no credentials (and logs
             # no error about them).

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli
+from jaxlm import checkpoint, cli, loop
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.run import abstract_train_state
 from jaxlm.sharding import make_mesh
@@ -113,6 +113,9 @@ def test_a_run_in_a_bucket_resumes_and_matches_the_run_on_disk(reference, bucket
     ids = load_tokenizer(f"{workdir}/tokenizer").encode(text)
     assert ids == load_tokenizer(reference[2] / "tokenizer").encode(text)
     assert sum(n.startswith("tensorboard/events.out.tfevents") for n in names) == 2
+    # Evaluation reads the bucket's run: the same figures as the run on disk's.
+    got, want = loop.eval_workdir(workdir, max_batches=1), loop.eval_workdir(reference[2], 1)
+    assert got == want and got["eval_tokens"] > 0
     # `jaxlm sample` on the bucket's run prints what it prints on the run on disk.
     texts = []
     for where in (workdir, reference[2]):

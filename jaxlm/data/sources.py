@@ -432,16 +432,8 @@ def open_source(
     comma-separated local paths/globs ("files:data/*.txt,more.jsonl" or just "data/*.txt").
     Local corpora have splits "train" and "validation". With `download=False` a TFDS dataset
     that is not prepared in `data_dir` is an immediate error instead of a download attempt.
-    Local-text files may be in a bucket (gs://...); `data_dir` must be on local disk.
+    Local-text files and a TFDS `data_dir` may be in a bucket (gs://...).
     """
-    if data_dir is not None and storage.is_remote(data_dir):
-        # TFDS opens a bucket's dataset, but the array_record reader under it reads local files
-        # only (with the emulator it hangs at the first record): refuse before anything waits.
-        raise ValueError(
-            f"data.data_dir={str(data_dir)!r}: prepared datasets are read from local disk; copy "
-            f"it to each host first (gcloud storage cp -r {data_dir}/NAME DIR) and give "
-            "data.data_dir=DIR (local-text corpora can be read from gs:// directly)"
-        )
     if dataset.startswith("tfds:"):
         return _tfds_source(dataset[5:], split, data_dir, manual_dir, text_key, download)
     if dataset == DEFAULT_CORPUS:
@@ -453,5 +445,11 @@ def open_source(
         description = spec
     if split not in ("train", "validation"):
         raise ValueError(f"local corpora have splits 'train' and 'validation', not {split!r}")
+    if data_dir is not None and storage.is_remote(data_dir):
+        raise ValueError(
+            f"data.data_dir={str(data_dir)!r}: a local-text corpus ({description}) is built on "
+            "each host's own disk; leave data.data_dir unset (the files themselves may be in a "
+            "bucket), or give a local directory"
+        )
     builder = prepare_local_text(files, data_dir, text_key=text_key or "text")
     return TextSource(builder.as_data_source(split=split), "text", f"{description}[{split}]")

@@ -61,8 +61,24 @@ def test_a_corpus_in_a_bucket_gives_the_same_splits_as_on_disk(tmp_path, gcs_buc
         )
     with pytest.raises(FileNotFoundError, match=f"no file matches '{gcs_bucket}/nothing/"):
         open_source(f"{gcs_bucket}/nothing/*.txt", "train")
-    with pytest.raises(ValueError, match=r"data\.data_dir='gs://.*': prepared datasets are read"):
-        open_source("tfds:tiny_shakespeare", "train", data_dir=f"{gcs_bucket}/tfds")
+    with pytest.raises(ValueError, match=r"data\.data_dir='gs://.*': a local-text corpus"):
+        open_source(f"{gcs_bucket}/corpus", "train", data_dir=f"{gcs_bucket}/built")
+
+
+def test_a_tfds_dataset_in_a_bucket_reads_like_on_disk(tmp_path, gcs_bucket):
+    """A prepared TFDS dataset copied into a bucket (the emulator) is read from there, through
+    TFDS's metadata (epath) and array_record's own Cloud Storage reader."""
+    text = "".join(f"CITIZEN {i}:\nSpeak, speak.\n\n" for i in range(300))
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "input.txt").write_text(text)
+    local = dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
+    on_disk = open_source("tfds:tiny_shakespeare", "train", **local)[0]
+    version = tmp_path / "tfds" / "tiny_shakespeare" / "1.0.0"
+    storage.upload_dir(version, storage.as_path(f"{gcs_bucket}/tfds/tiny_shakespeare/1.0.0"))
+    for split in ("train", "validation"):
+        remote = open_source("tfds:tiny_shakespeare", split, data_dir=f"{gcs_bucket}/tfds")
+        assert remote[0] == open_source("tfds:tiny_shakespeare", split, **local)[0]
+    assert remote.description == "tfds:tiny_shakespeare[validation]" and len(on_disk) > 1000
 
 
 def test_long_documents_are_chunked_at_line_breaks(tmp_path):
