@@ -27,11 +27,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from etils import epath
+if TYPE_CHECKING:
+    from etils import epath
 
-AnyPath = Path | epath.Path
+    AnyPath = Path | epath.Path
+else:
+    AnyPath = Path  # annotations only; etils is imported when a URL is first used
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -53,6 +56,8 @@ def as_path(path: str | os.PathLike, absolute: bool = False) -> AnyPath:
             raise ValueError(
                 f"{text!r}: gs:// paths need gcsfs; pip install 'jaxlm[gcs]' (or jaxlm[tpu])"
             )
+        from etils import epath
+
         return epath.Path(text)
     return Path(text).absolute() if absolute else Path(text)
 
