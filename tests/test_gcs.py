@@ -24,6 +24,7 @@ RUN_ARGS = [
     "--set",
     "checkpoint.keep=2",
 ]
+assert f"optim.schedule_steps={STEPS}" in RUN_ARGS  # test_faults' schedule replaced, not kept
 
 
 @pytest.fixture(scope="module")
