@@ -168,6 +168,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["weights"] = model.quant.describe() if model.quant.bits else model.param_dtype
     if args.topology:
         info.update(_per_device_bytes(config, args.topology))
+    from jaxlm.model import mup
+
+    info["parametrization"] = model.parametrization
+    if model.parametrization == "mup":
+        info["mup"] = {
+            "base_width": model.mup_base_width or model.d_model,
+            "width_ratio": mup.width_ratio(model),
+            "attention_scale": mup.attention_scale(model),
+            "output_multiplier": mup.output_multiplier(model),
+            "lr_multipliers": mup.lr_multipliers(model),
+            "init_multipliers": {n: r.init for n, r in mup.rules(model).items() if r.init != 1.0},
+        }
     if args.json:
         print(json.dumps(info))
         return 0
@@ -184,6 +196,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")
     where = f" on {args.topology}" if args.topology else ""
     print(f"attention{where}:{' ' * max(1, 18 - len(where))}{impl} ({why})")
+    for line in mup.describe(model):
+        print(line)
     if args.topology:
         print(f"on {args.topology} ({info['devices']} chips, mesh {info['mesh']}):")
         per_device = info["params_and_adam_bytes_per_device"] / gib

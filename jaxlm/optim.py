@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -58,12 +59,18 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    config: OptimConfig, total_steps: int, updates_per_step: int = 1
+    config: OptimConfig,
+    total_steps: int,
+    updates_per_step: int = 1,
+    lr_multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
     """Clipping (global norm) followed by AdamW, Adafactor or Lion with the schedule.
 
     `updates_per_step` > 1 (several updates on one batch, as PPO's epochs on one rollout): the
-    schedule still follows the training step, the same for each of its updates."""
+    schedule still follows the training step, the same for each of its updates.
+    `lr_multipliers` ('/'-joined parameter path -> factor, e.g. muP's from
+    `jaxlm.model.mup.lr_multipliers`) scale those parameters' updates, weight decay included, as
+    a per-parameter learning rate would."""
     by_step = schedule(config, total_steps)
     lr = by_step if updates_per_step == 1 else (lambda count: by_step(count // updates_per_step))
     if config.name == "adamw":
@@ -86,4 +93,22 @@ def make_optimizer(
             weight_decay_mask=decay_mask,
         )
     chain = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
-    return optax.chain(*chain, opt)
+    chain.append(opt)
+    if lr_multipliers:
+        chain.append(scale_by_path(lr_multipliers))
+    return optax.chain(*chain)
+
+
+def scale_by_path(factors: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply each update by its parameter path's factor (default 1); stateless."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+
+        def scale(path: tuple, u: jax.Array) -> jax.Array:
+            f = factors.get(path_name(path), 1.0)
+            return u if f == 1.0 else u * jnp.asarray(f, u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

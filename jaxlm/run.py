@@ -28,7 +28,7 @@ from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.pipeline import StreamIterator, check_batch_size
 from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
-from jaxlm.model import fused_attention
+from jaxlm.model import fused_attention, mup
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
 from jaxlm.optim import make_optimizer
@@ -61,6 +61,13 @@ def check_run(config: RunConfig, tokenizer: Tokenizer, data: bool = True) -> Non
         raise ValueError(
             f"the per-process batch ({per_step}) is not divisible by "
             f"train.microbatches={config.train.microbatches}"
+        )
+    if config.model.parametrization == "mup" and config.optim.name not in mup.MUP_OPTIMIZERS:
+        raise ValueError(
+            f"model.parametrization='mup' defines learning-rate multipliers for "
+            f"{list(mup.MUP_OPTIMIZERS)} (updates that do not scale with the gradient), not "
+            f"optim.name={config.optim.name!r} (Adafactor scales its updates by each weight's "
+            "size); use adamw or lion, or parametrization='sp'"
         )
     if data:
         get_task(config).check(tokenizer)
@@ -95,7 +102,10 @@ class RunPlan:
         self.rules = sharding.get_rules(config.mesh.rules)
         self.task: Task = get_task(config)
         self.optimizer: optax.GradientTransformation = make_optimizer(
-            config.optim, config.train.steps, self.task.updates_per_step
+            config.optim,
+            config.train.steps,
+            self.task.updates_per_step,
+            mup.lr_multipliers(config.model),
         )
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
         boxed = jax.eval_shape(self._init_boxed, rng)

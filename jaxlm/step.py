@@ -12,6 +12,7 @@ from flax import struct
 
 from jaxlm import losses
 from jaxlm.configs.run import RunConfig
+from jaxlm.model import mup
 from jaxlm.optim import make_optimizer, schedule
 from jaxlm.tasks import Task, get_task, merge, partition
 
@@ -100,7 +101,9 @@ def train_step(
     """
     task = task or get_task(config)
     updates = task.updates_per_step
-    tx = tx or make_optimizer(config.optim, config.train.steps, updates)
+    tx = tx or make_optimizer(
+        config.optim, config.train.steps, updates, mup.lr_multipliers(config.model)
+    )
     trainable, frozen = partition(state.params, task.trainable)
     frozen_in = frozen if extra is None else {**frozen, **extra}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

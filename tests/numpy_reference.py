@@ -88,6 +88,22 @@ def _cap(x, cap):
     return x if cap is None else cap * np.tanh(x / cap)
 
 
+def _width_ratio(cfg):
+    """muP's m = d_model / base width (1 under SP)."""
+    if cfg.parametrization != "mup":
+        return 1.0
+    return cfg.d_model / (cfg.mup_base_width or cfg.d_model)
+
+
+def _attention_scale(cfg):
+    # SP: 1/sqrt(h). muP: 1/h, times sqrt of the base model's head_dim (h / m), so that both
+    # agree at the base width.
+    h = cfg.head_dim
+    if cfg.parametrization != "mup":
+        return 1 / math.sqrt(h)
+    return math.sqrt(h / _width_ratio(cfg)) / h
+
+
 def _attention(x_TD, p, pos_T, seg_T, cfg, prefix_T=None):
     t = x_TD.shape[0]
     g = cfg.num_heads // cfg.num_kv_heads
@@ -115,7 +131,7 @@ def _attention(x_TD, p, pos_T, seg_T, cfg, prefix_T=None):
             qn, kn = _norm(qn, p["query_norm"], cfg), _norm(kn, p["key_norm"], cfg)
         if cfg.position == "rope":
             qn, kn = _rope(qn, pos_T, cfg), _rope(kn, pos_T, cfg)
-        scores = _cap(qn @ kn.T / math.sqrt(cfg.head_dim), cfg.attn_logit_softcap)
+        scores = _cap(qn @ kn.T * _attention_scale(cfg), cfg.attn_logit_softcap)
         scores = np.where(visible, scores, -np.inf)
         w = np.exp(scores - scores.max(-1, keepdims=True))
         heads.append((w / w.sum(-1, keepdims=True)) @ vn)
@@ -184,7 +200,7 @@ def forward(
             x = x @ head["dense"]["w"] + head["dense"]["b"]
             x = _norm(_act(cfg.activation, x), head["norm"], cfg)
         unembed = p["embed"]["embedding"].T if cfg.tie_embeddings else p["unembed"]["w"]
-        logits = x @ unembed
+        logits = x @ unembed / _width_ratio(cfg)  # muP's output multiplier 1/m
         if cfg.head == "mlm":
             logits = logits + p["output_bias"]
         out.append(_cap(logits, cfg.final_logit_softcap))

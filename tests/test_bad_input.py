@@ -335,6 +335,8 @@ def test_next_token_training_refuses_a_bidirectional_model(capsys, tmp_path, cor
         ("train.peak_flops_per_device=-5", "TrainConfig.peak_flops_per_device=-5.0 must be > 0"),
         ("data.seq_len=1", "DataConfig.seq_len=1 must be >= 2"),
         ("model.moe.num_shared_experts=2", "num_shared_experts=2 needs an MoE model"),
+        ("model.parametrization=mu", "model.parametrization='mu': expected one of 'sp', 'mup'"),
+        ("model.mup_base_width=100000", "ModelConfig.mup_base_width=100000 must be an integer in"),
     ],
 )
 def test_values_out_of_range_are_refused(capsys, override, message):

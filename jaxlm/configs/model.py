@@ -18,6 +18,7 @@ NormPosition = Literal["pre", "post"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
 AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
 KVCacheDType = Literal["auto", "int8"]
+Parametrization = Literal["sp", "mup"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 CPU_UNROLL_MAX_LAYERS = 8  # scan_unroll=None unrolls scanned models this deep on CPU
@@ -224,6 +225,12 @@ class ModelConfig:
     # Scale the variance of the residual-stream output projections (attention out, MLP out)
     # by 1 / (2 * num_layers), as GPT-2 does, so the residual stream does not grow with depth.
     depth_scaled_init: bool = True
+    # "sp": standard parametrization; "mup": the Maximal Update Parametrization relative to a
+    # base model of d_model = mup_base_width (None = this d_model): init and learning-rate
+    # multipliers per weight, 1/head_dim attention, logits x base/d_model (`jaxlm.model.mup`),
+    # so that hyperparameters tuned at the base width carry over to wider models.
+    parametrization: Parametrization = "sp"
+    mup_base_width: int | None = None
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     scan_layers: bool = True
@@ -293,6 +300,7 @@ class ModelConfig:
             ("head", Head),
             ("attention_impl", AttentionImpl),
             ("kv_cache_dtype", KVCacheDType),
+            ("parametrization", Parametrization),
         ):
             _check_choice(name, getattr(self, name), literal)
         if self.position == "rope" and self.head_dim % 2:
@@ -336,6 +344,8 @@ class ModelConfig:
                     "first_dense=0 and num_layers divisible by every (or scan_layers=False)"
                 )
 
+        if self.mup_base_width is not None:
+            self._check_mup()
         if self.lora.rank:
             self._check_lora()
         check_quant(self)
@@ -411,6 +421,14 @@ class ModelConfig:
                     f"ModelConfig.attention_impl={self.attention_impl!r} cannot express {blocker}; "
                     "use attention_impl='auto' (falls back to 'xla' for this config) or 'xla'"
                 )
+
+    def _check_mup(self) -> None:
+        base = self.mup_base_width
+        if not isinstance(base, int) or isinstance(base, bool) or not 1 <= base <= self.d_model:
+            raise ValueError(
+                f"ModelConfig.mup_base_width={base!r} must be an integer in [1, d_model="
+                f"{self.d_model}] (the width hyperparameters were tuned at; None = d_model)"
+            )
 
     def _check_lora(self) -> None:
         d, f = self.d_model, self.mlp_dim

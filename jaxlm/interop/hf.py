@@ -280,6 +280,7 @@ def save_hf(
     exactly, else a ValueError names the fields that differ. Tensors are written one at a time
     in `dtype` (default: the parameters' dtype).
     """
+    check_exportable_mup(config)
     out_dir = storage.as_path(out_dir)
     family = export_family(config, model_type)
     hf = hf_config(config, family.model_type)
@@ -303,6 +304,21 @@ def save_hf(
     safetensors_io.write_dir(out_dir, specs, lambda n: read(n).astype(out_dtype), max_shard_bytes)
     storage.write_text_atomic(out_dir / "config.json", json.dumps(hf, indent=2) + "\n")
     return out_dir
+
+
+def check_exportable_mup(config: ModelConfig) -> None:
+    """Refuse a muP model wider than its base: its logit multiplier and attention scale have no
+    Hugging Face config field."""
+    from jaxlm.model import mup
+
+    mult, scale = mup.output_multiplier(config), mup.attention_scale(config)
+    if mult != 1.0 or scale != config.head_dim**-0.5:
+        raise ValueError(
+            f"a muP model at d_model={config.d_model} (model.mup_base_width="
+            f"{config.mup_base_width}) multiplies its logits by {mult:.4g} and its attention "
+            f"logits by {scale:.4g} instead of 1/sqrt(head_dim); Hugging Face configs have no "
+            "such fields, so it cannot be exported (a muP model at its base width can)"
+        )
 
 
 def without_value_head(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.configs.model import ModelConfig
-from jaxlm.model import kv_cache
+from jaxlm.model import kv_cache, mup
 from jaxlm.model.attend import attend
 from jaxlm.model.fused_attention import Segments, fused_attention
 from jaxlm.model.layers import Einsum, kernel_init, make_norm
@@ -121,11 +121,12 @@ class Attention(nn.Module):
             k_BSKH, v_BSKH = (jnp.swapaxes(x, 1, 2) for x in kv_cache.read(kv, cfg.dtype))
 
         b, t = q_BTNH.shape[:2]
+        scale = mup.attention_scale(cfg)  # 1/sqrt(h); muP: sqrt(h0)/h
         if isinstance(mask_BTS, Segments):
-            q_BTNH = (q_BTNH * h**-0.5).astype(q_BTNH.dtype)
+            q_BTNH = (q_BTNH * scale).astype(q_BTNH.dtype)
             out_BTNH = fused_attention(q_BTNH, own_k_BTKH, own_v_BTKH, mask_BTS.ids_BT, cfg)
         else:
-            q_BKGTH = jnp.transpose((q_BTNH * h**-0.5).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
+            q_BKGTH = jnp.transpose((q_BTNH * scale).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
             # Without a cache a causal model's mask is causal by index, so blocks may be
             # skipped (not a prefix LM's: a prefix sees the keys after it).
             causal = kv is None and cfg.causal and not cfg.prefix_lm

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxlm import sharding
 from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
-from jaxlm.model import fused_attention, kv_cache
+from jaxlm.model import fused_attention, kv_cache, mup
 from jaxlm.model.attend import softcap
 from jaxlm.model.attention import Attention, attention_mask, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
@@ -190,9 +190,16 @@ class Transformer(nn.Module):
     the head's output; `logits_at` [B, K] (token indices) runs the head on those K positions of
     each row only (masked LM's chosen tokens) and returns [B, K, ...]. `config.dropout` applies
     when the call has a "dropout" rng.
+
+    Under muP (`config.parametrization="mup"`), `init` rescales each weight SP's initializers
+    drew by its muP multiplier (`jaxlm.model.mup`), and the logits are multiplied by base / width.
     """
 
     config: ModelConfig
+
+    def init(self, rngs: Any, *args: Any, **kwargs: Any) -> Any:
+        variables = super().init(rngs, *args, **kwargs)
+        return mup.rescale_init(self.config, variables)
 
     @nn.compact
     def __call__(
@@ -427,6 +434,8 @@ class Transformer(nn.Module):
             logits_BTV = logits_BTV + bias_V.astype(logits_BTV.dtype)[None, None, :]
         if prepend:
             logits_BTV = logits_BTV[:, p:]
+        if (mult := mup.output_multiplier(cfg)) != 1.0:
+            logits_BTV = logits_BTV * jnp.asarray(mult, logits_BTV.dtype)
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         return logits_BTV, cache, aux

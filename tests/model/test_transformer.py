@@ -63,6 +63,9 @@ VARIANTS = {
         head="mlm",
         activation="gelu",
     ),
+    # muP at 4x its base width (attention 1/h-scaled, logits x 1/4), tied and untied.
+    "mup_gpt2": dataclasses.replace(GPT2, parametrization="mup", mup_base_width=16),
+    "mup_llama_untied": dataclasses.replace(LLAMA, parametrization="mup", mup_base_width=16),
     # A pre-LN encoder with an untied masked-LM head and RMSNorm.
     "pre_ln_mlm_untied": dataclasses.replace(
         LLAMA, causal=False, head="mlm", activation="relu", tie_embeddings=False, embed_norm=True
