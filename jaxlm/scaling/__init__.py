@@ -1,4 +1,5 @@
-"""Scaling-law studies: sweeps of training runs, Chinchilla-style fits with intervals, plots."""
+"""Scaling-law studies: sweeps of training runs, Chinchilla-style fits with intervals, plots,
+muP learning-rate transfer grids and the coordinate check (`jaxlm.scaling.coord_check`)."""
 
 from jaxlm.scaling.fits import (
     CHINCHILLA_INIT_GRID,
@@ -19,13 +20,16 @@ from jaxlm.scaling.plots import (
     plot_all,
     plot_isoflops,
     plot_loss_vs_compute,
+    plot_lr_transfer,
     plot_optimal_allocation,
 )
 from jaxlm.scaling.sweep import (
     SweepRun,
+    best_learning_rates,
     isoflop_grid,
     load_results,
     load_sweep,
+    lr_grid,
     run_size,
     run_sweep,
     token_grid,
@@ -40,6 +44,7 @@ __all__ = [
     "PowerLawFit",
     "RunFits",
     "SweepRun",
+    "best_learning_rates",
     "compute_frontier",
     "compute_optimal",
     "fit_chinchilla",
@@ -50,9 +55,11 @@ __all__ = [
     "isoflop_grid",
     "load_results",
     "load_sweep",
+    "lr_grid",
     "plot_all",
     "plot_isoflops",
     "plot_loss_vs_compute",
+    "plot_lr_transfer",
     "plot_optimal_allocation",
     "run_size",
     "run_sweep",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -166,3 +167,46 @@ def plot_all(fits: RunFits, out_dir: PathLike) -> list[pathlib.Path]:
             isoflop=fits.isoflop, chinchilla=fits.chinchilla, C_range=C_range, path=written[-1]
         )
     return written
+
+
+def plot_lr_transfer(rows: Sequence[Mapping[str, Any]], *, path: PathLike | None = None) -> Figure:
+    """Eval loss against learning rate, one line per width and one panel per parametrization
+    (rows of an `lr_grid` sweep), each width's best learning rate marked: under muP the minima
+    line up, under SP they move with the width."""
+    from jaxlm.scaling.sweep import best_learning_rates
+
+    groups = sorted({str(r["parametrization"]) for r in rows})
+    if not groups:
+        raise ValueError("plot_lr_transfer needs rows with a parametrization column")
+    best = best_learning_rates(rows)
+    fig, axes = _figure(len(groups))
+    widths = sorted({int(r["d_model"]) for r in rows})
+    from matplotlib import colormaps
+
+    colours = [colormaps["viridis"](0.85 * i / max(len(widths) - 1, 1)) for i in range(len(widths))]
+    finite = [
+        r["eval_loss"] for r in rows if r["eval_loss"] is not None and np.isfinite(r["eval_loss"])
+    ]
+    for ax, p in zip(axes, groups, strict=True):
+        for width, colour in zip(widths, colours, strict=True):
+            mine = sorted(
+                (r["learning_rate"], r["eval_loss"])
+                for r in rows
+                if str(r["parametrization"]) == p and int(r["d_model"]) == width
+            )
+            if not mine:
+                continue
+            lr, loss = np.array(mine, dtype=float).T
+            ax.plot(lr, loss, "o-", color=colour, label=f"d_model {width}")
+            if width in best.get(p, {}):
+                b = best[p][width]
+                ax.plot(b["learning_rate"], b["eval_loss"], "*", color=colour, markersize=14)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("eval loss")
+        ax.set_title({"sp": "standard parametrization", "mup": "muP"}.get(p, p))
+        if finite:  # diverged runs would stretch the axis to uselessness
+            lo, hi = min(finite), np.percentile(finite, 90)
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.legend(fontsize=8)
+    return _save(fig, path)

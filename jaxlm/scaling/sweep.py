@@ -22,6 +22,7 @@ from jaxlm.metrics import flops_per_token, param_count
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
+TEXT_COLUMNS = ("name", "parametrization")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -108,6 +109,59 @@ def isoflop_grid(
     return runs
 
 
+def lr_grid(
+    base: RunConfig,
+    widths: Sequence[int],
+    learning_rates: Sequence[float],
+    parametrizations: Sequence[str] = ("sp", "mup"),
+) -> list[SweepRun]:
+    """Every width (`model.d_model`, derived dims re-derived) at every learning rate under each
+    parametrization, named `<parametrization>_w<width>_lr<lr>`: the learning-rate transfer
+    study (`best_learning_rates`, `plot_lr_transfer`). `model.mup_base_width` (default: the
+    narrowest width) is the base the muP runs are relative to."""
+    if not widths or not learning_rates:
+        raise ValueError("lr_grid needs at least one width and one learning rate")
+    for lr in learning_rates:
+        if not (isinstance(lr, int | float) and 0 < lr < math.inf):
+            raise ValueError(f"learning rate {lr!r} must be a finite number > 0")
+    base_width = base.model.mup_base_width or min(widths)
+    if base_width > min(widths):
+        raise ValueError(
+            f"model.mup_base_width={base_width} is larger than the narrowest width "
+            f"{min(widths)}; the base must be at most every width of the grid"
+        )
+    runs = []
+    for p in parametrizations:
+        for width in widths:
+            for lr in learning_rates:
+                config = apply_overrides(
+                    base,
+                    [
+                        f"model.d_model={width}",
+                        f"model.parametrization={p}",
+                        f"model.mup_base_width={base_width}",
+                        f"optim.learning_rate={lr}",
+                    ],
+                )
+                runs.append(SweepRun(f"{p}_w{width}_lr{lr:g}", config))
+    return runs
+
+
+def best_learning_rates(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, dict]]:
+    """parametrization -> width -> {"learning_rate", "eval_loss"} of the row with the lowest
+    finite eval loss, from a results table of an `lr_grid` sweep."""
+    best: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        loss = row["eval_loss"]
+        if loss is None or not math.isfinite(loss):
+            continue
+        at = best.setdefault(str(row["parametrization"]), {})
+        width = int(row["d_model"])
+        if width not in at or loss < at[width]["eval_loss"]:
+            at[width] = {"learning_rate": row["learning_rate"], "eval_loss": loss}
+    return {p: dict(sorted(w.items())) for p, w in best.items()}
+
+
 def load_sweep(path: str | Path) -> list[SweepRun]:
     """The runs a sweep file defines: `SWEEP` (a list) or `get_sweep()` returning one."""
     path = Path(path)
@@ -179,6 +233,8 @@ def _row(run: SweepRun, record: Mapping[str, Any]) -> dict[str, Any]:
         "batch_size": c.data.batch_size,
         "d_model": c.model.d_model,
         "num_layers": c.model.num_layers,
+        "learning_rate": c.optim.learning_rate,
+        "parametrization": c.model.parametrization,
     }
 
 
@@ -203,7 +259,7 @@ def _csv_row(row: dict[str, str], path: storage.AnyPath, line: int) -> dict[str,
         if k is None or v is None:
             raise ValueError(f"{path}:{line}: the row has another number of cells than the header")
         try:
-            out[k] = None if v == "" else v if k == "name" else float(v)
+            out[k] = None if v == "" else v if k in TEXT_COLUMNS else float(v)
         except ValueError:
             raise ValueError(f"{path}:{line}: column {k!r} holds {v!r}, not a number") from None
     return out

@@ -13,6 +13,7 @@ from jaxlm.scaling import (
     plot_all,
     plot_isoflops,
     plot_loss_vs_compute,
+    plot_lr_transfer,
     plot_optimal_allocation,
 )
 
@@ -155,3 +156,27 @@ def test_plot_all(runs, tmp_path):
     assert [p.name for p in written] == names
     for path in written:
         _assert_png(path)
+
+
+def test_lr_transfer_draws_each_width_and_marks_its_best_rate(tmp_path):
+    rows = [
+        {"parametrization": p, "d_model": w, "learning_rate": lr, "eval_loss": loss}
+        for p, w, lr, loss in [
+            ("mup", 16, 1e-3, 3.1), ("mup", 16, 4e-3, 2.6), ("mup", 32, 4e-3, 2.2),
+            ("mup", 32, 1e-3, 2.9), ("sp", 16, 1e-3, 3.0), ("sp", 16, 4e-3, 2.5),
+            ("sp", 32, 1e-3, 2.4), ("sp", 32, 4e-3, float("inf")),
+        ]
+    ]  # fmt: skip
+    fig = plot_lr_transfer(rows, path=tmp_path / "lr.png")
+    _assert_png(tmp_path / "lr.png")
+    mup_ax, sp_ax = fig.axes[:2]
+    assert mup_ax.get_title() == "muP" and sp_ax.get_xscale() == "log"
+    curve16, star16, curve32, star32 = mup_ax.lines
+    np.testing.assert_array_equal(curve16.get_xdata(), [1e-3, 4e-3])  # sorted by rate
+    np.testing.assert_array_equal(curve32.get_ydata(), [2.9, 2.2])
+    assert (star16.get_xdata()[0], star16.get_ydata()[0]) == (4e-3, 2.6)
+    assert (star32.get_xdata()[0], star32.get_ydata()[0]) == (4e-3, 2.2)
+    sp_star32 = sp_ax.lines[3]  # the diverged run is drawn but never the best
+    assert (sp_star32.get_xdata()[0], sp_star32.get_ydata()[0]) == (1e-3, 2.4)
+    with pytest.raises(ValueError, match="parametrization column"):
+        plot_lr_transfer([])

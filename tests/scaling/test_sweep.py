@@ -18,7 +18,15 @@ from jaxlm import checkpoint, cli, storage
 from jaxlm.configs import RunConfig
 from jaxlm.configs.overrides import load_config
 from jaxlm.metrics import param_count
-from jaxlm.scaling import isoflop_grid, load_results, load_sweep, run_sweep, token_grid
+from jaxlm.scaling import (
+    best_learning_rates,
+    isoflop_grid,
+    load_results,
+    load_sweep,
+    lr_grid,
+    run_sweep,
+    token_grid,
+)
 from jaxlm.scaling.sweep import check_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,3 +262,67 @@ def test_shipped_sweeps_load_and_the_cpu_sweep_is_the_colab_grid(capsys):
         assert abs(6 * n * run.config.train.steps * tokens_per_step - run.budget) <= (
             3 * n * tokens_per_step + 1
         ), run.name
+
+
+def test_lr_grid_runs_through_the_sweep_and_the_best_rates_are_read_back(tmp_path):
+    base = load_config(
+        "tiny",
+        [
+            "model.num_heads=2",
+            "model.mlp_dim=None",
+            "data.seq_len=32",
+            "data.batch_size=8",
+            "train.steps=3",
+            "train.eval_batches=1",
+            "train.sample_tokens=0",
+            "optim.warmup_steps=1",
+        ],
+    )
+    runs = lr_grid(base, [16, 32], [1e-3, 4e-3])
+    assert [r.name for r in runs] == [
+        "sp_w16_lr0.001", "sp_w16_lr0.004", "sp_w32_lr0.001", "sp_w32_lr0.004",
+        "mup_w16_lr0.001", "mup_w16_lr0.004", "mup_w32_lr0.001", "mup_w32_lr0.004",
+    ]  # fmt: skip
+    for run in runs:
+        m = run.config.model
+        assert (m.parametrization, m.d_model, m.mlp_dim, m.mup_base_width) == (
+            run.name.split("_")[0], int(run.name.split("_")[1][1:]), 4 * m.d_model, 16
+        )  # fmt: skip
+        assert run.config.optim.learning_rate == float(run.name.split("_lr")[1])
+    # Two of them trained by the sweep: the table carries each run's parametrization and rate.
+    rows = run_sweep([runs[3], runs[6]], tmp_path, log=lambda _: None)
+    assert [(r["parametrization"], r["d_model"], r["learning_rate"]) for r in rows] == [
+        ("sp", 32, 4e-3), ("mup", 32, 1e-3)
+    ]  # fmt: skip
+    assert load_results(tmp_path / "results.csv")[1]["parametrization"] == "mup"
+
+    made_up = [
+        {"parametrization": p, "d_model": w, "learning_rate": lr, "eval_loss": loss}
+        for p, w, lr, loss in [
+            ("sp", 16, 1e-3, 3.0), ("sp", 16, 4e-3, 2.5), ("sp", 32, 1e-3, 2.4),
+            ("sp", 32, 4e-3, float("nan")), ("mup", 16, 1e-3, 3.1), ("mup", 16, 4e-3, 2.6),
+            ("mup", 32, 1e-3, None), ("mup", 32, 4e-3, 2.2),
+        ]
+    ]  # fmt: skip
+    best = best_learning_rates(made_up)
+    assert {
+        p: {w: (b["learning_rate"], b["eval_loss"]) for w, b in at.items()}
+        for p, at in best.items()
+    } == {
+        "sp": {16: (4e-3, 2.5), 32: (1e-3, 2.4)},
+        "mup": {16: (4e-3, 2.6), 32: (4e-3, 2.2)},
+    }
+
+    with pytest.raises(ValueError, match="mup_base_width=64 is larger than the narrowest width 16"):
+        lr_grid(load_config("tiny", ["model.mup_base_width=64"]), [16, 64], [1e-3])
+    with pytest.raises(ValueError, match=r"learning rate -0\.1 must be"):
+        lr_grid(base, [16], [-0.1])
+
+
+def test_the_shipped_mup_transfer_sweep():
+    runs = load_sweep(ROOT / "experiments" / "sweeps" / "cpu_mup_transfer.py")
+    assert len(runs) == 56
+    assert {r.config.model.mup_base_width for r in runs} == {32}
+    assert {(r.config.model.d_model, r.config.model.head_dim) for r in runs} == {
+        (32, 8), (64, 16), (128, 32), (256, 64)
+    }  # fmt: skip
