@@ -110,10 +110,20 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         storage.refresh(self.directory)  # a bucket listed earlier may have new checkpoints
         self._every = config.every
+        self._kept = set(config.kept_steps)
         self._read_only = read_only
+        retention: dict[str, Any] = {
+            "max_to_keep": config.keep,
+            "keep_period": config.keep_period or None,
+        }
+        if self._kept:  # the newest `keep`, every `keep_period`-th, and these, forever
+            policies = ocp.checkpoint_managers
+            keep = [policies.LatestN(n=config.keep), policies.CustomSteps(steps=sorted(self._kept))]
+            if config.keep_period:
+                keep.append(policies.EveryNSteps(interval_steps=config.keep_period))
+            retention = {"preservation_policy": policies.AnyPreservationPolicy(keep)}
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep,
-            keep_period=config.keep_period or None,
+            **retention,
             create=not read_only,
             read_only=read_only,
             cleanup_tmp_directories=not read_only,
@@ -128,7 +138,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return step % self._every == 0
+        return step % self._every == 0 or step in self._kept
 
     def save(
         self,

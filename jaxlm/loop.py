@@ -181,6 +181,35 @@ def _check_resume(config: RunConfig, workdir: storage.AnyPath) -> None:
         )
 
 
+def _branch_source(
+    config: RunConfig, workdir: str | Path, step: int | None
+) -> tuple[storage.AnyPath, int]:
+    """(run directory, step) that `train.branch_from` names, checked: a complete checkpoint
+    before `train.steps`, of a run this config could resume."""
+    workdir = storage.as_path(workdir)
+    flag = f"train.branch_from={str(workdir)!r}"
+    steps = checkpoint.complete_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{flag}: no complete checkpoint there (is it a jaxlm run?)")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(
+            f"train.branch_from_step={step}: no such checkpoint in {workdir}; steps: {steps}"
+        )
+    if step >= config.train.steps:
+        raise ValueError(
+            f"{flag} at step {step}: train.steps={config.train.steps} leaves nothing to train; "
+            f"set train.steps > {step}"
+        )
+    conflicts = checkpoint.resume_conflicts(checkpoint.saved_config(workdir, step), config)
+    if conflicts:
+        details = "; ".join(
+            f"{k}: {a!r} there, {b!r} here" for k, (a, b) in sorted(conflicts.items())
+        )
+        raise ValueError(f"{flag} cannot be continued with this config ({details})")
+    return workdir, step
+
+
 def train(
     config: RunConfig,
     workdir: str | Path,
@@ -213,6 +242,11 @@ def train(
             f"train.init_from_step={config.train.init_from_step} needs train.init_from "
             "(--init-from DIR): the step of which run?"
         )
+    if config.train.branch_from_step is not None and config.train.branch_from is None:
+        raise ValueError(
+            f"train.branch_from_step={config.train.branch_from_step} needs train.branch_from "
+            "(a run directory): the step of which run?"
+        )
     quant = config.model.quant
     if quant.stored and not config.model.lora.rank:
         raise ValueError(
@@ -232,9 +266,11 @@ def train(
             f"schedule: the learning rate never reaches optim.learning_rate="
             f"{config.optim.learning_rate:g} (--set optim.warmup_steps=N for fewer)"
         )
-    source = None
+    source = branch = None
     if config.train.init_from is not None and not checkpoint.complete_steps(workdir):
         source = check_init_source(plan, config.train.init_from, config.train.init_from_step)
+    if config.train.branch_from is not None and not checkpoint.complete_steps(workdir):
+        branch = _branch_source(config, config.train.branch_from, config.train.branch_from_step)
     # The data next (a corpus that cannot be read fails here), and only then the workdir is made.
     train_it = plan.make_iterator()
     # Weights a task reads besides the run's (a reward model, a frozen reference): checked and
@@ -255,6 +291,12 @@ def train(
     tokenizer_files = checkpoint.tokenizer_files(tokenizer)
 
     resumed = ckpt.restore_latest(lambda step: ckpt.restore(step, plan.abstract_state), _log)
+    if not resumed and branch is not None:
+        source_ckpt = checkpoint.Checkpointer(branch[0], read_only=True)
+        try:
+            resumed = branch[1], source_ckpt.restore(branch[1], plan.abstract_state)
+        finally:
+            source_ckpt.close()
     if resumed:
         start, (state, data_state) = resumed
         data_state = as_stream_state(data_state)
@@ -263,7 +305,10 @@ def train(
             # exactly where it stopped.
             train_it = plan.make_iterator(num_streams=data_state["num_streams"])
         train_it.set_state(data_state)
-        _log(f"resumed from step {start} in {ckpt.directory}")
+        if branch is not None and not checkpoint.complete_steps(workdir):
+            _log(f"branched from step {start} of {branch[0]}")
+        else:
+            _log(f"resumed from step {start} in {ckpt.directory}")
         if int(state.step) != start:
             raise RuntimeError(f"checkpoint {start} holds state.step={int(state.step)}")
     elif source is not None:

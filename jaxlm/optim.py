@@ -35,7 +35,8 @@ def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
         elif config.schedule == "wsd":
             start = total_steps - config.decay_fraction * total_steps
             d = jnp.clip((step - start) / (total_steps - start), 0.0, 1.0)
-            after = peak + (floor - peak) * d
+            shape = d if config.wsd_decay == "linear" else jnp.sqrt(d)
+            after = peak + (floor - peak) * shape
         else:  # inverse_sqrt
             after = peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, max(warmup, 1)))
         return jnp.where(step < warmup, warm, after)

@@ -26,14 +26,29 @@ def _expected(kind, step):
         return PEAK - (PEAK - FLOOR) * t
     if kind == "wsd":  # stable until the last 20% of all steps, then linear to the floor
         return PEAK if step <= 0.8 * TOTAL else PEAK - (PEAK - FLOOR) * (step - 88) / 22
+    if kind == "wsd:1-sqrt":  # the same, decaying as 1 - sqrt(progress)
+        return (
+            PEAK
+            if step <= 0.8 * TOTAL
+            else FLOOR + (PEAK - FLOOR) * (1 - math.sqrt((step - 88) / 22))
+        )
     return PEAK * math.sqrt(WARMUP / step)  # inverse_sqrt
 
 
-@pytest.mark.parametrize("kind", ["constant", "cosine", "linear", "wsd", "inverse_sqrt"])
+@pytest.mark.parametrize(
+    "kind", ["constant", "cosine", "linear", "wsd", "wsd:1-sqrt", "inverse_sqrt"]
+)
 def test_schedules_match_closed_forms(kind):
-    cfg = OptimConfig(learning_rate=PEAK, schedule=kind, warmup_steps=WARMUP, min_lr_ratio=0.1)
+    name, _, decay = kind.partition(":")
+    cfg = OptimConfig(
+        learning_rate=PEAK,
+        schedule=name,
+        warmup_steps=WARMUP,
+        min_lr_ratio=0.1,
+        wsd_decay=decay or "linear",
+    )
     lr = schedule(cfg, TOTAL)
-    for step in [0, 1, 5, 10, 11, 50, 88, 99, 110]:
+    for step in [0, 1, 5, 10, 11, 50, 88, 90, 99, 105, 110]:
         assert float(lr(step)) == pytest.approx(_expected(kind, step), rel=1e-5, abs=1e-12), step
 
 

@@ -90,6 +90,7 @@ class DataConfig:
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "wsd", "inverse_sqrt", "constant")
+WSD_DECAYS = ("linear", "1-sqrt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +105,10 @@ class OptimConfig:
     # changing the learning rate of the steps already taken.
     schedule_steps: int | None = None
     min_lr_ratio: float = 0.1
-    # warmup-stable-decay: the last `decay_fraction` of training decays linearly to the minimum.
+    # warmup-stable-decay: the last `decay_fraction` of training decays to the minimum,
+    # "linear"ly or as "1-sqrt" (lr = min + (peak - min)(1 - sqrt(progress)), Hägele et al. 2024).
     decay_fraction: float = 0.2
+    wsd_decay: str = "linear"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -135,6 +138,10 @@ class OptimConfig:
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(
                 f"OptimConfig.decay_fraction={self.decay_fraction!r} must be in (0, 1]"
+            )
+        if self.wsd_decay not in WSD_DECAYS:
+            raise ValueError(
+                f"OptimConfig.wsd_decay={self.wsd_decay!r} is not valid; choose one of {WSD_DECAYS}"
             )
         if self.weight_decay < 0:
             raise ValueError(f"OptimConfig.weight_decay={self.weight_decay!r} must be >= 0")
@@ -339,6 +346,13 @@ class TrainConfig:
     # Once this run has a checkpoint of its own it resumes from that and ignores both.
     init_from: str | None = None
     init_from_step: int | None = None
+    # Continue another run's checkpoint in full (parameters, optimizer state, step, RNG and data
+    # position) under this config's schedule and `steps`: e.g. a cooldown branched from a
+    # constant-learning-rate run. The fields a resume may not change must match that run's.
+    # `branch_from_step` picks its checkpoint (None = newest). Once this run has a checkpoint
+    # of its own it resumes from that instead.
+    branch_from: str | None = None
+    branch_from_step: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(
@@ -351,8 +365,18 @@ class TrainConfig:
             )
         if self.init_from_step is not None and self.init_from_step < 0:
             raise ValueError(f"TrainConfig.init_from_step={self.init_from_step!r} must be >= 0")
-        if self.init_from == "":
-            raise ValueError("TrainConfig.init_from='' must be a run directory or None")
+        for name in ("init_from", "branch_from"):
+            if getattr(self, name) == "":
+                raise ValueError(f"TrainConfig.{name}='' must be a run directory or None")
+        if self.branch_from_step is not None and self.branch_from_step < 1:
+            raise ValueError(
+                f"TrainConfig.branch_from_step={self.branch_from_step!r} must be >= 1 or None"
+            )
+        if self.branch_from is not None and self.init_from is not None:
+            raise ValueError(
+                "TrainConfig.branch_from and init_from are both set: a run either continues "
+                "another run's whole state (branch_from) or starts from its parameters (init_from)"
+            )
         if self.eval_tasks_limit < 0:
             raise ValueError(
                 f"TrainConfig.eval_tasks_limit={self.eval_tasks_limit!r} must be >= 0 "
@@ -382,6 +406,9 @@ class CheckpointConfig:
     every: int = 200
     keep: int = 2  # the newest `keep` checkpoints are kept...
     keep_period: int = 0  # ...plus, when > 0, every step divisible by it, forever
+    # ...plus these steps (comma-separated), saved and kept forever: e.g. the points a cooldown
+    # study branches from (`jaxlm.scaling.cooldown_grid`).
+    keep_steps: str = ""
     async_save: bool = True  # write in a background thread while training goes on
 
     def __post_init__(self) -> None:
@@ -390,6 +417,26 @@ class CheckpointConfig:
             raise ValueError(
                 f"CheckpointConfig.keep_period={self.keep_period!r} must be >= 0 (0 = off)"
             )
+        self.kept_steps  # noqa: B018 (parsed here so that a bad list fails at once)
+
+    @property
+    def kept_steps(self) -> tuple[int, ...]:
+        """`keep_steps` as sorted integers."""
+        steps = []
+        for part in self.keep_steps.split(","):
+            if not part.strip():
+                continue
+            try:
+                step = int(part)
+            except ValueError:
+                step = -1
+            if step < 1:
+                raise ValueError(
+                    f"CheckpointConfig.keep_steps={self.keep_steps!r}: {part.strip()!r} is not a "
+                    "step >= 1 (comma-separated steps, e.g. '100,200')"
+                )
+            steps.append(step)
+        return tuple(sorted(set(steps)))
 
 
 @dataclasses.dataclass(frozen=True)

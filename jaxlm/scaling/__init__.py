@@ -26,6 +26,7 @@ from jaxlm.scaling.plots import (
 from jaxlm.scaling.sweep import (
     SweepRun,
     best_learning_rates,
+    cooldown_grid,
     isoflop_grid,
     load_results,
     load_sweep,
@@ -47,6 +48,7 @@ __all__ = [
     "best_learning_rates",
     "compute_frontier",
     "compute_optimal",
+    "cooldown_grid",
     "fit_chinchilla",
     "fit_isoflop",
     "fit_power_law",

@@ -28,11 +28,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class SweepRun:
-    """One training run of a sweep; `budget` labels the IsoFLOP budget (FLOPs) it belongs to."""
+    """One training run of a sweep; `budget` labels the IsoFLOP budget (FLOPs) it belongs to.
+
+    `branch_of`: the name of an earlier run of the sweep whose checkpoint at
+    `config.train.branch_from_step` this one continues (`train.branch_from` is set to that run's
+    directory when the sweep runs). `results=False`: trained, but not a row of the results
+    table (a cooldown study's constant-learning-rate trunk)."""
 
     name: str
     config: RunConfig
     budget: float | None = None
+    branch_of: str | None = None
+    results: bool = True
 
 
 def tokens_per_step(config: RunConfig) -> int:
@@ -106,6 +113,71 @@ def isoflop_grid(
             f"no model trains >= {min_steps} steps within budgets {list(budgets)}; "
             "raise the budgets or use smaller models"
         )
+    return runs
+
+
+def cooldown_grid(
+    base: RunConfig,
+    models: Mapping[str, ModelConfig],
+    tokens: Sequence[float],
+    *,
+    decay_fraction: float = 0.2,
+    decay: str = "linear",
+) -> list[SweepRun]:
+    """The loss of every model at every token count from one constant-learning-rate run per
+    model and a short cooldown per token count (Hägele et al. 2024), instead of one full run
+    per point.
+
+    For D tokens (S steps, rounded up to whole batches) the cooldown branches from the trunk's
+    checkpoint at S0 = round(S (1 - decay_fraction)) and decays the learning rate to
+    `optim.min_lr_ratio` of its peak over steps S0..S (`decay`: "linear" or "1-sqrt"): the
+    warmup-stable-decay schedule of a run of S steps, without training its stable part again.
+    Runs: `<model>_stable` (constant rate, `base`'s warmup, checkpoints kept at every S0; not a
+    results row) then `<model>_D<tokens>` for each D, whose rows have the usual N, D, C (C =
+    6 N D: the compute of the point, as if trained alone) and `flops_trained` (what the branch
+    itself trained).
+    """
+    if not 0 < decay_fraction < 1:
+        raise ValueError(f"decay_fraction={decay_fraction!r} must be in (0, 1)")
+    if not tokens:
+        raise ValueError("cooldown_grid needs at least one token count")
+    per_step = tokens_per_step(base)
+    points = []
+    for d in sorted(tokens):
+        if not (isinstance(d, int | float) and 0 < d < math.inf):
+            raise ValueError(f"token count {d!r} must be a finite number > 0")
+        steps = max(1, math.ceil(d / per_step))
+        branch = round(steps * (1 - decay_fraction))
+        if not base.optim.warmup_steps < branch < steps:
+            raise ValueError(
+                f"token count {d:g} is {steps} steps of {per_step} tokens: its cooldown would "
+                f"start at step {branch}, which must be after the warmup "
+                f"(optim.warmup_steps={base.optim.warmup_steps}) and before step {steps}; use "
+                "more tokens or another decay_fraction"
+            )
+        points.append((d, steps, branch))
+    trunk_steps = max(b for _, _, b in points)
+    runs = []
+    for name, model in models.items():
+        trunk = apply_overrides(
+            _with_steps(base, model, trunk_steps),
+            [
+                "optim.schedule=constant",
+                f"checkpoint.keep_steps={','.join(str(b) for _, _, b in points)}",
+            ],
+        )
+        runs.append(SweepRun(f"{name}_stable", trunk, results=False))
+        for d, steps, branch in points:
+            config = apply_overrides(
+                _with_steps(base, model, steps),
+                [
+                    "optim.schedule=wsd",
+                    f"optim.wsd_decay={decay}",
+                    f"optim.decay_fraction={(steps - branch) / steps!r}",
+                    f"train.branch_from_step={branch}",  # of the trunk; run_sweep says where
+                ],
+            )
+            runs.append(SweepRun(f"{name}_D{d:.3g}", config, branch_of=f"{name}_stable"))
     return runs
 
 
@@ -193,6 +265,16 @@ def check_runs(runs: Iterable[SweepRun]) -> list[SweepRun]:
             )
         if run.name in seen:
             raise ValueError(f"run name {run.name!r} appears twice in the sweep")
+        if run.branch_of is not None and run.branch_of not in seen:
+            raise ValueError(
+                f"run {run.name!r} branches from {run.branch_of!r}, which is not an earlier run "
+                "of the sweep"
+            )
+        if run.branch_of is not None and run.config.train.branch_from_step is None:
+            raise ValueError(
+                f"run {run.name!r} branches from {run.branch_of!r}: set its "
+                "train.branch_from_step (the checkpoint it continues)"
+            )
         budget = run.budget
         if budget is not None and (
             isinstance(budget, bool)
@@ -222,10 +304,13 @@ def _final_eval(workdir: storage.AnyPath, steps: int) -> dict[str, float] | None
 
 def _row(run: SweepRun, record: Mapping[str, Any]) -> dict[str, Any]:
     c = run.config
+    size = run_size(c)
+    start = c.train.branch_from_step if run.branch_of is not None else 0
     return {
         "name": run.name,
         "budget": run.budget,
-        **run_size(c),
+        **size,
+        "flops_trained": size["flops"] * (c.train.steps - start) / c.train.steps,
         "eval_loss": record["eval_loss"],
         "eval_bits_per_byte": record.get("eval_bits_per_byte"),
         "steps": c.train.steps,
@@ -295,13 +380,15 @@ def run_sweep(
     Finished runs are skipped, unfinished ones resume from their newest checkpoint, so rerunning
     a sweep after a crash or kill continues it. `overrides` (`key=value`) apply to every run.
     """
-    runs = [
-        dataclasses.replace(r, config=apply_overrides(r.config, overrides))
-        for r in check_runs(runs)
-    ]
+    workdir = storage.as_path(workdir)
+
+    def configured(run: SweepRun) -> SweepRun:
+        extra = [] if run.branch_of is None else [f"train.branch_from={workdir / run.branch_of}"]
+        return dataclasses.replace(run, config=apply_overrides(run.config, [*overrides, *extra]))
+
+    runs = [configured(r) for r in check_runs(runs)]
     if train_fn is None:
         from jaxlm.loop import train as train_fn
-    workdir = storage.as_path(workdir)
     rows: list[dict[str, Any]] = []
     for i, run in enumerate(runs):
         run_dir = workdir / run.name
@@ -319,6 +406,7 @@ def run_sweep(
                 break
         else:
             log(f"sweep {i + 1}/{len(runs)}: {run.name} done (eval loss {record['eval_loss']:.4f})")
-        rows.append(_row(run, record))
-        write_results(workdir, rows)
+        if run.results:
+            rows.append(_row(run, record))
+            write_results(workdir, rows)
     return rows
