@@ -319,7 +319,16 @@ def test_lr_grid_runs_through_the_sweep_and_the_best_rates_are_read_back(tmp_pat
         lr_grid(base, [16], [-0.1])
 
 
-def test_the_shipped_mup_transfer_sweep():
+def test_the_shipped_mup_transfer_and_cooldown_sweeps():
+    cooldown = load_sweep(ROOT / "experiments" / "sweeps" / "cpu_cooldown.py")
+    trunks = [r for r in cooldown if not r.results]
+    assert len(cooldown) == 25 and len(trunks) == 5
+    for trunk in trunks:  # its checkpoints are the branch points of its model's branches
+        branches = [r for r in cooldown if r.branch_of == trunk.name]
+        assert len(branches) == 4 and {r.config.model for r in branches} == {trunk.config.model}
+        assert trunk.config.checkpoint.kept_steps == tuple(
+            r.config.train.branch_from_step for r in branches
+        )
     runs = load_sweep(ROOT / "experiments" / "sweeps" / "cpu_mup_transfer.py")
     assert len(runs) == 56
     assert {r.config.model.mup_base_width for r in runs} == {32}
