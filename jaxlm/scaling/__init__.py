@@ -1,6 +1,7 @@
 """Scaling-law studies: sweeps of training runs, Chinchilla-style fits with intervals, plots,
-muP learning-rate transfer grids and the coordinate check (`jaxlm.scaling.coord_check`)."""
+muP learning-rate transfer grids and the coordinate check, cooldown studies."""
 
+from jaxlm.scaling.coordinates import coord_check, coord_growth
 from jaxlm.scaling.fits import (
     CHINCHILLA_INIT_GRID,
     ChinchillaFit,
@@ -18,6 +19,7 @@ from jaxlm.scaling.fits import (
 )
 from jaxlm.scaling.plots import (
     plot_all,
+    plot_coord_check,
     plot_isoflops,
     plot_loss_vs_compute,
     plot_lr_transfer,
@@ -49,6 +51,8 @@ __all__ = [
     "compute_frontier",
     "compute_optimal",
     "cooldown_grid",
+    "coord_check",
+    "coord_growth",
     "fit_chinchilla",
     "fit_isoflop",
     "fit_power_law",
@@ -59,6 +63,7 @@ __all__ = [
     "load_sweep",
     "lr_grid",
     "plot_all",
+    "plot_coord_check",
     "plot_isoflops",
     "plot_loss_vs_compute",
     "plot_lr_transfer",

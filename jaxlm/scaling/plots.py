@@ -210,3 +210,33 @@ def plot_lr_transfer(rows: Sequence[Mapping[str, Any]], *, path: PathLike | None
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_coord_check(
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    key: str = "update",
+    step: int | None = None,
+    path: PathLike | None = None,
+) -> Figure:
+    """The coordinate check: `key` ("update" or "size") of each layer against width at `step`
+    (default: the last), one panel per entry of `rows` (e.g. {"sp": coord_check(...), "mup":
+    coord_check(...)}), both axes logarithmic: flat lines under muP, rising ones under SP."""
+    if not rows:
+        raise ValueError("plot_coord_check needs {name: coord_check rows}")
+    fig, axes = _figure(len(rows))
+    for ax, (name, table) in zip(axes, rows.items(), strict=True):
+        last = max(r["step"] for r in table) if step is None else step
+        at = [r for r in table if r["step"] == last]
+        layers = list(dict.fromkeys(r["layer"] for r in at))
+        for layer in layers:
+            points = sorted((r["width"], r[key]) for r in at if r["layer"] == layer)
+            width, value = np.array(points, dtype=float).T
+            ax.plot(width, value, "o-", label=layer)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width (d_model)")
+        ax.set_ylabel(f"mean |{'x_t - x_0' if key == 'update' else 'x_t'}| at step {last}")
+        ax.set_title({"sp": "standard parametrization", "mup": "muP"}.get(name, name))
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -18,7 +18,7 @@ from jaxlm.interop.hf import save_hf
 from jaxlm.model import mup
 from jaxlm.model.transformer import init_params
 from jaxlm.run import check_run, init_train_state, make_train_step
-from jaxlm.scaling.coord_check import _batch, coord_check, growth
+from jaxlm.scaling.coordinates import _batch, coord_check, coord_growth
 from jaxlm.sharding import make_mesh
 from jaxlm.step import train_step
 
@@ -160,7 +160,7 @@ def test_coordinate_check_flat_under_mup_growing_under_sp():
     result = {}
     for p in ("sp", "mup"):
         rows = coord_check(apply_overrides(base, [f"model.parametrization={p}"]), [32, 256])
-        result[p] = growth(rows, "update"), growth(rows, "size")
+        result[p] = coord_growth(rows, "update"), coord_growth(rows, "size")
     (sp_update, sp_size), (mup_update, mup_size) = result["sp"], result["mup"]
     # 8x the width: under SP, with Adam, every block's change and the logits grow with it ...
     for layer in ("block_0", "block_1", "logits"):

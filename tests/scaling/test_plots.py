@@ -11,6 +11,7 @@ from jaxlm.scaling import (
     fit_isoflop,
     fit_power_law,
     plot_all,
+    plot_coord_check,
     plot_isoflops,
     plot_loss_vs_compute,
     plot_lr_transfer,
@@ -180,3 +181,22 @@ def test_lr_transfer_draws_each_width_and_marks_its_best_rate(tmp_path):
     assert (sp_star32.get_xdata()[0], sp_star32.get_ydata()[0]) == (1e-3, 2.4)
     with pytest.raises(ValueError, match="parametrization column"):
         plot_lr_transfer([])
+
+
+def test_coord_check_plots_each_layer_against_width(tmp_path):
+    rows = [
+        {"width": w, "step": s, "layer": layer, "size": 1.0 + s, "update": s * w / 16 * k}
+        for w in (16, 32, 64)
+        for s in (0, 2)
+        for layer, k in (("embed", 1.0), ("logits", 3.0))
+    ]
+    fig = plot_coord_check({"sp": rows, "mup": rows[:6]}, path=tmp_path / "cc.png")
+    _assert_png(tmp_path / "cc.png")
+    sp_ax, mup_ax = fig.axes[:2]
+    assert sp_ax.get_title() == "standard parametrization" and sp_ax.get_xscale() == "log"
+    embed, logits = sp_ax.lines
+    np.testing.assert_array_equal(logits.get_xdata(), [16, 32, 64])
+    np.testing.assert_array_equal(logits.get_ydata(), [6.0, 12.0, 24.0])  # step 2, the last
+    assert embed.get_label() == "embed" and len(mup_ax.lines) == 2
+    with pytest.raises(ValueError, match="coord_check rows"):
+        plot_coord_check({})

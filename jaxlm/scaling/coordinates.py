@@ -102,7 +102,9 @@ def coord_check(
     return rows
 
 
-def growth(rows: Sequence[dict[str, Any]], key: str = "update", step: int | None = None) -> dict:
+def coord_growth(
+    rows: Sequence[dict[str, Any]], key: str = "update", step: int | None = None
+) -> dict:
     """layer -> (value at the widest width) / (value at the narrowest), at `step` (default: the
     last): about 1 when coordinates stay flat, about the width ratio (or more) when they grow."""
     step = max(r["step"] for r in rows) if step is None else step
