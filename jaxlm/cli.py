@@ -175,6 +175,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["mup"] = {
             "base_width": model.mup_base_width or model.d_model,
             "width_ratio": mup.width_ratio(model),
+            "base_head_dim": mup.base_head_dim(model),
             "attention_scale": mup.attention_scale(model),
             "output_multiplier": mup.output_multiplier(model),
             "lr_multipliers": mup.lr_multipliers(model),

@@ -101,7 +101,7 @@ def _attention_scale(cfg):
     h = cfg.head_dim
     if cfg.parametrization != "mup":
         return 1 / math.sqrt(h)
-    return math.sqrt(h / _width_ratio(cfg)) / h
+    return math.sqrt(cfg.mup_base_head_dim or h / _width_ratio(cfg)) / h
 
 
 def _attention(x_TD, p, pos_T, seg_T, cfg, prefix_T=None):

@@ -45,6 +45,7 @@ def test_every_colab_is_committed_without_outputs():
     assert names == [
         "align.ipynb",
         "finetune.ipynb",
+        "mup_and_cooldowns.ipynb",
         "quickstart.ipynb",
         "sampling.ipynb",
         "scaling_laws.ipynb",
@@ -91,6 +92,35 @@ def test_scaling_laws_runs_a_small_study(tmp_path, stdlib_cache, name):
     # The figures render as images (a bare Figure shows only its repr without the inline backend).
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "scaling plots did not render"
+
+
+def test_mup_and_cooldowns_runs_a_small_study(tmp_path, stdlib_cache):
+    params = "\n".join(
+        [
+            'WORKDIR = "study"',
+            "COORD_WIDTHS = [32, 128]",
+            "COORD_STEPS = 3",
+            "LR_WIDTHS = [32, 64]",
+            "LEARNING_RATES = [0.003, 0.03]",
+            "LR_STEPS = 12",
+            "COOLDOWN_WIDTHS = [8, 16, 24]",
+            "TOKENS = [20_000, 40_000]",
+            "BOOTSTRAP = 5",
+        ]
+    )
+    nb = _run("mup_and_cooldowns.ipynb", params, tmp_path)
+    text = _text(nb)
+    assert "change at the widest / at the narrowest width" in text
+    lr_rows = json.loads((tmp_path / "study/lr_transfer/results.json").read_text())
+    assert len(lr_rows) == 8 and {r["parametrization"] for r in lr_rows} == {"sp", "mup"}
+    cooldown = json.loads((tmp_path / "study/cooldowns/results.json").read_text())
+    full = json.loads((tmp_path / "study/one_run_per_point/results.json").read_text())
+    names = sorted(r["name"] for r in cooldown)
+    assert len(names) == 6 and names == sorted(r["name"] for r in full)  # the same points
+    assert (tmp_path / "study/cooldowns/d8_stable").is_dir()
+    assert "the cooldown grid trained" in text and "alpha = " in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 4, "coordinate check, transfer and loss plots did not render"
 
 
 def test_finetune_imports_trains_exports_and_transformers_agree(tmp_path, stdlib_cache):

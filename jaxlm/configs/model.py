@@ -231,6 +231,10 @@ class ModelConfig:
     # so that hyperparameters tuned at the base width carry over to wider models.
     parametrization: Parametrization = "sp"
     mup_base_width: int | None = None
+    # The base model's head_dim, which sets muP's attention scale sqrt(base)/head_dim. None =
+    # head_dim * mup_base_width / d_model (head_dim grows with width, heads fixed); set it to
+    # head_dim for models that widen by adding heads of a fixed size.
+    mup_base_head_dim: int | None = None
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     scan_layers: bool = True
@@ -344,7 +348,7 @@ class ModelConfig:
                     "first_dense=0 and num_layers divisible by every (or scan_layers=False)"
                 )
 
-        if self.mup_base_width is not None:
+        if self.mup_base_width is not None or self.mup_base_head_dim is not None:
             self._check_mup()
         if self.lora.rank:
             self._check_lora()
@@ -423,12 +427,15 @@ class ModelConfig:
                 )
 
     def _check_mup(self) -> None:
-        base = self.mup_base_width
-        if not isinstance(base, int) or isinstance(base, bool) or not 1 <= base <= self.d_model:
-            raise ValueError(
-                f"ModelConfig.mup_base_width={base!r} must be an integer in [1, d_model="
-                f"{self.d_model}] (the width hyperparameters were tuned at; None = d_model)"
-            )
+        for name, top in (("mup_base_width", "d_model"), ("mup_base_head_dim", "head_dim")):
+            base, limit = getattr(self, name), getattr(self, top)
+            if base is None:
+                continue
+            if not isinstance(base, int) or isinstance(base, bool) or not 1 <= base <= limit:
+                raise ValueError(
+                    f"ModelConfig.{name}={base!r} must be an integer in [1, {top}={limit}] "
+                    f"(the base model's, where hyperparameters were tuned; None = derived)"
+                )
 
     def _check_lora(self) -> None:
         d, f = self.d_model, self.mlp_dim

@@ -5,11 +5,12 @@ the output-logit multiplier, all relative to a base model (`ModelConfig.mup_base
 The base model is this one with every width divided by m = d_model / mup_base_width: the
 logical axes `embed` (d_model), `mlp`, `expert_mlp` and `head_dim` have width ratio m, all others
 (vocabulary, heads, kv heads, experts, layers) ratio 1. So widen a muP model by `d_model` (and
-`mlp_dim` / `head_dim` in proportion, as they are derived); a model widened by adding heads at a
-fixed head_dim gets a smaller attention scale than its base had. A weight's fan-in ratio r_in is
-the product of its input dims' ratios, r_out of its output dims' (the last dim; heads and head_dim
-for the query, key and value projections). Then, against standard parametrization (SP) with the
-same hyperparameters:
+`mlp_dim` / `head_dim` in proportion, as they are derived). A model widened by adding heads of
+a fixed size sets `mup_base_head_dim` to its head_dim, which keeps SP's attention scale (the
+multipliers below are the same either way: heads x head_dim grows by m). A weight's fan-in
+ratio r_in is the product of its input dims' ratios, r_out of its output dims' (the last dim;
+heads and head_dim for the query, key and value projections). Then, against standard
+parametrization (SP) with the same hyperparameters:
 
 | weight | r_in, r_out | init std | learning rate |
 |---|---|---|---|
@@ -54,8 +55,8 @@ def width_ratio(config: ModelConfig) -> float:
 
 
 def base_head_dim(config: ModelConfig) -> float:
-    """h0 = head_dim / m: the base model's head_dim."""
-    return config.head_dim / width_ratio(config)
+    """h0: the base model's head_dim, `mup_base_head_dim` or head_dim / m."""
+    return config.mup_base_head_dim or config.head_dim / width_ratio(config)
 
 
 def _dims(names: Sequence[str | None]) -> tuple[list[int], list[int]]:

@@ -189,6 +189,10 @@ def test_bad_input_is_refused_with_the_value():
         ValueError, match=r"mup_base_width=128 must be an integer in \[1, d_model=64\]"
     ):
         ModelConfig(d_model=64, parametrization="mup", mup_base_width=128)
+    with pytest.raises(
+        ValueError, match=r"mup_base_head_dim=32 must be an integer in \[1, head_dim=16\]"
+    ):
+        ModelConfig(d_model=64, parametrization="mup", mup_base_head_dim=32)
     cfg = load_config("tiny", ["model.parametrization=mup", "optim.name=adafactor"])
     with pytest.raises(ValueError, match=r"not optim\.name='adafactor'"):
         check_run(cfg, ByteTokenizer(), data=False)

@@ -66,6 +66,10 @@ VARIANTS = {
     # muP at 4x its base width (attention 1/h-scaled, logits x 1/4), tied and untied.
     "mup_gpt2": dataclasses.replace(GPT2, parametrization="mup", mup_base_width=16),
     "mup_llama_untied": dataclasses.replace(LLAMA, parametrization="mup", mup_base_width=16),
+    # ... widened by adding heads of a fixed size: SP's attention scale, logits x 1/4.
+    "mup_more_heads": dataclasses.replace(
+        GPT2, parametrization="mup", mup_base_width=16, mup_base_head_dim=GPT2.head_dim
+    ),
     # A pre-LN encoder with an untied masked-LM head and RMSNorm.
     "pre_ln_mlm_untied": dataclasses.replace(
         LLAMA, causal=False, head="mlm", activation="relu", tie_embeddings=False, embed_norm=True
