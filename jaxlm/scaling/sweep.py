@@ -270,11 +270,25 @@ def check_runs(runs: Iterable[SweepRun]) -> list[SweepRun]:
                 f"run {run.name!r} branches from {run.branch_of!r}, which is not an earlier run "
                 "of the sweep"
             )
-        if run.branch_of is not None and run.config.train.branch_from_step is None:
-            raise ValueError(
-                f"run {run.name!r} branches from {run.branch_of!r}: set its "
-                "train.branch_from_step (the checkpoint it continues)"
-            )
+        if run.branch_of is not None:
+            step = run.config.train.branch_from_step
+            trunk = next(r.config for r in runs if r.name == run.branch_of)
+            if step is None:
+                raise ValueError(
+                    f"run {run.name!r} branches from {run.branch_of!r}: set its "
+                    "train.branch_from_step (the checkpoint it continues)"
+                )
+            if step > trunk.train.steps:
+                raise ValueError(
+                    f"run {run.name!r} branches at step {step}, beyond its trunk "
+                    f"{run.branch_of!r} (train.steps={trunk.train.steps})"
+                )
+            if step not in (*trunk.checkpoint.kept_steps, trunk.train.steps):
+                raise ValueError(
+                    f"run {run.name!r} branches at step {step}, which its trunk "
+                    f"{run.branch_of!r} does not keep: add it to the trunk's "
+                    f"checkpoint.keep_steps={trunk.checkpoint.keep_steps!r}"
+                )
         budget = run.budget
         if budget is not None and (
             isinstance(budget, bool)

@@ -15,6 +15,7 @@ import pytest
 from jaxlm import checkpoint, loop
 from jaxlm.configs.overrides import apply_overrides, load_config
 from jaxlm.scaling import cooldown_grid, load_results, run_sweep
+from jaxlm.scaling.sweep import check_runs
 
 PER_STEP = 32 * 8  # tokens per step
 
@@ -154,6 +155,19 @@ def test_bad_cooldown_grids_and_settings_are_refused():
         ValueError, match="its cooldown would start at step 2, which must be after the warmup"
     ):
         cooldown_grid(base, {"m": base.model}, [3 * PER_STEP], decay_fraction=0.25)
+    trunk, branch = cooldown_grid(base, {"m": base.model}, [12 * PER_STEP], decay_fraction=0.25)
+    wrong = {
+        13: "branches at step 13, beyond its trunk 'm_stable'",
+        8: "branches at step 8, which its trunk 'm_stable' does not keep",
+    }
+    for step, message in wrong.items():
+        moved = dataclasses.replace(
+            branch, config=apply_overrides(branch.config, [f"train.branch_from_step={step}"])
+        )
+        with pytest.raises(ValueError, match=message):
+            check_runs([trunk, moved])
+    with pytest.raises(ValueError, match="which is not an earlier run of the sweep"):
+        check_runs([branch, trunk])
     with pytest.raises(ValueError, match="'x' is not a step >= 1"):
         apply_overrides(base, ["checkpoint.keep_steps=5,x"])
     with pytest.raises(ValueError, match="wsd_decay='cosine' is not valid"):
