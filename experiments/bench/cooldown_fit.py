@@ -1,7 +1,7 @@
-"""Scaling curves from cooldowns against one run per point: run both grids of
-experiments/sweeps/cpu_cooldown.py (resumably, in WORKDIR/cooldown and WORKDIR/full), fit
-Chinchilla approach 3 to each with bootstrap intervals, and print the fits and the compute each
-grid trained as JSON.
+"""Scaling curves from cooldowns against one run per point: run the grids of
+experiments/sweeps/cpu_cooldown.py (resumably, in WORKDIR/cooldown, WORKDIR/full (WSD) and
+WORKDIR/full_cosine), fit Chinchilla approach 3 to each with bootstrap intervals, and print the
+fits and the compute each grid trained as JSON.
 
     PYTHONPATH=. python experiments/bench/cooldown_fit.py [--workdir runs/bench_cooldown]
 """
@@ -26,7 +26,12 @@ def main() -> None:
     args = parser.parse_args()
     grids = load_python_file(SWEEP)
     out = {}
-    for name, runs in (("cooldown", grids.get_sweep()), ("full", grids.get_full_grid())):
+    grid = {
+        "cooldown": grids.get_sweep(),
+        "full": grids.get_full_grid(),  # the same WSD schedules, one run per point
+        "full_cosine": grids.get_full_grid("cosine"),  # the usual one-run-per-point practice
+    }
+    for name, runs in grid.items():
         start = time.time()
         rows = run_sweep(runs, Path(args.workdir) / name, log=lambda _: None)
         fit = fit_runs(rows, bootstrap=args.bootstrap).chinchilla
@@ -43,12 +48,14 @@ def main() -> None:
             "ci": {k: list(v) for k, v in fit.ci.items()},
             "losses": {r["name"]: r["eval_loss"] for r in rows},
         }
-    c, f = out["cooldown"], out["full"]
-    out["compute_ratio"] = c["flops_trained"] / f["flops_trained"]
-    out["exponents_within_each_others_intervals"] = {
-        k: f["ci"][k][0] <= c[k] <= f["ci"][k][1] and c["ci"][k][0] <= f[k] <= c["ci"][k][1]
-        for k in ("alpha", "beta")
-    }
+    c = out["cooldown"]
+    for name in ("full", "full_cosine"):
+        f = out[name]
+        out[f"compute_ratio_vs_{name}"] = c["flops_trained"] / f["flops_trained"]
+        out[f"exponents_within_each_others_intervals_vs_{name}"] = {
+            k: f["ci"][k][0] <= c[k] <= f["ci"][k][1] and c["ci"][k][0] <= f[k] <= c["ci"][k][1]
+            for k in ("alpha", "beta")
+        }
     print(json.dumps(out))
 
 

@@ -1,6 +1,6 @@
 """A CPU cooldown study: 5 tiny models x 4 token counts from one constant-learning-rate trunk per
 model and a 20% warmup-stable-decay cooldown per point (`get_sweep`, 25 runs), and the same 20
-points trained one full run each (`get_full_grid`) to compare with.
+points trained one full run each (`get_full_grid`: WSD, or cosine) to compare with.
 
 jaxlm sweep experiments/sweeps/cpu_cooldown.py         # the cooldown grid
 jaxlm scaling fit runs/sweeps/cpu_cooldown --bootstrap 100
@@ -45,7 +45,8 @@ def get_sweep() -> list[SweepRun]:
     return cooldown_grid(base, models, TOKENS, decay_fraction=DECAY_FRACTION)
 
 
-def get_full_grid() -> list[SweepRun]:
-    """The same points, each its own run of the same warmup-stable-decay schedule."""
+def get_full_grid(schedule: str = "wsd") -> list[SweepRun]:
+    """The same points, each its own run of the same warmup-stable-decay schedule (or another
+    `optim.schedule`, e.g. "cosine", the usual one-run-per-point practice)."""
     base, models = _base_and_models()
-    return token_grid(base, models, TOKENS)
+    return token_grid(apply_overrides(base, [f"optim.schedule={schedule}"]), models, TOKENS)
