@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import cli
+from jaxlm import cli, loop
 from jaxlm.configs import get_preset
 from jaxlm.configs.model import ModelConfig
 from jaxlm.configs.overrides import apply_overrides, from_dict, load_config, to_dict
@@ -16,8 +16,8 @@ from jaxlm.configs.run import RunConfig
 from jaxlm.data import ByteTokenizer
 from jaxlm.interop.hf import save_hf
 from jaxlm.model import mup
-from jaxlm.model.transformer import init_params
-from jaxlm.run import check_run, init_train_state, make_train_step
+from jaxlm.model.transformer import Transformer, init_params
+from jaxlm.run import check_run, init_train_state, load_for_eval, make_train_step
 from jaxlm.scaling.coordinates import _batch, coord_check, coord_growth
 from jaxlm.sharding import make_mesh
 from jaxlm.step import train_step
@@ -206,3 +206,29 @@ def test_hf_export_refuses_a_widened_mup_model(tmp_path):
     assert not (tmp_path / "out").exists()
     base = dataclasses.replace(model, mup_base_width=64)  # at its base width: plain SP
     assert (save_hf(tmp_path / "ok", base, params) / "config.json").exists()
+
+
+def test_a_mup_run_resumes_bitwise_and_evaluates_with_its_scales(tmp_path):
+    cfg = _moe("mup", 128)
+    cfg = apply_overrides(
+        cfg,
+        [
+            "train.steps=6",
+            "train.eval_batches=1",
+            "train.sample_tokens=0",
+            "checkpoint.every=3",
+        ],
+    )
+    whole = loop.train(cfg, tmp_path / "whole")["state"]
+    loop.train(apply_overrides(cfg, ["train.steps=3"]), tmp_path / "cut")
+    resumed = loop.train(cfg, tmp_path / "cut")["state"]
+    a, b = _leaves(whole.params), _leaves(resumed.params)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # What is restored for evaluation is the muP model: its config, and the logits it gives.
+    run, _, params, _ = load_for_eval(tmp_path / "cut")
+    assert (run.model.parametrization, run.model.mup_base_width) == ("mup", 32)
+    tokens = _batch(cfg, 0)["tokens"]
+    want = Transformer(cfg.model).apply({"params": whole.params}, tokens)[0]
+    got = Transformer(run.model).apply({"params": params}, tokens)[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
