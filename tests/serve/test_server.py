@@ -216,7 +216,10 @@ def test_malformed_bodies_never_hurt_the_server(server, client):
     assert r.usage.completion_tokens >= 1
 
 
-def test_a_client_that_disconnects_frees_its_row(server):
+def test_a_client_that_disconnects_frees_its_row(server, monkeypatch):
+    # Handlers look for a gone client every POLL_S (50 ms); this tiny model decodes its 120
+    # tokens in about that long on a fast machine, so look far more often here.
+    monkeypatch.setattr("jaxlm.serve.http.POLL_S", 0.002)
     for stream in (True, False):
         request = {"model": "tiny", "prompt": "z", "max_tokens": 120, "temperature": 0}
         body = json.dumps({**request, "stream": stream}).encode()
