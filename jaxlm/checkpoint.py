@@ -3,7 +3,8 @@
 A checkpoint directory `<workdir>/checkpoints/<step>/` holds five items, each readable alone:
 
 - `params`: the model parameters (what sampling, evaluation and fine-tuning need);
-- `train`: the rest of the `TrainState` (step, optimizer state, RNG, non-finite counters);
+- `train`: the rest of the `TrainState` (step, optimizer state, RNG, non-finite counters, the
+  loss scaler when the run has one);
 - `data`: the Grain iterator state (JSON), so resumed runs see the same batches in the same order;
 - `config`: the full `RunConfig` (JSON);
 - `tokenizer`: the tokenizer's files (JSON, base64), so a checkpoint copied alone still decodes.
@@ -41,8 +42,9 @@ _PROBE = ".jaxlm-write-probe"
 
 
 def _split(state: Any) -> tuple[Any, dict[str, Any]]:
-    """(params, everything else) of a `TrainState`, saved as two items."""
-    rest = {k: v for k, v in vars(state).items() if k != "params"}
+    """(params, everything else) of a `TrainState`, saved as two items (fields that are None,
+    such as the loss scaler of a run without one, are left out)."""
+    rest = {k: v for k, v in vars(state).items() if k != "params" and v is not None}
     return state.params, rest
 
 
@@ -331,6 +333,7 @@ _RESUME_FIXED = (
     "data.add_eos",
     "data.text_key",
     "seed",
+    "train.loss_scale",  # whether the train state holds a loss scaler
 )
 
 

@@ -166,6 +166,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     impl, why = fused_attention.describe(model, seq_len, on=on)
     info["attention_impl"], info["attention_impl_reason"] = impl, why
     info["weights"] = model.quant.describe() if model.quant.bits else model.param_dtype
+    from jaxlm import precision
+
+    info["precision"] = precision.describe(config)
     if args.topology:
         info.update(_per_device_bytes(config, args.topology))
     from jaxlm.model import mup
@@ -195,6 +198,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     dtype = model.quant.describe() if model.quant.bits else model.param_dtype
     print(f"params:                     {state['params'] / gib:.3f} GiB ({dtype})")
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")
+    print(f"precision:                  {info['precision']}")
     where = f" on {args.topology}" if args.topology else ""
     print(f"attention{where}:{' ' * max(1, 18 - len(where))}{impl} ({why})")
     for line in mup.describe(model):

@@ -353,7 +353,14 @@ def train(
         elif progress.live:
             values.update(meter.rates(step))  # the display between logged steps only
         history.append({"step": step, **values})
-        if values["skipped"]:
+        if values.get("overflow"):
+            log_line = True
+            _log(
+                f"step {step}: gradients overflowed at loss scale {2 * values['loss_scale']:g}; "
+                f"update skipped, loss scale now {values['loss_scale']:g} "
+                f"({int(values['overflows'])} overflows in all)"
+            )
+        elif values["skipped"]:
             log_line = True
             _log(
                 f"step {step}: non-finite loss/gradients (loss {values['loss']}, grad norm "

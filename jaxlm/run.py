@@ -32,6 +32,7 @@ from jaxlm.model import fused_attention, mup
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
 from jaxlm.optim import make_optimizer
+from jaxlm.precision import init_loss_scale
 from jaxlm.sharding import BATCH_AXES
 from jaxlm.step import TrainState, eval_step, step_zero, train_step
 from jaxlm.tasks import Task, get_task, merge, param_names, partition
@@ -123,7 +124,7 @@ class RunPlan:
         tokens = jnp.zeros((1, 1), jnp.int32)
         params_rng, state_rng = jax.random.split(jax.random.wrap_key_data(rng))
         params = Transformer(self.config.model).init(params_rng, tokens)["params"]
-        return step_zero(params, self.optimizer, self.task, state_rng)
+        return step_zero(params, self.optimizer, self.task, state_rng, init_loss_scale(self.config))
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """A global batch as `ShapeDtypeStruct`s with the batch sharding (for AOT compiles)."""
@@ -166,7 +167,9 @@ class RunPlan:
         _, state_rng = jax.random.split(jax.random.key(self.config.seed))
         with sharding.use_mesh(self.mesh, self.rules):
             build = jax.jit(
-                lambda p: step_zero(p, self.optimizer, self.task, state_rng),
+                lambda p: step_zero(
+                    p, self.optimizer, self.task, state_rng, init_loss_scale(self.config)
+                ),
                 out_shardings=self.state_shardings,
                 donate_argnums=0,
             )

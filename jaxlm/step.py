@@ -1,5 +1,6 @@
 """`TrainState` and the pure steps: `train_step` (gradient accumulation, frozen parameters,
-non-finite steps skipped) and `eval_step`. `jaxlm.run` jits them with their shardings."""
+dynamic loss scaling, non-finite steps skipped) and `eval_step`. `jaxlm.run` jits them with their
+shardings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlm import losses
+from jaxlm import losses, precision
 from jaxlm.configs.run import RunConfig
 from jaxlm.model import mup
 from jaxlm.optim import make_optimizer, schedule
@@ -30,13 +31,19 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
     nonfinite_streak: jax.Array  # consecutive skipped (non-finite) steps up to now
     nonfinite_total: jax.Array  # skipped steps over the whole run
+    # The dynamic loss scaler's state (`jaxlm.precision`), or None when the run does not scale.
+    loss_scale: Any = None
 
 
 def step_zero(
-    params: Any, tx: optax.GradientTransformation, task: Task, state_rng: jax.Array
+    params: Any,
+    tx: optax.GradientTransformation,
+    task: Task,
+    state_rng: jax.Array,
+    loss_scale: precision.LossScaleState | None = None,
 ) -> TrainState:
     """The step-0 state around `params` (boxed params give the optimizer state their logical
-    axis names)."""
+    axis names); `loss_scale`: `precision.init_loss_scale(config)`."""
     zero = jnp.zeros((), jnp.int32)
     trainable, _ = partition(params, task.trainable)
     return TrainState(
@@ -46,6 +53,7 @@ def step_zero(
         rng=jax.random.key_data(state_rng),
         nonfinite_streak=zero,
         nonfinite_total=zero,
+        loss_scale=loss_scale,
     )
 
 
@@ -96,6 +104,11 @@ def train_step(
     With several updates per step, each is skipped on its own and the step counts as skipped
     when any was; the step's loss terms are the mean over its updates.
 
+    With dynamic loss scaling (`state.loss_scale` set; `jaxlm.precision`) the backward pass runs
+    on the scaled objective and the gradients are unscaled before the norm, clipping and the
+    update. Non-finite gradients of a finite loss are an overflow: skipped as above, but the
+    scale halves and the streak neither grows nor resets (at scale 1 it is a non-finite step).
+
     `extra`: frozen parameters besides the run's (`Task.frozen_inputs`, e.g. a teacher), merged
     into what the loss sees and left out of the new state.
     """
@@ -109,24 +122,46 @@ def train_step(
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def one(carry: Any, u: jax.Array) -> tuple[Any, Any]:
-        trainable, opt_state = carry
+        trainable, opt_state, scaler = carry
         key = rng if updates == 1 else jax.random.fold_in(rng, u)  # one: the streams as before
-        out = _update(trainable, opt_state, frozen_in, batch, key, config, task, tx)
-        return (out[0], out[1]), out[2:]
+        scale = None if scaler is None else scaler["scale"]
+        trainable, opt_state, terms, grad_norm, param_norm, finite, loss_finite = _update(
+            trainable, opt_state, frozen_in, batch, key, config, task, tx, scale
+        )
+        # Non-finite gradients of a finite loss under loss scaling: an overflow, which a lower
+        # scale cures (unless it is 1 already, when it counts as a non-finite step).
+        overflow = jnp.zeros((), bool)
+        if scaler is not None:
+            overflow = ~finite & loss_finite
+            scaler = precision.next_loss_scale(scaler, overflow, config.train.loss_scale_period)
+            overflow = overflow & (scale > 1)
+        return (trainable, opt_state, scaler), (terms, grad_norm, param_norm, finite, overflow)
 
+    carry = (trainable, state.opt_state, state.loss_scale)
     if updates == 1:
-        (trainable, opt_state), (terms, grad_norm, param_norm, finite) = one(
-            (trainable, state.opt_state), jnp.zeros((), jnp.int32)
+        carry, (terms, grad_norm, param_norm, finite, overflow) = one(
+            carry, jnp.zeros((), jnp.int32)
         )
     else:
-        (trainable, opt_state), (terms, grad_norm, param_norm, finite) = jax.lax.scan(
-            one, (trainable, state.opt_state), jnp.arange(updates)
+        carry, (terms, grad_norm, param_norm, finite, overflow) = jax.lax.scan(
+            one, carry, jnp.arange(updates)
         )
         terms = jax.tree.map(lambda x: jnp.mean(x, axis=0), terms)
-        grad_norm, param_norm, finite = grad_norm[-1], param_norm[-1], jnp.all(finite)
+        grad_norm, param_norm = grad_norm[-1], param_norm[-1]
+        finite, overflow = jnp.all(finite), jnp.any(overflow) & ~jnp.any(~finite & ~overflow)
+    trainable, opt_state, scaler = carry
     total = task.normalizer(batch)
-    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-    nonfinite_total = state.nonfinite_total + (~finite).astype(jnp.int32)
+    # A skipped step that a lower loss scale cures leaves the streak as it is.
+    bad = ~finite & ~overflow
+    streak = jnp.where(finite, 0, state.nonfinite_streak + bad.astype(jnp.int32))
+    nonfinite_total = state.nonfinite_total + bad.astype(jnp.int32)
+    scaler_metrics = {}
+    if scaler is not None:
+        scaler_metrics = {
+            "loss_scale": scaler["scale"],
+            "overflow": overflow.astype(jnp.float32),
+            "overflows": scaler["overflows"].astype(jnp.float32),
+        }
     metrics = {
         **task.metrics(terms, batch, total),
         "aux_loss": terms["aux"],
@@ -136,6 +171,7 @@ def train_step(
         "nonfinite_streak": streak.astype(jnp.float32),
         "nonfinite_total": nonfinite_total.astype(jnp.float32),
         "lr": schedule(config.optim, config.train.steps)(state.step),
+        **scaler_metrics,
         **{n: terms[n] for n in losses.MOE_METRICS if n in terms},
         **{
             f"moe_expert_load_{i}": terms["moe_expert_load"][i]
@@ -148,6 +184,7 @@ def train_step(
         opt_state=opt_state,
         nonfinite_streak=streak,
         nonfinite_total=nonfinite_total,
+        loss_scale=scaler,
     )
     return new_state, metrics
 
@@ -161,9 +198,11 @@ def _update(
     config: RunConfig,
     task: Task,
     tx: optax.GradientTransformation,
-) -> tuple[Any, Any, dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+    scale: jax.Array | None = None,
+) -> tuple[Any, Any, dict[str, jax.Array], jax.Array, jax.Array, jax.Array, jax.Array]:
     """One update of the trained parameters on `batch`: (trainable, opt_state, summed terms,
-    grad norm, param norm, finite); a non-finite update leaves both as they were."""
+    grad norm, param norm, finite, loss finite); a non-finite update leaves both as they were.
+    `scale`: the loss scale the backward pass runs at (None: 1, and no unscaling pass)."""
     k = config.train.microbatches
     total = task.normalizer(batch)
 
@@ -171,7 +210,8 @@ def _update(
         params: Any, mb: dict[str, jax.Array], i: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         terms = task.loss_terms(merge(params, frozen), mb, jax.random.fold_in(rng, i))
-        return terms["loss"] / total + terms["aux"] / k, terms
+        objective = terms["loss"] / total + terms["aux"] / k
+        return (objective if scale is None else objective * scale), terms
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
@@ -197,8 +237,11 @@ def _update(
     # eps), so the decision needs no pass over the updated parameters and the select below fuses
     # into the optimizer's own elementwise pass. The norm is optax's own expression for float32
     # gradients, so XLA computes it once for clipping and this metric.
+    if scale is not None:
+        grads = precision.unscale(grads, scale)
     grad_norm = _grad_norm(grads)
-    finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(terms["aux"]) & jnp.isfinite(grad_norm)
+    loss_finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(terms["aux"])
+    finite = loss_finite & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     new_trainable, new_opt_state = jax.tree.map(
@@ -207,7 +250,7 @@ def _update(
         (trainable, opt_state),
     )
     param_norm = global_norm(new_trainable)
-    return new_trainable, new_opt_state, terms, grad_norm, param_norm, finite
+    return new_trainable, new_opt_state, terms, grad_norm, param_norm, finite, loss_finite
 
 
 def eval_step(

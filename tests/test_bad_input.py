@@ -337,6 +337,10 @@ def test_next_token_training_refuses_a_bidirectional_model(capsys, tmp_path, cor
         ("model.moe.num_shared_experts=2", "num_shared_experts=2 needs an MoE model"),
         ("model.parametrization=mu", "model.parametrization='mu': expected one of 'sp', 'mup'"),
         ("model.mup_base_width=100000", "ModelConfig.mup_base_width=100000 must be an integer in"),
+        ("train.loss_scale=static", "train.loss_scale='static': expected one of 'auto', 'dyn"),
+        ("train.loss_scale_init=0.5", "TrainConfig.loss_scale_init=0.5 must be in [1, 2**64]"),
+        ("train.loss_scale_init=inf", "train.loss_scale_init='inf': expected a finite"),
+        ("train.loss_scale_period=0", "TrainConfig.loss_scale_period=0 must be an integer >= 1"),
     ],
 )
 def test_values_out_of_range_are_refused(capsys, override, message):

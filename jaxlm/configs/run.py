@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Literal, get_args
 
 from jaxlm.configs.model import ModelConfig, check_positive_ints
+
+LossScale = Literal["auto", "dynamic", "none"]
+MAX_LOSS_SCALE = 2.0**64  # dynamic loss scales never grow past this (float32 holds 2^127)
 
 # Names of the rule sets in jaxlm.sharding.RULE_SETS (kept here so configs import nothing heavy).
 RULE_SET_NAMES = ("dp", "fsdp", "fsdp_tp", "fsdp_ep", "fsdp_tp_ep")
@@ -341,6 +346,15 @@ class TrainConfig:
     # A step whose loss or gradients are not finite is skipped (state unchanged
     # but for the step counter); this many in a row stop the run with an error.
     max_nonfinite_steps: int = 10
+    # Dynamic loss scaling (for float16 compute): the loss is multiplied by a scale before the
+    # backward pass and the gradients divided by it, so small float16 gradients do not flush to
+    # zero. A step whose gradients overflow is skipped and the scale halves (down to 1); after
+    # `loss_scale_period` finite steps in a row it doubles. "auto" = on when model.dtype or
+    # model.param_dtype is float16; "dynamic" = on; "none" = off. The scale is in the train
+    # state (checkpointed); skipped overflows do not count towards `max_nonfinite_steps`.
+    loss_scale: LossScale = "auto"
+    loss_scale_init: float = 2.0**15
+    loss_scale_period: int = 2000
     # Start a new run from the parameters of another run (or an imported model) in this workdir,
     # with a fresh optimizer and schedule; `init_from_step` picks its checkpoint (None = newest).
     # Once this run has a checkpoint of its own it resumes from that and ignores both.
@@ -356,8 +370,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(
-            self, "steps", "microbatches", "eval_every", "log_every", "max_nonfinite_steps"
+            self,
+            "steps",
+            "microbatches",
+            "eval_every",
+            "log_every",
+            "max_nonfinite_steps",
+            "loss_scale_period",
         )
+        if self.loss_scale not in get_args(LossScale):
+            raise ValueError(
+                f"TrainConfig.loss_scale={self.loss_scale!r} is not valid; choose one of "
+                f"{list(get_args(LossScale))}"
+            )
+        init = self.loss_scale_init
+        if not (math.isfinite(init) and 1 <= init <= MAX_LOSS_SCALE):
+            raise ValueError(
+                f"TrainConfig.loss_scale_init={self.loss_scale_init!r} must be in [1, 2**64] "
+                "(a power of two keeps the unscaled gradients exact)"
+            )
         if self.peak_flops_per_device is not None and not self.peak_flops_per_device > 0:
             raise ValueError(
                 f"TrainConfig.peak_flops_per_device={self.peak_flops_per_device!r} must be > 0 "
