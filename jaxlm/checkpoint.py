@@ -347,6 +347,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# ...but for these, which change how the model is computed, not what it computes.
+_RESUME_FREE = ("model.context_attention", "model.context_load_balance")
+
+
 def resume_conflicts(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
     """{field: (saved value, new value)} for fields that may not change when resuming."""
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
@@ -354,6 +358,7 @@ def resume_conflicts(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, A
         k: (a[k], b.get(k))
         for k in a
         if a[k] != b.get(k)
+        and k not in _RESUME_FREE
         and any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RESUME_FIXED)
     }
 

@@ -28,7 +28,7 @@ from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.pipeline import StreamIterator, check_batch_size
 from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
-from jaxlm.model import fused_attention, mup
+from jaxlm.model import context, fused_attention, mup
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
 from jaxlm.optim import make_optimizer
@@ -99,6 +99,7 @@ class RunPlan:
             config.model, config.data.seq_len, on=self.mesh.devices.flat[0].platform
         )
         fused_attention.check_blocks(config.model, config.data.seq_len)
+        context.check(config.model, config.data.seq_len, int(self.mesh.shape["context"]))
         check_batch_size(config.data.batch_size, self.mesh, jax.process_count())
         self.rules = sharding.get_rules(config.mesh.rules)
         self.task: Task = get_task(config)
@@ -419,9 +420,9 @@ def _load_step(ckpt: checkpoint.Checkpointer, step: int) -> tuple[RunConfig, Mes
         files = ckpt.restore_json(step, "tokenizer")
         tokenizer = make_tokenizer(str(checkpoint.write_tokenizer_files(files, tmp)))
     # Use whatever devices this machine has: fsdp over all of them.
-    flat = dict(
-        data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
-    )
+    flat = {n: 1 for n in ("data", "expert", "context", "tensor")}
+    flat |= {f"dcn_{n}": 1 for n in ("data", "fsdp", "expert", "context", "tensor")}
+    flat["fsdp"] = -1
     mesh = sharding.make_mesh(dataclasses.replace(config.mesh, **flat))
     shardings = param_shardings(config.model, mesh, config.mesh.rules)
     abstract = jax.tree.map(

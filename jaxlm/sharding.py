@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.configs.run import RULE_SET_NAMES, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -31,16 +31,21 @@ _BATCH = BATCH_AXES
 
 # Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers.
 # Activations: act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
-RULES_DP: Rules = (("act_batch", _BATCH),)
+# Every rule set splits the sequence (`act_length`) over `context` (size 1 unless context
+# parallelism is on, when a size-1 axis splits nothing); the fsdp sets also shard the weights
+# over it, so a context-parallel run keeps one share of the state per chip, as fsdp does.
+RULES_DP: Rules = (("act_batch", _BATCH), ("act_length", "context"))
 
 RULES_FSDP: Rules = (
     ("act_batch", _BATCH),
-    ("embed", "fsdp"),
+    ("act_length", "context"),
+    ("embed", ("fsdp", "context")),
 )
 
 RULES_FSDP_TP: Rules = (
     ("act_batch", _BATCH),
-    ("embed", "fsdp"),
+    ("act_length", "context"),
+    ("embed", ("fsdp", "context")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -99,7 +104,13 @@ def _resolve(sizes: Sequence[int], total: int, what: str) -> list[int]:
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A `Mesh` with axes `MESH_AXES` from `config`, over `devices` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
-    dcn = [config.dcn_data, config.dcn_fsdp, config.dcn_expert, config.dcn_tensor]
+    dcn = [
+        config.dcn_data,
+        config.dcn_fsdp,
+        config.dcn_expert,
+        config.dcn_context,
+        config.dcn_tensor,
+    ]
     if -1 in dcn:
         num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     else:
@@ -110,13 +121,15 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
             f"which does not divide the {len(devices)} devices"
         )
     dcn = _resolve(
-        dcn, num_slices, "MeshConfig DCN axes (dcn_data, dcn_fsdp, dcn_expert, dcn_tensor)"
+        dcn,
+        num_slices,
+        "MeshConfig DCN axes (dcn_data, dcn_fsdp, dcn_expert, dcn_context, dcn_tensor)",
     )
     per_slice = len(devices) // num_slices
     ici = _resolve(
-        [config.data, config.fsdp, config.expert, config.tensor],
+        [config.data, config.fsdp, config.expert, config.context, config.tensor],
         per_slice,
-        "MeshConfig ICI axes (data, fsdp, expert, tensor)",
+        "MeshConfig ICI axes (data, fsdp, expert, context, tensor)",
     )
     if devices and devices[0].platform == "tpu":
         if num_slices > 1:

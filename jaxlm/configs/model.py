@@ -19,6 +19,7 @@ RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_q
 AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
 KVCacheDType = Literal["auto", "int8"]
 Parametrization = Literal["sp", "mup"]
+ContextAttention = Literal["ring", "all_gather"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 CPU_UNROLL_MAX_LAYERS = 8  # scan_unroll=None unrolls scanned models this deep on CPU
@@ -203,6 +204,14 @@ class ModelConfig:
     # sequence (at most 256 when head_dim > 128).
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
+    # Context parallelism (mesh.context > 1, the sequence split over the `context` axis;
+    # `jaxlm.model.context`): "ring" passes key/value blocks around the ring of context shards
+    # (ppermute) under an online softmax, so no shard ever holds every key; "all_gather" gathers
+    # the keys and values of the whole sequence on every shard. `context_load_balance` reorders
+    # a causal sequence so that each shard holds one early and one late chunk (equal work);
+    # neither changes the result, so both may change when a run resumes.
+    context_attention: ContextAttention = "ring"
+    context_load_balance: bool = True
     # False: bidirectional attention (an encoder, e.g. for masked LM): every token sees its whole
     # segment, before and after it (a sliding window then spans W - 1 tokens on each side). Such
     # a model cannot decode with a KV cache and cannot train for next-token prediction.
@@ -305,6 +314,7 @@ class ModelConfig:
             ("attention_impl", AttentionImpl),
             ("kv_cache_dtype", KVCacheDType),
             ("parametrization", Parametrization),
+            ("context_attention", ContextAttention),
         ):
             _check_choice(name, getattr(self, name), literal)
         if self.position == "rope" and self.head_dim % 2:

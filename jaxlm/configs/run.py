@@ -23,10 +23,13 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     expert: int = 1  # expert parallelism (MoE); data parallel for everything else
+    # Context parallelism: the sequence split over this axis (`jaxlm.model.context`).
+    context: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     dcn_expert: int = 1
+    dcn_context: int = 1
     rules: str = "fsdp"
 
     def __post_init__(self) -> None:
@@ -35,8 +38,8 @@ class MeshConfig:
                 f"MeshConfig.rules={self.rules!r} is not a rule set; choose one of {RULE_SET_NAMES}"
             )
         for group in (
-            ("data", "fsdp", "expert", "tensor"),
-            ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_tensor"),
+            ("data", "fsdp", "expert", "context", "tensor"),
+            ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_context", "dcn_tensor"),
         ):
             values = [getattr(self, n) for n in group]
             for n, v in zip(group, values, strict=True):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.configs.model import ModelConfig
-from jaxlm.model import kv_cache, mup
+from jaxlm.model import context, kv_cache, mup
 from jaxlm.model.attend import attend
 from jaxlm.model.fused_attention import Segments, fused_attention
 from jaxlm.model.layers import Einsum, kernel_init, make_norm
@@ -125,6 +125,11 @@ class Attention(nn.Module):
         if isinstance(mask_BTS, Segments):
             q_BTNH = (q_BTNH * scale).astype(q_BTNH.dtype)
             out_BTNH = fused_attention(q_BTNH, own_k_BTKH, own_v_BTKH, mask_BTS.ids_BT, cfg)
+        elif kv is None and context.size(t) > 1:  # the sequence split over `context`
+            q_BTNH = (q_BTNH * scale).astype(q_BTNH.dtype)
+            out_BTNH = context.context_attention(
+                q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, cfg.context_attention
+            )
         else:
             q_BKGTH = jnp.transpose((q_BTNH * scale).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))
             # Without a cache a causal model's mask is causal by index, so blocks may be

@@ -7,10 +7,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import sharding
 from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
-from jaxlm.model import fused_attention, kv_cache, mup
+from jaxlm.model import context, fused_attention, kv_cache, mup
 from jaxlm.model.attend import softcap
 from jaxlm.model.attention import Attention, attention_mask, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
@@ -310,6 +311,8 @@ class Transformer(nn.Module):
                     index_BT, index_BT, prefix_BT, prefix_BT, seg_BT, seg_BT, cfg
                 )
             impl = fused_attention.call_impl(cfg, n, True, prepend or prefix_BT is not None)
+            if context.size(n) > 1:  # a dense mask, split over the context shards with the rows
+                impl = "xla"
             if impl != "xla":  # the kernel builds its own mask from the segment ids
                 mask_BTS = fused_attention.Segments(segment_ids_BT if packed else None)
 
@@ -357,6 +360,14 @@ class Transformer(nn.Module):
         if cfg.embed_norm:
             x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
         x_BTD = residual_dropout(self, cfg, x_BTD)
+        # Causal load balancing over the context shards: the blocks see the sequence in an order
+        # where each shard holds an early and a late chunk; positions and mask go with it.
+        order, shards = None, context.size()
+        balance = cfg.causal and cfg.context_load_balance and x_BTD.shape[1] % (2 * shards) == 0
+        if cache is None and shards > 1 and balance:
+            order = context.balanced_order(x_BTD.shape[1], shards)
+            x_BTD, positions_BT = x_BTD[:, order], positions_BT[:, order]
+            mask_BTS = mask_BTS[:, order][:, :, order]
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
         grouped = cfg.moe.enabled and cfg.moe.every > 1 and cfg.scan_layers
@@ -393,6 +404,8 @@ class Transformer(nn.Module):
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
         if cache is not None:
             cache = cache.with_arrays(kv, positions_BT[:, -1] + 1)
+        if order is not None:  # back to the sequence's own order
+            x_BTD = x_BTD[:, np.argsort(order)]
 
         if cfg.norm_position == "pre":  # post-LN blocks end in a norm already
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
