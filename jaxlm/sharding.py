@@ -221,6 +221,12 @@ def current() -> tuple[Mesh, Rules] | None:
     return _context.stack[-1] if _context.stack else None
 
 
+def axis_size(axis: str) -> int:
+    """The size of mesh axis `axis` in the innermost `use_mesh` context (1 outside one)."""
+    ctx = current()
+    return 1 if ctx is None else int(dict(ctx[0].shape).get(axis, 1))
+
+
 def platform() -> str:
     """The platform of the current mesh's devices (the target when compiling ahead of time for
     a TPU topology from a CPU host), else the default backend's."""
@@ -228,11 +234,19 @@ def platform() -> str:
     return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Constrain the sharding of activation `x` by logical axis names; a no-op with no mesh."""
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | None], exclude: Sequence[str] = ()
+) -> jax.Array:
+    """Constrain the sharding of activation `x` by logical axis names; a no-op with no mesh.
+    `exclude`: mesh axes the rules may not split `x` over (it is replicated over them)."""
     if not _context.stack:
         return x
     mesh, rules = _context.stack[-1]
+    if exclude:
+        rules = tuple(
+            (name, tuple(a for a in _lookup(rules, name) if a not in exclude) or None)
+            for name, _ in rules
+        )
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

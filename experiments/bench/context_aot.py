@@ -4,9 +4,9 @@ time for a TPU topology from this CPU host (libtpu from the `tpu` extra; no chip
 Eight chips, one row of `--seq-len` tokens per data-parallel group: context C = 1, 2, 4, 8 with
 fsdp 8 / C and a global batch of 8 / C rows, so each chip holds T / C positions of one row. The
 weights and the optimizer state are sharded over fsdp x context, the same share per chip for
-every C. Per C and attention strategy the rows report `memory_analysis()` (arguments,
-temporaries) and `cost_analysis()` FLOPs of the compiled step per chip, and the temporaries
-against C = 1's. Prints one JSON object.
+every C. Per C, attention strategy and causal load balancing, the rows report
+`memory_analysis()` (arguments, temporaries) and `cost_analysis()` FLOPs of the compiled step
+per chip, and the temporaries against C = 1's. Prints one JSON object.
 
     python experiments/bench/context_aot.py
     python experiments/bench/context_aot.py --preset ladder-0 --topology v5e:2x4 --seq-len 16384
@@ -33,7 +33,9 @@ from jaxlm.run import RunPlan
 GIB = 2.0**30
 
 
-def compile_step(preset: str, topology: str, seq_len: int, shards: int, strategy: str) -> dict:
+def compile_step(
+    preset: str, topology: str, seq_len: int, shards: int, strategy: str, balance: bool = True
+) -> dict:
     devices = tpu_topology(topology).devices
     chips = len(devices)
     config = load_config(
@@ -44,6 +46,7 @@ def compile_step(preset: str, topology: str, seq_len: int, shards: int, strategy
             "model.attention_impl=xla",
             f"model.max_seq_len={seq_len}",
             f"model.context_attention={strategy}",
+            f"model.context_load_balance={balance}",
             f"data.seq_len={seq_len}",
             f"data.batch_size={chips // shards}",
             f"mesh.fsdp={chips // shards}",
@@ -62,6 +65,7 @@ def compile_step(preset: str, topology: str, seq_len: int, shards: int, strategy
     return {
         "context": shards,
         "strategy": strategy,
+        "load_balance": balance,
         "argument_gib": round(memory.argument_size_in_bytes / GIB, 3),
         "temp_gib": round(memory.temp_size_in_bytes / GIB, 3),
         "flops": float(cost.get("flops", 0.0)),
@@ -76,13 +80,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--contexts", default="1,2,4,8")
     parser.add_argument("--strategies", default="ring,all_gather")
+    parser.add_argument(
+        "--unbalanced", type=int, default=1, help="1: also the first strategy without balancing"
+    )
     args = parser.parse_args(argv)
     rows = []
-    for strategy in args.strategies.split(","):
+    strategies = args.strategies.split(",")
+    cases = [(s, True) for s in strategies] + [(strategies[0], False)] * args.unbalanced
+    for strategy, balance in cases:
         for shards in map(int, args.contexts.split(",")):
-            if shards == 1 and strategy != args.strategies.split(",")[0]:
+            if shards == 1 and (strategy, balance) != cases[0]:
                 continue  # unsplit: no strategy
-            row = compile_step(args.preset, args.topology, args.seq_len, shards, strategy)
+            row = compile_step(args.preset, args.topology, args.seq_len, shards, strategy, balance)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     base = next(r for r in rows if r["context"] == 1)

@@ -27,6 +27,30 @@ CAUSAL_BLOCKS_MIN_LENGTH = 128
 FEW_QUERIES = 8
 
 
+def attention_mask(
+    q_index_BT: jax.Array,
+    k_index_BS: jax.Array,
+    q_segment_BT: jax.Array,
+    k_segment_BS: jax.Array,
+    sliding_window: int | None,
+    causal: bool = True,
+) -> jax.Array:
+    """[B, T, S] booleans: key s is visible to query t.
+
+    Visible means in the same segment (packed sequences; segment 0 is padding and sees only
+    padding), causal (k_index <= q_index) unless `causal=False` (bidirectional), and, with a
+    window W, q_index - k_index < W (|q_index - k_index| < W when bidirectional).
+    """
+    q = q_index_BT[:, :, None]
+    k = k_index_BS[:, None, :]
+    mask = q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
+    if causal:
+        mask &= k <= q
+    if sliding_window is not None:
+        mask &= jnp.abs(q - k) < sliding_window
+    return mask
+
+
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """cap * tanh(x / cap): a smooth bound on |x| (Gemma 2); identity when cap is None."""
     return x if cap is None else cap * jnp.tanh(x / cap)

@@ -16,30 +16,6 @@ from jaxlm.model.positions import apply_rope
 from jaxlm.sharding import constrain
 
 
-def attention_mask(
-    q_index_BT: jax.Array,
-    k_index_BS: jax.Array,
-    q_segment_BT: jax.Array,
-    k_segment_BS: jax.Array,
-    sliding_window: int | None,
-    causal: bool = True,
-) -> jax.Array:
-    """[B, T, S] booleans: key s is visible to query t.
-
-    Visible means in the same segment (packed sequences; segment 0 is padding and sees only
-    padding), causal (k_index <= q_index) unless `causal=False` (bidirectional), and, with a
-    window W, q_index - k_index < W (|q_index - k_index| < W when bidirectional).
-    """
-    q = q_index_BT[:, :, None]
-    k = k_index_BS[:, None, :]
-    mask = q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
-    if causal:
-        mask &= k <= q
-    if sliding_window is not None:
-        mask &= jnp.abs(q - k) < sliding_window
-    return mask
-
-
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
     """Positions that restart at 0 wherever the segment id changes."""
     t = segment_ids_BT.shape[1]
@@ -80,7 +56,8 @@ class Attention(nn.Module):
 
         `mask_BTS` may instead be `Segments`: self-attention over this call's own T tokens
         (also with a cache: a prefill into an empty one) by the fused kernel of
-        `config.attention_impl`.
+        `config.attention_impl`; or `context.MaskParts`: self-attention with the sequence split
+        over the mesh's `context` axis, each shard building the mask blocks it needs.
         """
         cfg = self.config
         d, n, k, h, g = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
@@ -125,10 +102,18 @@ class Attention(nn.Module):
         if isinstance(mask_BTS, Segments):
             q_BTNH = (q_BTNH * scale).astype(q_BTNH.dtype)
             out_BTNH = fused_attention(q_BTNH, own_k_BTKH, own_v_BTKH, mask_BTS.ids_BT, cfg)
-        elif kv is None and context.size(t) > 1:  # the sequence split over `context`
+        elif isinstance(mask_BTS, context.MaskParts) or (kv is None and context.size(t) > 1):
+            # The sequence split over `context` (a dense mask: a prefix LM's, prompt tuning's).
             q_BTNH = (q_BTNH * scale).astype(q_BTNH.dtype)
             out_BTNH = context.context_attention(
-                q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, cfg.context_attention
+                q_BTNH,
+                k_BSKH,
+                v_BSKH,
+                mask_BTS,
+                cfg.attn_logit_softcap,
+                cfg.context_attention,
+                cfg.sliding_window,
+                cfg.causal,
             )
         else:
             q_BKGTH = jnp.transpose((q_BTNH * scale).reshape(b, t, k, g, h), (0, 2, 3, 1, 4))

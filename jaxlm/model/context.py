@@ -13,9 +13,11 @@ two ways (`model.context_attention`):
   FlashAttention does), and passes the block on (`ppermute`). No shard ever holds more than one
   block of keys; the exchange of the next block can overlap the current block's matmuls.
 
-Either way a shard keeps its own rows of the [B, T, T] mask (built from the true positions and
-segment ids, so packed sequences, sliding windows, prefixes and prompt slots all hold), and
-the backward pass is autodiff's: the transpose of a `ppermute` is the `ppermute` back.
+Either way a shard builds the mask of each key block it attends over from the true positions
+and segment ids of its queries and of those keys (`MaskParts`: packed sequences, causality and
+sliding windows), never the whole [T, T] mask; a mask with more terms (a prefix LM's prefix,
+prompt-tuning slots) arrives as the shard's dense rows. The ring's backward pass is
+FlashAttention's, a second pass around the ring (see `_ring`).
 
 Causal load balancing (`model.context_load_balance`): under a causal mask the shard with the
 last positions has C times the work of the first. `Transformer` therefore reorders the sequence
@@ -28,6 +30,7 @@ same; only the work is spread evenly.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +39,7 @@ from jax.sharding import PartitionSpec
 
 from jaxlm import sharding
 from jaxlm.configs.model import ModelConfig
-from jaxlm.model.attend import MASK_VALUE, dot_attention, softcap
+from jaxlm.model.attend import MASK_VALUE, attention_mask, dot_attention, softcap
 
 AXIS = "context"
 
@@ -45,8 +48,7 @@ def size(length: int | None = None) -> int:
     """The context-parallel degree of the current mesh (1 outside one, or without the axis);
     with `length`, 1 also when the shards do not divide a sequence of that many positions
     (e.g. the one-token calls that initialise a model: those run unsplit)."""
-    ctx = sharding.current()
-    shards = 1 if ctx is None else int(dict(ctx[0].shape).get(AXIS, 1))
+    shards = sharding.axis_size(AXIS)
     return 1 if length is not None and length % shards else shards
 
 
@@ -63,57 +65,85 @@ def balanced_order(length: int, shards: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[r], chunks[-1 - r]]) for r in range(shards)])
 
 
+class MaskParts(NamedTuple):
+    """In place of a dense [B, T, T] mask: `attention_mask(index, index, segment, segment,
+    window, causal)` over the whole sequence (both in the blocks' order; the window and
+    causality are the model's), which each shard builds block by block where it needs it,
+    never whole."""
+
+    index_BT: jax.Array
+    segment_BT: jax.Array
+
+
+# Inside the shard_map a shard's mask is a tuple: its dense rows ([B, Q, T], one array) or
+# (query index, query segment [B, Q], key index, key segment [B, T]) with Q = G x T/C.
+_Rows = tuple[jax.Array, ...]
+
+
+def _visible(rows: _Rows, start: jax.Array, length: int, window: int | None, causal: bool):
+    """[B, 1, Q, length] booleans: which of keys start .. start + length - 1 each query sees."""
+    if len(rows) == 1:
+        return jax.lax.dynamic_slice_in_dim(rows[0], start, length, axis=2)[:, None]
+    q_index, q_segment, k_index, k_segment = rows
+    k_index, k_segment = (
+        jax.lax.dynamic_slice_in_dim(x, start, length, axis=1) for x in (k_index, k_segment)
+    )
+    return attention_mask(q_index, k_index, q_segment, k_segment, window, causal)[:, None]
+
+
 def _local(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
     v_BSKH: jax.Array,
-    mask_BTS: jax.Array,
+    rows: _Rows,
     cap: float | None,
     strategy: str,
     shards: int,
+    window: int | None,
+    causal: bool,
 ) -> jax.Array:
-    """One shard's [B, T/C, N, H] outputs: its queries and mask rows over every key."""
+    """One shard's [B, T/C, N, H] outputs: its queries over every key."""
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     g = n // kv
-    # [B, K, G*T, H]: the G query heads of each kv head stacked along the queries.
+    # [B, K, G*T, H]: the G query heads of each kv head stacked along the queries; the queries'
+    # side of the mask follows.
     q_BKQH = jnp.transpose(q_BTNH.reshape(b, t, kv, g, h), (0, 2, 3, 1, 4)).reshape(b, kv, g * t, h)
-    mask_BQS = jnp.tile(mask_BTS, (1, g, 1)) if g > 1 else mask_BTS
-
+    if g > 1 and len(rows) == 1:
+        rows = (jnp.tile(rows[0], (1, g, 1)),)
+    elif g > 1:
+        rows = (jnp.tile(rows[0], (1, g)), jnp.tile(rows[1], (1, g)), *rows[2:])
     if strategy == "all_gather":
         k_all, v_all = (jax.lax.all_gather(x, AXIS, axis=1, tiled=True) for x in (k_BSKH, v_BSKH))
-        out_BKQH = dot_attention(q_BKQH, k_all, v_all, mask_BQS, cap)
+        mask_BQS = _visible(rows, jnp.zeros((), jnp.int32), k_all.shape[1], window, causal)
+        out_BKQH = dot_attention(q_BKQH, k_all, v_all, mask_BQS[:, 0], cap)
     else:
-        out_BKQH = _ring(q_BKQH, k_BSKH, v_BSKH, mask_BQS, cap, shards)
+        out_BKQH = _ring(q_BKQH, k_BSKH, v_BSKH, rows, cap, shards, window, causal)
     out_BKGTH = out_BKQH.reshape(b, kv, g, t, h)
     return jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
-def _ring(
-    q_BKQH: jax.Array,
-    k_BSKH: jax.Array,
-    v_BSKH: jax.Array,
-    mask_BQS: jax.Array,
-    cap: float | None,
-    shards: int,
-) -> jax.Array:
-    """Online-softmax attention over the key blocks passed around the ring (float32 statistics;
-    the probabilities and the output take q's dtype, as in `dot_attention`)."""
+def _ring_blocks(q_BKQH, k_BSKH, rows, source, cap, window, causal):
+    """(capped logits, visible, raw logits) of this shard's queries over the key block of shard
+    `source`, float32, masked logits at MASK_VALUE."""
+    block = k_BSKH.shape[1]
+    visible = _visible(rows, source * block, block, window, causal)
+    raw = jnp.einsum("BKQH,BSKH->BKQS", q_BKQH, k_BSKH, preferred_element_type=jnp.float32)
+    return jnp.where(visible, softcap(raw, cap), MASK_VALUE), visible, raw
+
+
+def _ring_forward(q_BKQH, k_BSKH, v_BSKH, rows, cap, shards, window, causal):
     f32 = jnp.float32
     me = jax.lax.axis_index(AXIS)
-    block = k_BSKH.shape[1]
     b, kv, q, h = q_BKQH.shape
     top = jnp.full((b, kv, q, 1), MASK_VALUE, f32)  # running max of the logits
     total = jnp.zeros((b, kv, q, 1), f32)  # running sum of exp(logit - top)
     acc = jnp.zeros((b, kv, q, h), f32)  # running sum of exp(logit - top) * v
     forward = [(i, (i + 1) % shards) for i in range(shards)]
     for step in range(shards):
-        source = (me - step) % shards  # the shard whose keys this one holds now
-        visible_BQS = jax.lax.dynamic_slice_in_dim(mask_BQS, source * block, block, axis=2)
-        logits = jnp.einsum("BKQH,BSKH->BKQS", q_BKQH, k_BSKH, preferred_element_type=f32)
-        logits = jnp.where(visible_BQS[:, None], softcap(logits, cap), MASK_VALUE)
-        # The result does not depend on the running max, only its rounding does: no gradient.
-        new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(logits, -1, keepdims=True)))
+        source = (me - step) % shards
+        logits, _, _ = _ring_blocks(q_BKQH, k_BSKH, rows, source, cap, window, causal)
+        new_top = jnp.maximum(top, jnp.max(logits, -1, keepdims=True))
         probs = jnp.exp(logits - new_top)
         rescale = jnp.exp(top - new_top)
         total = total * rescale + jnp.sum(probs, -1, keepdims=True)
@@ -121,22 +151,86 @@ def _ring(
             "BKQS,BSKH->BKQH", probs.astype(q_BKQH.dtype), v_BSKH, preferred_element_type=f32
         )
         top = new_top
-        if step < shards - 1:
+        if step < shards - 1:  # pass the block on; shard i now holds shard i - step - 1's
             k_BSKH, v_BSKH = jax.lax.ppermute((k_BSKH, v_BSKH), AXIS, forward)
-    return (acc / total).astype(q_BKQH.dtype)
+    out_BKQH = (acc / total).astype(q_BKQH.dtype)
+    return out_BKQH, top + jnp.log(total)  # and the log-sum-exp of each query's logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _ring(
+    q_BKQH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    rows: _Rows,
+    cap: float | None,
+    shards: int,
+    window: int | None,
+    causal: bool,
+) -> jax.Array:
+    """Online-softmax attention over the key blocks passed around the ring (float32 statistics;
+    the probabilities and the output take q's dtype, as in `dot_attention`).
+
+    The backward pass is FlashAttention's, blockwise around the ring a second time: it keeps
+    only q, this shard's k and v, the output and each query's log-sum-exp, recomputes each
+    block's probabilities, and passes every block's key/value gradients along with the block,
+    so they arrive home after C steps. Autodiff would keep every step's [Q, S/C] logits and
+    probabilities, in float32: more than the unsplit attention's saved probabilities at C = 2.
+    """
+    return _ring_forward(q_BKQH, k_BSKH, v_BSKH, rows, cap, shards, window, causal)[0]
+
+
+def _ring_fwd(q_BKQH, k_BSKH, v_BSKH, rows, cap, shards, window, causal):
+    out_BKQH, lse = _ring_forward(q_BKQH, k_BSKH, v_BSKH, rows, cap, shards, window, causal)
+    return out_BKQH, (q_BKQH, k_BSKH, v_BSKH, rows, out_BKQH, lse)
+
+
+def _ring_bwd(cap, shards, window, causal, residuals, dout_BKQH):
+    q_BKQH, k_BSKH, v_BSKH, rows, out_BKQH, lse = residuals
+    f32 = jnp.float32
+    me = jax.lax.axis_index(AXIS)
+    # rowsum(P ∘ dP) = rowsum(dO ∘ O), as in `attend`.
+    dsum = jnp.sum(dout_BKQH.astype(f32) * out_BKQH.astype(f32), axis=-1, keepdims=True)
+    dq = jnp.zeros(q_BKQH.shape, f32)
+    dk, dv = jnp.zeros(k_BSKH.shape, f32), jnp.zeros(v_BSKH.shape, f32)
+    forward = [(i, (i + 1) % shards) for i in range(shards)]
+    for step in range(shards):
+        source = (me - step) % shards
+        logits, visible, raw = _ring_blocks(q_BKQH, k_BSKH, rows, source, cap, window, causal)
+        probs = jnp.exp(logits - lse).astype(q_BKQH.dtype)
+        dv = dv + jnp.einsum("BKQS,BKQH->BSKH", probs, dout_BKQH, preferred_element_type=f32)
+        dprobs = jnp.einsum("BKQH,BSKH->BKQS", dout_BKQH, v_BSKH, preferred_element_type=f32)
+        dlogits = jnp.where(visible, probs.astype(f32) * (dprobs - dsum), 0.0)
+        if cap is not None:  # d(cap tanh(x / cap)) / dx = 1 - tanh²
+            dlogits = dlogits * (1 - jnp.square(softcap(raw, cap) / cap))
+        dlogits = dlogits.astype(q_BKQH.dtype)
+        dq = dq + jnp.einsum("BKQS,BSKH->BKQH", dlogits, k_BSKH, preferred_element_type=f32)
+        dk = dk + jnp.einsum("BKQS,BKQH->BSKH", dlogits, q_BKQH, preferred_element_type=f32)
+        # The block's gradients travel with it; after C passes they are back on their shard.
+        if step < shards - 1:
+            k_BSKH, v_BSKH, dk, dv = jax.lax.ppermute((k_BSKH, v_BSKH, dk, dv), AXIS, forward)
+        else:
+            dk, dv = jax.lax.ppermute((dk, dv), AXIS, forward)
+    return dq.astype(q_BKQH.dtype), dk.astype(k_BSKH.dtype), dv.astype(v_BSKH.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def context_attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
     v_BSKH: jax.Array,
-    mask_BTS: jax.Array,
+    mask_BTS: jax.Array | MaskParts,
     cap: float | None,
     strategy: str,
+    window: int | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """[B, T, N, H] self-attention outputs (queries already scaled) with the sequence split over
     the current mesh's `context` axis, by `strategy` ("ring" or "all_gather"); `mask_BTS` is
-    the whole [B, T, T] mask in the slots' order."""
+    the whole [B, T, T] mask in the blocks' order, or the `MaskParts` it is built from with the
+    sliding `window` and `causal` (which a dense mask already holds)."""
     mesh, rules = sharding.current()
     shards = size()
     n, kv = q_BTNH.shape[2], k_BSKH.shape[2]
@@ -154,15 +248,23 @@ def context_attention(
         # axis): give every query head its own copy, split like the queries.
         k_BSKH, v_BSKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BSKH, v_BSKH))
         kv_spec = q_spec
-    mask_spec = PartitionSpec(q_spec[0], AXIS, None)
-    run = functools.partial(_local, cap=cap, strategy=strategy, shards=shards)
+    if isinstance(mask_BTS, MaskParts):
+        # Each shard's own positions for its queries, every position for the keys ([B, T] ints).
+        index, segment = mask_BTS
+        own, every = PartitionSpec(q_spec[0], AXIS), PartitionSpec(q_spec[0], None)
+        rows, rows_spec = (index, segment, index, segment), (own, own, every, every)
+    else:
+        rows, rows_spec = (mask_BTS,), (PartitionSpec(q_spec[0], AXIS, None),)
+    run = functools.partial(
+        _local, cap=cap, strategy=strategy, shards=shards, window=window, causal=causal
+    )
     return jax.shard_map(
         run,
         mesh=mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+        in_specs=(q_spec, kv_spec, kv_spec, rows_spec),
         out_specs=q_spec,
         check_vma=False,
-    )(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    )(q_BTNH, k_BSKH, v_BSKH, rows)
 
 
 def check(config: ModelConfig, seq_len: int, shards: int) -> None:

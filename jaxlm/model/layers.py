@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
 from jaxlm.configs.model import LoRAConfig, ModelConfig
 from jaxlm.configs.quant import QuantConfig
 from jaxlm.model.lora import lora_delta
@@ -255,7 +256,16 @@ class Embed(nn.Module):
             return self._rows(q, jnp.take(self.embedding_scale, tokens_BT, axis=0))
         if self._quant is not None:
             return jnp.take(self.table(), tokens_BT, axis=0)
-        return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+        table = self.embedding
+        if (
+            sharding.current() is not None
+            and dict(sharding.current()[0].shape).get("context", 1) > 1
+        ):
+            # Under context parallelism the table is gathered over `context` first: XLA cannot
+            # reshard a lookup split over fsdp x context into rows split over the batch and the
+            # sequence, and would replicate the whole [B, T, D] output instead.
+            table = sharding.constrain(table, self.axes, exclude=("context",))
+        return jnp.take(table, tokens_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         eqn, x_ND, lead = merge_leading("BTD,VD->BTV", x_BTD.astype(self.dtype))

@@ -12,8 +12,8 @@ import numpy as np
 from jaxlm import sharding
 from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
 from jaxlm.model import context, fused_attention, kv_cache, mup
-from jaxlm.model.attend import softcap
-from jaxlm.model.attention import Attention, attention_mask, segment_positions
+from jaxlm.model.attend import attention_mask, softcap
+from jaxlm.model.attention import Attention, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
 from jaxlm.model.mlp import ACTIVATIONS, MLP
 from jaxlm.model.moe import MoE
@@ -235,6 +235,7 @@ class Transformer(nn.Module):
         # Prompt tuning: P learned embeddings before every row, at positions 0..P-1 (the tokens'
         # positions move up by P); with a cache they are written by the prefill call only.
         prepend = p > 0 and (cache is None or prefill)
+        order = None  # the blocks' order of the positions, when it is not theirs (`context`)
         if cache is not None:
             if not cfg.causal:
                 raise ValueError(
@@ -296,23 +297,30 @@ class Transformer(nn.Module):
                     [jnp.full((b, p), -1, jnp.int32), segment_ids_BT], axis=1
                 )
             n = t + prepend * p
-            index_BT = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+            order = _balanced_order(cfg, n)
+            # The mask in the blocks' order (see `context`), built from reordered positions and
+            # segments, not reordered as a [B, T, T] array.
+            index_BT = _reorder(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), order)
+            seg_BT = _reorder(segment_ids_BT, order)
             mask_BTS = attention_mask(
-                index_BT, index_BT, segment_ids_BT, segment_ids_BT, cfg.sliding_window, cfg.causal
+                index_BT, index_BT, seg_BT, seg_BT, cfg.sliding_window, cfg.causal
             )
             if prepend:
-                sees_prompt = (index_BT[:, None, :] < p) & (segment_ids_BT[:, :, None] > 0)
+                sees_prompt = (index_BT[:, None, :] < p) & (seg_BT[:, :, None] > 0)
                 mask_BTS = mask_BTS | sees_prompt
             if prefix_BT is not None:
                 # Within a segment, prefix tokens see each other (before and after).
-                prefix_BT = _pad_prompt(prefix_BT, p) if prepend else prefix_BT
-                seg_BT = segment_ids_BT
+                prefix_BT = _reorder(_pad_prompt(prefix_BT, p) if prepend else prefix_BT, order)
                 mask_BTS = mask_BTS | _prefix_mask(
                     index_BT, index_BT, prefix_BT, prefix_BT, seg_BT, seg_BT, cfg
                 )
             impl = fused_attention.call_impl(cfg, n, True, prepend or prefix_BT is not None)
-            if context.size(n) > 1:  # a dense mask, split over the context shards with the rows
+            if context.size(n) > 1:  # the sequence split over the context shards
                 impl = "xla"
+                if prepend or prefix_BT is not None:  # the dense mask, split by rows
+                    mask_BTS = sharding.constrain(mask_BTS, ("act_batch", "act_length", None))
+                else:  # each shard builds the blocks of it that it needs
+                    mask_BTS = context.MaskParts(index_BT, seg_BT)
             if impl != "xla":  # the kernel builds its own mask from the segment ids
                 mask_BTS = fused_attention.Segments(segment_ids_BT if packed else None)
 
@@ -361,13 +369,9 @@ class Transformer(nn.Module):
             x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
         x_BTD = residual_dropout(self, cfg, x_BTD)
         # Causal load balancing over the context shards: the blocks see the sequence in an order
-        # where each shard holds an early and a late chunk; positions and mask go with it.
-        order, shards = None, context.size()
-        balance = cfg.causal and cfg.context_load_balance and x_BTD.shape[1] % (2 * shards) == 0
-        if cache is None and shards > 1 and balance:
-            order = context.balanced_order(x_BTD.shape[1], shards)
+        # where each shard holds an early and a late chunk; positions (and the mask) go with it.
+        if order is not None:
             x_BTD, positions_BT = x_BTD[:, order], positions_BT[:, order]
-            mask_BTS = mask_BTS[:, order][:, :, order]
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
         grouped = cfg.moe.enabled and cfg.moe.every > 1 and cfg.scan_layers
@@ -404,8 +408,9 @@ class Transformer(nn.Module):
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
         if cache is not None:
             cache = cache.with_arrays(kv, positions_BT[:, -1] + 1)
-        if order is not None:  # back to the sequence's own order
+        if order is not None:  # back to the sequence's own order, split over context again
             x_BTD = x_BTD[:, np.argsort(order)]
+            x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
         if cfg.norm_position == "pre":  # post-LN blocks end in a norm already
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
@@ -452,6 +457,19 @@ class Transformer(nn.Module):
         logits_BTV = softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = sharding.constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         return logits_BTV, cache, aux
+
+
+def _balanced_order(cfg: ModelConfig, length: int) -> np.ndarray | None:
+    """The order the blocks see a causal sequence of `length` in when it is split over context
+    shards with load balancing (`context.balanced_order`), else None (their own order)."""
+    shards = context.size()
+    if shards == 1 or not (cfg.causal and cfg.context_load_balance) or length % (2 * shards):
+        return None
+    return context.balanced_order(length, shards)
+
+
+def _reorder(x_BT: jax.Array, order: np.ndarray | None) -> jax.Array:
+    return x_BT if order is None else x_BT[:, order]
 
 
 class MLMTransform(nn.Module):

@@ -137,7 +137,7 @@ def _run_config(*overrides):
 def test_a_train_step_split_over_context_equals_the_unsplit_step():
     """Two steps of `RunPlan.train_step` on packed batches: context 2 x fsdp 4, 4 x 2 and 8 x 1
     (ring, load balanced) against fsdp 8 with the sequence whole: the same losses and gradient
-    norms, and the same parameters after."""
+    norms, the same parameters after, and the same eval sums."""
     base = _run_config("mesh.fsdp=8")
     batches = _batches(base, 2)
 
@@ -153,6 +153,8 @@ def test_a_train_step_split_over_context_equals_the_unsplit_step():
         for b in batches:
             state, m = plan.train_step(state, to_global(b, plan.mesh))
             metrics.append([float(m["loss"]), float(m["grad_norm"])])
+        sums = plan.eval_step(state.params, to_global(batches[0], plan.mesh))
+        metrics.append([float(sums["nll"]), float(sums["count"])])
         return np.array(metrics), jax.device_get(state.params)
 
     want_metrics, want_params = run(base)
