@@ -257,10 +257,7 @@ class Embed(nn.Module):
         if self._quant is not None:
             return jnp.take(self.table(), tokens_BT, axis=0)
         table = self.embedding
-        if (
-            sharding.current() is not None
-            and dict(sharding.current()[0].shape).get("context", 1) > 1
-        ):
+        if sharding.axis_size("context") > 1:
             # Under context parallelism the table is gathered over `context` first: XLA cannot
             # reshard a lookup split over fsdp x context into rows split over the batch and the
             # sequence, and would replicate the whole [B, T, D] output instead.
