@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import sharding
+from jaxlm import cli, sharding
 from jaxlm.configs.overrides import apply_overrides, load_config
 from jaxlm.configs.run import MeshConfig
 from jaxlm.data import to_global
@@ -197,3 +197,14 @@ def test_a_context_split_that_cannot_work_is_refused(overrides, message):
     with pytest.raises(ValueError) as e:
         RunPlan(_run_config(*overrides), check_data=False)
     assert message in str(e.value)
+
+
+def test_jaxlm_train_refuses_a_bad_split_with_one_line_and_writes_nothing(capsys, tmp_path):
+    work = tmp_path / "run"
+    argv = ["train", "--config", "tiny-llama", "--workdir", str(work)]
+    argv += ["--set", "mesh.context=8", "--set", "mesh.fsdp=1", "--set", "data.seq_len=60"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "data.seq_len=60 must be a multiple of 16 with mesh.context=8" in err.splitlines()[-1]
+    assert not work.exists()
