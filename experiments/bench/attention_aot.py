@@ -59,23 +59,28 @@ def compile_step(preset: str, topology: str, overrides: list[str], impl: str) ->
     from jaxlm.data.tokenizer import ByteTokenizer
 
     plan = RunPlan(config, mesh=mesh, tokenizer=ByteTokenizer(), check_data=False)
+    figures, text = step_figures(plan)
+    return {"impl": impl, **figures, "custom_kernel_in_hlo": "tpu_custom_call" in text}
+
+
+def step_figures(plan: RunPlan) -> tuple[dict, str]:
+    """({argument_bytes, temp_bytes, flops, compile_s} per chip, the compiled program's text) of
+    `plan`'s train step, compiled ahead of time for its mesh's devices."""
     start = time.perf_counter()
-    with sharding.use_mesh(mesh, config.mesh.rules):
+    with sharding.use_mesh(plan.mesh, plan.config.mesh.rules):
         lowered = plan.train_step.jitted.lower(plan.abstract_state, plan.abstract_batch())
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    text = compiled.as_text()
-    return {
-        "impl": impl,
+    figures = {
         "argument_bytes": memory.argument_size_in_bytes,
         "temp_bytes": memory.temp_size_in_bytes,
         "flops": float(cost.get("flops", 0.0)),
-        "custom_kernel_in_hlo": "tpu_custom_call" in text,
         "compile_s": round(seconds, 1),
     }
+    return figures, compiled.as_text()
 
 
 def compile_core(preset: str, topology: str, overrides: list[str], impl: str) -> int:

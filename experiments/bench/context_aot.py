@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from experiments.bench.attention_aot import step_figures
 from jaxlm import sharding
 from jaxlm.configs.overrides import load_config
 from jaxlm.data.tokenizer import ByteTokenizer
@@ -55,21 +55,15 @@ def compile_step(
     )
     mesh = sharding.make_mesh(config.mesh, devices)
     plan = RunPlan(config, mesh=mesh, tokenizer=ByteTokenizer(), check_data=False)
-    start = time.perf_counter()
-    with sharding.use_mesh(mesh, config.mesh.rules):
-        lowered = plan.train_step.jitted.lower(plan.abstract_state, plan.abstract_batch())
-    compiled = lowered.compile()
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    figures, _ = step_figures(plan)
     return {
         "context": shards,
         "strategy": strategy,
         "load_balance": balance,
-        "argument_gib": round(memory.argument_size_in_bytes / GIB, 3),
-        "temp_gib": round(memory.temp_size_in_bytes / GIB, 3),
-        "flops": float(cost.get("flops", 0.0)),
-        "compile_s": round(time.perf_counter() - start, 1),
+        "argument_gib": round(figures["argument_bytes"] / GIB, 3),
+        "temp_gib": round(figures["temp_bytes"] / GIB, 3),
+        "flops": figures["flops"],
+        "compile_s": figures["compile_s"],
     }
 
 
