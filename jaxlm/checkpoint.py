@@ -348,7 +348,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ...but for these, which change how the model is computed, not what it computes.
-_RESUME_FREE = ("model.context_attention", "model.context_load_balance")
+_RESUME_FREE = (
+    "model.context_attention",
+    "model.context_load_balance",
+    "model.pipeline_microbatches",
+    "model.pipeline_repeats",
+)
 
 
 def resume_conflicts(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:

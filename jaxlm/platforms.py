@@ -63,9 +63,10 @@ def skip_absent_accelerators() -> bool:
     return True
 
 
-def tpu_topology(name: str) -> Any:
+def tpu_topology(name: str, num_slices: int = 1) -> Any:
     """`jax.experimental.topologies.get_topology_desc` for TPU topology `name` (e.g. 'v5p:2x2x2'):
     devices to compile for ahead of time, from any machine with libtpu (the `tpu` extra).
+    `num_slices` > 1: that many slices of it, joined by the data-center network (DCN).
 
     Only a description is loaded, no chips are used, so libtpu's lock is not taken (this also
     works beside a running job on a TPU VM). On a machine without TPU chips, libtpu is told
@@ -78,4 +79,8 @@ def tpu_topology(name: str) -> Any:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     from jax.experimental import topologies
 
+    if num_slices > 1:
+        return topologies.get_topology_desc(
+            platform="tpu", topology_name=name, num_slices=num_slices
+        )
     return topologies.get_topology_desc(platform="tpu", topology_name=name)

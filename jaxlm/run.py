@@ -28,7 +28,7 @@ from jaxlm.configs.overrides import from_dict, to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data.pipeline import StreamIterator, check_batch_size
 from jaxlm.data.tokenizer import Tokenizer, make_tokenizer
-from jaxlm.model import context, fused_attention, mup
+from jaxlm.model import context, fused_attention, mup, pipeline
 from jaxlm.model.lora import is_adapter
 from jaxlm.model.transformer import Transformer, abstract_params, param_shardings
 from jaxlm.optim import make_optimizer
@@ -100,6 +100,11 @@ class RunPlan:
         )
         fused_attention.check_blocks(config.model, config.data.seq_len)
         context.check(config.model, config.data.seq_len, int(self.mesh.shape["context"]))
+        pipeline.check(
+            config.model,
+            dict(self.mesh.shape),
+            config.data.batch_size // config.train.microbatches,
+        )
         check_batch_size(config.data.batch_size, self.mesh, jax.process_count())
         self.rules = sharding.get_rules(config.mesh.rules)
         self.task: Task = get_task(config)

@@ -20,13 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.configs.run import RULE_SET_NAMES, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
 
 # A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-# The batch is split over every axis but `tensor`: outside MoE layers, `expert` is data parallel.
-BATCH_AXES = ("data", "fsdp", "expert")
+# The batch is split over every axis but `context` and `tensor`: outside MoE layers, `expert` is
+# data parallel, and outside the pipelined layers (embedding, head, loss) so is `stage`.
+BATCH_AXES = ("stage", "data", "fsdp", "expert")
 _BATCH = BATCH_AXES
 
 # Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers.
@@ -34,18 +35,24 @@ _BATCH = BATCH_AXES
 # Every rule set splits the sequence (`act_length`) over `context` (size 1 unless context
 # parallelism is on, when a size-1 axis splits nothing); the fsdp sets also shard the weights
 # over it, so a context-parallel run keeps one share of the state per chip, as fsdp does.
-RULES_DP: Rules = (("act_batch", _BATCH), ("act_length", "context"))
+# Every rule set splits the stacked layers (`layers`) over `stage`: each pipeline stage holds its
+# own consecutive layers (`jaxlm.model.pipeline`); the fsdp sets split the other weights (the
+# embedding, the head) over the stages too. A dim takes a mesh axis only once, so a layer's
+# weights, split over `stage` by `layers`, are not split over it again by `embed`.
+RULES_DP: Rules = (("act_batch", _BATCH), ("act_length", "context"), ("layers", "stage"))
 
 RULES_FSDP: Rules = (
     ("act_batch", _BATCH),
     ("act_length", "context"),
-    ("embed", ("fsdp", "context")),
+    ("layers", "stage"),
+    ("embed", ("fsdp", "context", "stage")),
 )
 
 RULES_FSDP_TP: Rules = (
     ("act_batch", _BATCH),
     ("act_length", "context"),
-    ("embed", ("fsdp", "context")),
+    ("layers", "stage"),
+    ("embed", ("fsdp", "context", "stage")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -105,6 +112,7 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A `Mesh` with axes `MESH_AXES` from `config`, over `devices` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     dcn = [
+        config.dcn_stage,
         config.dcn_data,
         config.dcn_fsdp,
         config.dcn_expert,
@@ -123,13 +131,13 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     dcn = _resolve(
         dcn,
         num_slices,
-        "MeshConfig DCN axes (dcn_data, dcn_fsdp, dcn_expert, dcn_context, dcn_tensor)",
+        "MeshConfig DCN axes (dcn_stage, dcn_data, dcn_fsdp, dcn_expert, dcn_context, dcn_tensor)",
     )
     per_slice = len(devices) // num_slices
     ici = _resolve(
-        [config.data, config.fsdp, config.expert, config.context, config.tensor],
+        [config.stage, config.data, config.fsdp, config.expert, config.context, config.tensor],
         per_slice,
-        "MeshConfig ICI axes (data, fsdp, expert, context, tensor)",
+        "MeshConfig ICI axes (stage, data, fsdp, expert, context, tensor)",
     )
     if devices and devices[0].platform == "tpu":
         if num_slices > 1:
@@ -197,6 +205,15 @@ def logical_to_sharding(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def without(rules: Rules, axes: Sequence[str]) -> Rules:
+    """`rules` with mesh `axes` taken out of every rule (what they would split stays whole)."""
+    if not axes:
+        return rules
+    return tuple(
+        (name, tuple(a for a in _lookup(rules, name) if a not in axes) or None) for name, _ in rules
+    )
+
+
 class _Context(threading.local):
     def __init__(self) -> None:
         self.stack: list[tuple[Mesh, Rules]] = []
@@ -242,11 +259,7 @@ def constrain(
     if not _context.stack:
         return x
     mesh, rules = _context.stack[-1]
-    if exclude:
-        rules = tuple(
-            (name, tuple(a for a in _lookup(rules, name) if a not in exclude) or None)
-            for name, _ in rules
-        )
+    rules = without(rules, exclude)
     spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -145,8 +145,8 @@ def test_an_expert_parallel_batch_that_does_not_split_is_refused_first(capsys, t
         )
         assert rc == 2, last
         assert (
-            f"batch_size={batch} is not divisible by the data-parallel size 8 (mesh data=1 x "
-            "fsdp=2 x expert=4); use a multiple of 8" in last
+            f"batch_size={batch} is not divisible by the data-parallel size 8 (mesh stage=1 x "
+            "data=1 x fsdp=2 x expert=4); use a multiple of 8" in last
         )
         assert not work.exists()
 

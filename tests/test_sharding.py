@@ -21,28 +21,55 @@ def _mesh(data=1, fsdp=1, tensor=1, rules="fsdp"):
 
 def test_make_mesh_fills_in_minus_one_and_keeps_device_order():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "context": 1, "tensor": 2}
+    assert dict(mesh.shape) == {
+        "stage": 1,
+        "data": 2,
+        "fsdp": 2,
+        "expert": 1,
+        "context": 1,
+        "tensor": 2,
+    }
     assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
-    default = {"data": 1, "fsdp": 8, "expert": 1, "context": 1, "tensor": 1}
+    default = {"stage": 1, "data": 1, "fsdp": 8, "expert": 1, "context": 1, "tensor": 1}
     assert dict(sharding.make_mesh(MeshConfig()).shape) == default
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, expert=4))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {
+        "stage": 1,
+        "data": 2,
+        "fsdp": 1,
+        "expert": 4,
+        "context": 1,
+        "tensor": 1,
+    }
     assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
 
 
 def test_make_mesh_dcn_axes_are_outermost():
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, dcn_data=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {
+        "stage": 1,
+        "data": 2,
+        "fsdp": 4,
+        "expert": 1,
+        "context": 1,
+        "tensor": 1,
+    }
     # Devices 0-3 form the first "slice", 4-7 the second: the data axis crosses slices.
     np.testing.assert_array_equal(
-        np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0, 0, 0], [[0, 1, 2, 3], [4, 5, 6, 7]]
+        np.vectorize(lambda d: d.id)(mesh.devices)[0, :, :, 0, 0, 0], [[0, 1, 2, 3], [4, 5, 6, 7]]
+    )
+    # Pipeline stages over DCN: each slice one stage.
+    mesh = sharding.make_mesh(MeshConfig(fsdp=-1, dcn_stage=2))
+    assert dict(mesh.shape)["stage"] == 2
+    np.testing.assert_array_equal(
+        np.vectorize(lambda d: d.id)(mesh.devices)[:, 0, :, 0, 0, 0], [[0, 1, 2, 3], [4, 5, 6, 7]]
     )
 
 
 @pytest.mark.parametrize(
     "config, message",
     [
-        (MeshConfig(data=3, fsdp=-1), r"\[3, -1, 1, 1, 1\] \(product 3\) do not divide the 8"),
+        (MeshConfig(data=3, fsdp=-1), r"\[1, 3, -1, 1, 1, 1\] \(product 3\) do not divide the 8"),
         (MeshConfig(data=2, fsdp=2, tensor=1), r"multiply to 4, but there are 8 devices"),
     ],
 )

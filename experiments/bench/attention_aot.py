@@ -114,7 +114,7 @@ def compile_core(preset: str, topology: str, overrides: list[str], impl: str) ->
     def loss(*qkv):
         return jnp.sum(core(*qkv).astype(jnp.float32))
 
-    one = Mesh(np.array([device]).reshape(1, 1, 1, 1, 1), sharding.MESH_AXES)
+    one = Mesh(np.array([device]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
     with sharding.use_mesh(one, "fsdp"):
         compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, kv, kv).compile()
     return compiled.memory_analysis().temp_size_in_bytes

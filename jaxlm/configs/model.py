@@ -212,6 +212,14 @@ class ModelConfig:
     # neither changes the result, so both may change when a run resumes.
     context_attention: ContextAttention = "ring"
     context_load_balance: bool = True
+    # Pipeline parallelism (mesh.stage > 1, the scanned layers split into consecutive stages;
+    # `jaxlm.model.pipeline`): each batch flows through the stages as `pipeline_microbatches`
+    # microbatches (None = one per stage) on a GPipe schedule. `pipeline_repeats` > 1 makes it
+    # circular: each stage holds that many chunks of layers and the microbatches go round the
+    # stages that many times (a smaller bubble: (stages - 1) / (repeats * microbatches + stages
+    # - 1) of the time idle). Neither changes the parameters, so both may change on resume.
+    pipeline_microbatches: int | None = None
+    pipeline_repeats: int = 1
     # False: bidirectional attention (an encoder, e.g. for masked LM): every token sees its whole
     # segment, before and after it (a sliding window then spans W - 1 tokens on each side). Such
     # a model cannot decode with a KV cache and cannot train for next-token prediction.
@@ -348,6 +356,9 @@ class ModelConfig:
             check_positive_ints(self, "sliding_window")
         if self.scan_unroll is not None:
             check_positive_ints(self, "scan_unroll")
+        if self.pipeline_microbatches is not None:
+            check_positive_ints(self, "pipeline_microbatches")
+        check_positive_ints(self, "pipeline_repeats")
         self._check_attention_impl()
         if self.moe.enabled and self.scan_layers:
             m = self.moe

@@ -25,11 +25,15 @@ class MeshConfig:
     expert: int = 1  # expert parallelism (MoE); data parallel for everything else
     # Context parallelism: the sequence split over this axis (`jaxlm.model.context`).
     context: int = 1
+    # Pipeline parallelism: the scanned layers split into consecutive stages over this axis
+    # (`jaxlm.model.pipeline`); usually across slices (`dcn_stage`).
+    stage: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     dcn_expert: int = 1
     dcn_context: int = 1
+    dcn_stage: int = 1
     rules: str = "fsdp"
 
     def __post_init__(self) -> None:
@@ -38,8 +42,8 @@ class MeshConfig:
                 f"MeshConfig.rules={self.rules!r} is not a rule set; choose one of {RULE_SET_NAMES}"
             )
         for group in (
-            ("data", "fsdp", "expert", "context", "tensor"),
-            ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_context", "dcn_tensor"),
+            ("stage", "data", "fsdp", "expert", "context", "tensor"),
+            ("dcn_stage", "dcn_data", "dcn_fsdp", "dcn_expert", "dcn_context", "dcn_tensor"),
         ):
             values = [getattr(self, n) for n in group]
             for n, v in zip(group, values, strict=True):

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxlm import sharding
 from jaxlm.configs.model import CPU_UNROLL_MAX_LAYERS, ModelConfig
-from jaxlm.model import context, fused_attention, kv_cache, mup
+from jaxlm.model import context, fused_attention, kv_cache, mup, pipeline
 from jaxlm.model.attend import attention_mask, softcap
 from jaxlm.model.attention import Attention, segment_positions
 from jaxlm.model.layers import Einsum, Embed, kernel_init, make_norm
@@ -393,12 +393,33 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             kwargs = {} if grouped else {"moe": cfg.moe.enabled}
-            # With a cache, the carry holds the stacked cache arrays and the layer index.
-            carry = x_BTD if kv is None else (x_BTD, kv, jnp.zeros((), jnp.int32))
-            carry, (aux, _) = layers(cfg, name="layers", **kwargs)(
-                carry, positions_BT, mask_BTS, None
-            )
-            x_BTD, kv = (carry, None) if kv is None else carry[:2]
+            stages = pipeline.stages()
+            microbatches = pipeline.microbatches(cfg, stages)
+            if (
+                stages > 1 and kv is None and not self.is_initializing() and b % microbatches == 0
+            ):  # the layers split into stages over `stage` (`pipeline`)
+                block = (BlockGroup if grouped else Block)(cfg, **kwargs)
+
+                def layer(p: Any, h: jax.Array, rows: Any) -> tuple[jax.Array, Any]:
+                    h, (aux_l, _) = block.apply({"params": p}, h, *rows, None)
+                    return h, aux_l
+
+                x_BTD, aux = pipeline.run(
+                    layer,
+                    self.variables["params"]["layers"],
+                    x_BTD,
+                    (positions_BT, mask_BTS),
+                    num_microbatches=microbatches,
+                    repeats=cfg.pipeline_repeats,
+                    policy=None if cfg.remat == "none" else REMAT_POLICIES[cfg.remat],
+                )
+            else:
+                # With a cache, the carry holds the stacked cache arrays and the layer index.
+                carry = x_BTD if kv is None else (x_BTD, kv, jnp.zeros((), jnp.int32))
+                carry, (aux, _) = layers(cfg, name="layers", **kwargs)(
+                    carry, positions_BT, mask_BTS, None
+                )
+                x_BTD, kv = (carry, None) if kv is None else carry[:2]
         else:
             blocks = [
                 unit(cfg, moe=cfg.is_moe_layer(i), name=f"layers_{i}")
