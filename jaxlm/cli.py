@@ -9,12 +9,14 @@ import json
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxlm import compilation_cache, platforms
-from jaxlm.configs.overrides import load_config
+from jaxlm.configs.model import PLAN_REMATS
+from jaxlm.configs.overrides import apply_overrides, load_config
 from jaxlm.configs.quant import QuantConfig
 from jaxlm.metrics import flops_per_token, param_count, training_state_bytes
 
@@ -129,6 +131,55 @@ def _per_device_bytes(config: Any, topology: str) -> dict[str, Any]:
             "params_bytes_per_device"
         ]
     return out
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from jaxlm import aot
+    from jaxlm.configs.model import RematPolicy
+    from jaxlm.data.sources import cache_dir
+
+    config = load_config(args.config, args.overrides)
+    overrides = []
+    if args.seq_len is not None:
+        if args.seq_len < 1:
+            raise ValueError(f"--seq-len {args.seq_len} must be >= 1")
+        overrides.append(f"data.seq_len={args.seq_len}")
+        if args.seq_len > config.model.max_seq_len and config.model.position != "learned":
+            overrides.append(f"model.max_seq_len={args.seq_len}")  # no weights depend on it
+    if args.batch is not None:
+        if args.batch < 1:
+            raise ValueError(f"--batch {args.batch} must be >= 1")
+        overrides.append(f"data.batch_size={args.batch}")
+    config = apply_overrides(config, overrides)
+    remats = tuple(r for r in args.remat.split(",") if r)
+    valid = typing.get_args(RematPolicy)
+    if not remats or any(r not in valid for r in remats):
+        raise ValueError(f"--remat {args.remat!r}: choose from {', '.join(valid)}")
+    for flag, value in (("--max-compiles", args.max_compiles), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+
+    def progress(row: dict[str, Any]) -> None:
+        print(
+            f"jaxlm plan: compiled {row['layout']} in {row['compile_seconds']} s",
+            file=sys.stderr,
+        )
+
+    result = aot.plan_layouts(
+        config,
+        args.topology,
+        args.slices,
+        remats,
+        max_compiles=args.max_compiles,
+        workers=args.workers,
+        log=progress,
+        cache=None if args.no_cache else cache_dir() / "plan",
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(aot.format_table(result, f"jaxlm plan: {args.config or 'small'}"))
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -786,6 +837,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    pln = sub.add_parser(
+        "plan",
+        help="which mesh and remat policy fit a TPU topology: each candidate's train step "
+        "compiled ahead of time (needs jax[tpu], no TPU)",
+    )
+    _add_config_args(pln)
+    pln.add_argument("--topology", required=True, help="one slice's topology, e.g. v5p:4x4x4")
+    pln.add_argument("--slices", type=int, default=1, help="slices joined by DCN (default 1)")
+    pln.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
+    pln.add_argument("--batch", type=int, default=None, help="global batch (data.batch_size)")
+    pln.add_argument(
+        "--remat",
+        default=",".join(PLAN_REMATS),
+        help=f"remat policies to try, comma-separated (default {','.join(PLAN_REMATS)})",
+    )
+    pln.add_argument(
+        "--max-compiles", type=int, default=None, help="compile at most this many candidates"
+    )
+    pln.add_argument("--workers", type=int, default=2, help="compiles in parallel (default 2)")
+    pln.add_argument("--json", action="store_true", help="print one JSON object")
+    pln.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compile every candidate again (default: reuse the figures of earlier plans, kept "
+        "in <jaxlm cache>/plan)",
+    )
+    pln.set_defaults(func=cmd_plan)
 
     train = sub.add_parser("train", help="train a model (resumes from the workdir's checkpoints)")
     _add_config_args(train)

@@ -140,10 +140,22 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
         "MeshConfig ICI axes (stage, data, fsdp, expert, context, tensor)",
     )
     if devices and devices[0].platform == "tpu":
-        if num_slices > 1:
-            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-        else:
-            grid = mesh_utils.create_device_mesh(ici, devices)
+        # Each mesh axis on whole torus axes where it can be (e.g. 16 = 4 x 4 of a 4x4x4); an
+        # axis that must split a torus axis (2 of a 4) is allowed rather than refused.
+        for split in (False, True):
+            try:
+                if num_slices > 1:
+                    grid = mesh_utils.create_hybrid_device_mesh(
+                        ici, dcn, devices, allow_split_physical_axes=split
+                    )
+                else:
+                    grid = mesh_utils.create_device_mesh(
+                        ici, devices, allow_split_physical_axes=split
+                    )
+                break
+            except NotImplementedError:
+                if split:
+                    raise
     else:
         # Off TPU there is no torus to respect: devices in the given order, slices outermost
         # (each mesh axis is dcn_size x ici_size, the DCN part varying slowest).

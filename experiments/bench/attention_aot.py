@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax
 
-from jaxlm import sharding
+from jaxlm import aot, sharding
 from jaxlm.configs.overrides import load_config
 from jaxlm.platforms import tpu_topology
 from jaxlm.run import RunPlan
@@ -67,9 +67,7 @@ def step_figures(plan: RunPlan) -> tuple[dict, str]:
     """({argument_bytes, temp_bytes, flops, compile_s} per chip, the compiled program's text) of
     `plan`'s train step, compiled ahead of time for its mesh's devices."""
     start = time.perf_counter()
-    with sharding.use_mesh(plan.mesh, plan.config.mesh.rules):
-        lowered = plan.train_step.jitted.lower(plan.abstract_state, plan.abstract_batch())
-    compiled = lowered.compile()
+    compiled = aot.lower_train_step(plan).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -7,8 +7,10 @@ v5p:2x2x2 (16 chips). Layouts: the two slices as data parallel (`dcn_data=2`, ea
 fsdp copy of the state) or as fsdp (`dcn_fsdp=2`, the state split over both), against 2 pipeline
 stages over DCN (`dcn_stage=2`, each slice holds half the layers) with GPipe at 2 and 8
 microbatches and a circular schedule (2 trips). Per layout: `memory_analysis()` (arguments,
-temporaries) and `cost_analysis()` FLOPs per chip, and `pipeline.bubble_fraction` (the
-stage-steps idle). Prints one JSON object.
+temporaries), the FLOPs per chip (`aot.step_flops`: the model's, with remat's recompute and the
+bubble), the bytes each chip sends over ICI and over DCN per step (`aot.collective_bytes`, from
+the compiled program), and `pipeline.bubble_fraction` (the stage-steps idle). Prints one JSON
+object.
 
     python experiments/bench/pipeline_aot.py
     python experiments/bench/pipeline_aot.py --preset ladder-0 --topology v5e:2x2 --seq-len 512
@@ -26,7 +28,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from experiments.bench.attention_aot import step_figures
-from jaxlm import sharding
+from jaxlm import aot, sharding
 from jaxlm.configs.overrides import load_config
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.model import pipeline
@@ -67,19 +69,21 @@ def compile_layout(
     )
     mesh = sharding.make_mesh(config.mesh, devices)
     plan = RunPlan(config, mesh=mesh, tokenizer=ByteTokenizer(), check_data=False)
-    figures, _ = step_figures(plan)
+    figures, program = step_figures(plan)
     stages = int(mesh.shape["stage"])
     m = pipeline.microbatches(config.model, stages)
+    bubble = pipeline.bubble_fraction(stages, m, config.model.pipeline_repeats)
+    moved = aot.collective_bytes(program)
     return {
         "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},
         "microbatches": m if stages > 1 else None,
         "repeats": config.model.pipeline_repeats if stages > 1 else None,
-        "bubble_fraction": round(
-            pipeline.bubble_fraction(stages, m, config.model.pipeline_repeats), 3
-        ),
+        "bubble_fraction": round(bubble, 3),
         "argument_gib": round(figures["argument_bytes"] / GIB, 2),
         "temp_gib": round(figures["temp_bytes"] / GIB, 2),
-        "tflops_per_chip": round(figures["flops"] / 1e12, 2),
+        "tflops_per_chip": round(aot.step_flops(config, len(devices), bubble) / 1e12, 1),
+        "ici_gb_per_chip": round(moved["ici"] / 1e9, 2),
+        "dcn_gb_per_chip": round(moved["dcn"] / 1e9, 2),
         "compile_s": figures["compile_s"],
     }
 

@@ -16,6 +16,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 Head = Literal["lm", "score", "mlm"]
 NormPosition = Literal["pre", "post"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj"]
+# The policies `jaxlm plan` tries by default: none, the matmul outputs kept, everything again.
+PLAN_REMATS = ("none", "save_dots", "full")
 AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
 KVCacheDType = Literal["auto", "int8"]
 Parametrization = Literal["sp", "mup"]

@@ -163,7 +163,13 @@ def run(
     with sharding.use_mesh(mesh, rules):
         state_shape = (s, per, *x_BTD.shape[1:])
         state_sharding = NamedSharding(mesh, _stage_spec(mesh, rules, state_shape, _ACT))
-        buffer = sharding.constrain(split(x_BTD), (None, *_ACT))
+        # The buffer is whole on every stage (split over the data axes only): stage 0 reads
+        # from it and the last stage writes to it at every step.
+        buffer_spec = sharding.logical_to_spec(
+            (None, *_ACT), (m, per, *x_BTD.shape[1:]), mesh, rules
+        )
+        buffer_sharding = NamedSharding(mesh, buffer_spec)
+        buffer = jax.lax.with_sharding_constraint(split(x_BTD), buffer_sharding)
         rows_m = jax.tree.map(split, rows)
         stage_ids = jnp.arange(s)
         probe = jax.tree.map(lambda a: a[:s], rows_m)
@@ -175,6 +181,7 @@ def run(
 
         def step(carry: Any, t: jax.Array) -> tuple[Any, None]:
             state, buffer, aux_acc = carry
+            buffer = jax.lax.with_sharding_constraint(buffer, buffer_sharding)
             age = t - stage_ids  # how many steps ago stage s's microbatch entered stage 0
             valid = (age >= 0) & (age < r * m)
             trip = jnp.clip(age // m, 0, r - 1)
@@ -189,6 +196,7 @@ def run(
             old = jax.lax.dynamic_index_in_dim(buffer, slot, 0, keepdims=False)
             new = jnp.where(valid[-1], out[-1].astype(buffer.dtype), old)
             buffer = jax.lax.dynamic_update_index_in_dim(buffer, new, slot, 0)
+            buffer = jax.lax.with_sharding_constraint(buffer, buffer_sharding)
 
             def accumulate(acc: jax.Array, a: jax.Array) -> jax.Array:
                 keep = valid.reshape((s,) + (1,) * (a.ndim - 1))
