@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,10 @@ def plan_layouts(
                 except Exception as e:  # e.g. the compiler's own out-of-memory refusal
                     reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                     row.update(status=f"compile failed: {reason}", fits=False)
+                    # "... HLO temporaries (99.19G) exceeds available HBM (95.74G)": the bytes
+                    if m := re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", reason):
+                        temp = float(m.group(1)) * 1024.0 ** ("KMGT".index(m.group(2)) + 1)
+                        row.update(temp_bytes=temp, total_bytes=state + temp)
                     continue
                 figures = _figures(compiled, chip, state, flops)
                 row.update(figures, status="compiled")
@@ -403,7 +408,11 @@ def plan_layouts(
         if least is None:
             raise ValueError(f"no layout could be compiled for {result['topology']}")
         need = least.get("total_bytes", least["state_bytes"])
-        what = "state, temporaries and outputs" if "total_bytes" in least else "state alone"
+        what = "state alone"
+        if "total_bytes" in least:
+            what = "state and temporaries"
+            if least["status"].startswith("compiled"):
+                what = "state, temporaries and outputs"
         raise ValueError(
             f"no layout fits {result['topology']}: {chip.name} has {chip.hbm_bytes / GIB:.1f} "
             f"GiB of HBM per chip; the smallest, {least['layout']}, needs "
@@ -432,7 +441,10 @@ def format_table(result: dict[str, Any], title: str) -> str:
     def gib(row: dict[str, Any], key: str) -> str:
         return f"{row[key] / GIB:7.2f}" if key in row else f"{'-':>7}"
 
+    skipped = [r for r in result["layouts"] if r["status"].startswith("skipped")]
     for row in result["layouts"]:
+        if row in skipped:
+            continue
         compiled = "flops" in row
         fits = ("yes" if row["fits"] else "no") if "fits" in row else "-"
         numbers = (
@@ -448,6 +460,8 @@ def format_table(result: dict[str, Any], title: str) -> str:
         )
     best = result["recommended"]
     lines.append("(bytes per chip in GiB; TFLOP per chip per step; est s: roofline estimate)")
+    if skipped:
+        lines.append(f"({len(skipped)} slower remat policies of layouts that fit: not compiled)")
     lines.append(f"recommended: {best['layout']} ({best['total_bytes'] / GIB:.2f} GiB per chip)")
     lines.append("  " + " ".join(f"--set {o}" for o in _short(best["overrides"])))
     return "\n".join(lines)

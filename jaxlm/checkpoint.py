@@ -353,6 +353,7 @@ _RESUME_FREE = (
     "model.context_load_balance",
     "model.pipeline_microbatches",
     "model.pipeline_repeats",
+    "model.pipeline_gather_weights",
 )
 
 

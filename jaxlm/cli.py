@@ -222,6 +222,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["precision"] = precision.describe(config)
     if args.topology:
         info.update(_per_device_bytes(config, args.topology))
+    stages = config.mesh.stage * config.mesh.dcn_stage
+    if args.topology:
+        stages = info["mesh"]["stage"]
+    if stages > 1:  # (with -1 in the stage sizes, only a topology tells)
+        from jaxlm.model import pipeline
+
+        pipeline.check(model, {"stage": stages}, config.data.batch_size)
+        m = pipeline.microbatches(model, stages)
+        info["pipeline"] = {
+            "stages": stages,
+            "microbatches": m,
+            "repeats": model.pipeline_repeats,
+            "layers_per_stage": model.num_layers // stages,
+            "bubble_fraction": pipeline.bubble_fraction(stages, m, model.pipeline_repeats),
+        }
     from jaxlm.model import mup
 
     info["parametrization"] = model.parametrization
@@ -250,6 +265,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"params:                     {state['params'] / gib:.3f} GiB ({dtype})")
     print(f"params + Adam state:        {info['params_and_adam_bytes'] / gib:.3f} GiB")
     print(f"precision:                  {info['precision']}")
+    if "pipeline" in info:
+        p = info["pipeline"]
+        trips = f", {p['repeats']} trips (circular)" * (p["repeats"] > 1)
+        print(
+            f"pipeline:                   {p['stages']} stages of {p['layers_per_stage']} layers, "
+            f"{p['microbatches']} microbatches{trips}; bubble {p['bubble_fraction']:.1%}"
+        )
     where = f" on {args.topology}" if args.topology else ""
     print(f"attention{where}:{' ' * max(1, 18 - len(where))}{impl} ({why})")
     for line in mup.describe(model):

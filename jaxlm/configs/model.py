@@ -222,6 +222,11 @@ class ModelConfig:
     # - 1) of the time idle). Neither changes the parameters, so both may change on resume.
     pipeline_microbatches: int | None = None
     pipeline_repeats: int = 1
+    # True: each stage gathers its layers' weights (split over fsdp) once per step, in the
+    # compute dtype, instead of once per microbatch step of the schedule -- (microbatches +
+    # stages - 1) times fewer weight all-gathers, for a whole copy of the stage's weights per
+    # chip. Also free to change on resume.
+    pipeline_gather_weights: bool = False
     # False: bidirectional attention (an encoder, e.g. for masked LM): every token sees its whole
     # segment, before and after it (a sliding window then spans W - 1 tokens on each side). Such
     # a model cannot decode with a KV cache and cannot train for next-token prediction.

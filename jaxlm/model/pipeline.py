@@ -123,11 +123,16 @@ def run(
     num_microbatches: int,
     repeats: int = 1,
     policy: Any = None,
+    gather: Any = None,
+    dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The stacked units of `params` (leaves [N, ...]) applied in order to `x_BTD`, pipelined
     over the current mesh's `stage` axis. `layer(unit params, x [b, T, D], rows of x)` returns
     (x, aux); `rows` is a tree of arrays whose first dim is x's rows (positions, the mask).
-    `policy`: a remat policy for each unit (None: no remat). Returns (x, aux stacked [N, ...])."""
+    `policy`: a remat policy for each unit (None: no remat). `gather`: a tree like `params` of
+    each weight's logical axes past the first: the weights are then gathered within each stage
+    (split over `tensor` and `expert` only) once, before the schedule, and cast to `dtype` if it
+    is narrower. Returns (x, aux stacked [N, ...])."""
     mesh, outer = sharding.current()
     s, m, r = stages(), num_microbatches, repeats
     n = jax.tree.leaves(params)[0].shape[0]
@@ -147,6 +152,21 @@ def run(
         return jax.lax.with_sharding_constraint(p, NamedSharding(mesh, PartitionSpec(AXIS, *rest)))
 
     stage_params = jax.tree.map(stage_major, params)
+    if gather is not None:
+        whole = sharding.without(outer, (AXIS, "data", "fsdp", "context"))
+
+        def gathered(names: tuple | None, p: jax.Array) -> jax.Array:
+            if names is None:
+                return p
+            if dtype is not None and jnp.issubdtype(p.dtype, jnp.floating):
+                p = p.astype(dtype) if jnp.dtype(dtype).itemsize < p.dtype.itemsize else p
+            spec = sharding.logical_to_spec(names, p.shape[3:], mesh, whole)
+            spec = PartitionSpec(AXIS, None, None, *spec)
+            return jax.lax.with_sharding_constraint(p, NamedSharding(mesh, spec))
+
+        stage_params = jax.tree.map(
+            gathered, gather, stage_params, is_leaf=lambda n: n is None or isinstance(n, tuple)
+        )
 
     def unit(x: jax.Array, p: Any, rows_s: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         return layer(p, x, rows_s)

@@ -404,14 +404,23 @@ class Transformer(nn.Module):
                     h, (aux_l, _) = block.apply({"params": p}, h, *rows, None)
                     return h, aux_l
 
+                names = None
+                if cfg.pipeline_gather_weights:  # each weight's logical axes, past `layers`
+                    names = jax.tree.map(
+                        lambda b: tuple(b.names[1:]) if hasattr(b, "names") else None,
+                        abstract_params(cfg)["layers"],
+                        is_leaf=lambda b: hasattr(b, "names"),
+                    )
                 x_BTD, aux = pipeline.run(
                     layer,
-                    self.variables["params"]["layers"],
+                    nn.meta.unbox(self.variables["params"]["layers"]),
                     x_BTD,
                     (positions_BT, mask_BTS),
                     num_microbatches=microbatches,
                     repeats=cfg.pipeline_repeats,
                     policy=None if cfg.remat == "none" else REMAT_POLICIES[cfg.remat],
+                    gather=names,
+                    dtype=jnp.dtype(cfg.dtype),
                 )
             else:
                 # With a cache, the carry holds the stacked cache arrays and the layer index.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, loop, sharding
+from jaxlm import aot, checkpoint, cli, hlo, loop, sharding
 from jaxlm.configs.overrides import apply_overrides, load_config
 from jaxlm.configs.run import MeshConfig
 from jaxlm.data import to_global
@@ -117,8 +117,19 @@ def _assert_grads_close(grads, want_grads):
             ["model.pipeline_repeats=2", "model.pipeline_microbatches=4", "model.remat=full"],
         ),
         (dict(stage=4, data=2, fsdp=1), "dp", ["model.pipeline_microbatches=4"]),
+        (
+            dict(stage=2, fsdp=2, tensor=2),
+            "fsdp_tp",
+            ["model.pipeline_microbatches=2", "model.pipeline_gather_weights=True"],
+        ),
     ],
-    ids=["gpipe-2x4fsdp", "gpipe-4x2fsdp", "circular-2x2fsdp2tensor", "gpipe-4x2data"],
+    ids=[
+        "gpipe-2x4fsdp",
+        "gpipe-4x2fsdp",
+        "circular-2x2fsdp2tensor",
+        "gpipe-4x2data",
+        "gathered-2x2fsdp2tensor",
+    ],
 )
 def test_the_layers_split_into_stages_give_the_unsplit_logits_and_gradients(
     inputs, mesh, rules, overrides
@@ -135,6 +146,27 @@ def test_the_layers_split_into_stages_give_the_unsplit_logits_and_gradients(
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=0, atol=2e-6)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
     _assert_grads_close(grads, want_grads)
+
+
+def test_gathering_a_stages_weights_once_sends_fewer_bytes():
+    """A train step compiled for TPU v5e:2x2 (2 stages x 2 fsdp, 4 microbatches, so 5 steps of
+    the schedule): gathered once per step, the weight all-gathers send less than a third of
+    the bytes they send gathered at every schedule step, as the compiled program's
+    collectives show."""
+    devices = aot.topology_devices("v5e:2x2")
+    sent = {}
+    for gather in (False, True):
+        config = _run_config(
+            "mesh.stage=2",
+            "mesh.fsdp=2",
+            "model.d_model=256",
+            "model.mlp_dim=1024",
+            "model.pipeline_microbatches=4",
+            f"model.pipeline_gather_weights={gather}",
+        )
+        plan = RunPlan(config, mesh=sharding.make_mesh(config.mesh, devices), check_data=False)
+        sent[gather] = hlo.collective_bytes(aot.lower_train_step(plan).compile().as_text())
+    assert sent[True]["ici"] < sent[False]["ici"] / 3, sent
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -311,3 +343,21 @@ def test_a_pipeline_that_cannot_work_is_refused(overrides, message):
     with pytest.raises(ValueError) as e:
         RunPlan(_run_config(*overrides), check_data=False)
     assert message in str(e.value)
+
+
+def test_jaxlm_info_prints_the_pipeline(capsys):
+    rc = cli.main(
+        [
+            "info",
+            "--config",
+            "tiny-llama",
+            *("--set", "model.num_layers=8", "--set", "mesh.stage=4"),
+            *("--set", "model.pipeline_microbatches=4", "--set", "model.pipeline_repeats=2"),
+        ]
+    )
+    assert rc == 0
+    # Idle: (S - 1) / (R M + S - 1) = 3 / 11 of the stage-steps.
+    assert "pipeline:                   4 stages of 2 layers, 4 microbatches, 2 trips " in (
+        capsys.readouterr().out
+    )
+    assert pipeline.bubble_fraction(4, 4, 2) == pytest.approx(3 / 11)
