@@ -478,9 +478,9 @@ INTENDED_PODS: dict[str, tuple[str, int, int]] = {
     "gpt2-124m": ("v5e:2x4", 1024, 64),
     "gpt2-350m": ("v5e:2x4", 1024, 64),
     "bert-base": ("v5e:2x4", 512, 64),
-    "llama3.2-1b": ("v5e:4x4", 4096, 64),
-    "mixtral-small": ("v5e:4x4", 4096, 64),
-    "fine-grained-moe": ("v5e:4x4", 4096, 64),
+    "llama3.2-1b": ("v5e:4x4", 4096, 32),
+    "mixtral-small": ("v5e:4x4", 4096, 16),
+    "fine-grained-moe": ("v5e:4x4", 4096, 32),
     "llama3-8b": ("v5p:4x4x4", 8192, 256),
     **{f"ladder-{i}": ("v5e:2x4", 2048, 64) for i in range(8)},
 }
