@@ -201,9 +201,9 @@ def _state_bytes(plan: Any) -> int:
     return total
 
 
-def _row(candidate: Candidate) -> dict[str, Any]:
+def _row(candidate: Candidate, repeats: int) -> dict[str, Any]:
     stages = candidate.ici.get("stage", 1) * candidate.dcn.get("stage", 1)
-    bubble = pipeline.bubble_fraction(stages, candidate.microbatches or 1, 1)
+    bubble = pipeline.bubble_fraction(stages, candidate.microbatches or 1, repeats)
     return {
         "layout": candidate.name,
         "overrides": candidate.overrides(),
@@ -328,9 +328,14 @@ def plan_layouts(
             for layout, by_remat in layouts.items():
                 if layout in settled:
                     if settled[layout].startswith("skipped"):
-                        rows.append({**_row(by_remat[remat]), "status": settled[layout]})
+                        rows.append(
+                            {
+                                **_row(by_remat[remat], config.model.pipeline_repeats),
+                                "status": settled[layout],
+                            }
+                        )
                     continue
-                row = _row(by_remat[remat])
+                row = _row(by_remat[remat], config.model.pipeline_repeats)
                 rows.append(row)
                 try:
                     run = apply_overrides(config, by_remat[remat].overrides())
