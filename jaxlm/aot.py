@@ -411,7 +411,8 @@ def plan_layouts(
         sized = [r for r in rows if "total_bytes" in r or "state_bytes" in r]
         least = min(sized, key=lambda r: r.get("total_bytes", r.get("state_bytes")), default=None)
         if least is None:
-            raise ValueError(f"no layout could be compiled for {result['topology']}")
+            why = rows[0]["status"] if rows else "no candidates"
+            raise ValueError(f"no layout could be compiled for {result['topology']}: {why}")
         need = least.get("total_bytes", least["state_bytes"])
         what = "state alone"
         if "total_bytes" in least:

@@ -192,6 +192,11 @@ def test_a_run_no_layout_fits_is_refused_with_the_bytes_before_compiling(capsys)
         (["--topology", "v5e:2x2", "--slices", "0"], "--slices 0 must be an integer >= 1"),
         (["--topology", "v5e:2x2", "--max-compiles", "0"], "--max-compiles 0 must be >= 1"),
         (
+            ["--topology", "v5e:2x2", "--set", "model.position=learned", "--seq-len", "4096"],
+            "no layout could be compiled for v5e:2x2: refused: data.seq_len=4096 exceeds "
+            "model.max_seq_len=128",
+        ),
+        (
             ["--topology", "v5e:2x2", "--slices", "2", "--batch", "3"],
             "no layout of 8 chips divides this run: batch 3",
         ),
