@@ -29,7 +29,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from experiments.bench.attention_aot import step_figures
-from jaxlm import aot, sharding
+from jaxlm import aot, hlo, sharding
 from jaxlm.configs.overrides import load_config
 from jaxlm.data.tokenizer import ByteTokenizer
 from jaxlm.model import pipeline
@@ -78,7 +78,7 @@ def compile_layout(
     stages = int(mesh.shape["stage"])
     m = pipeline.microbatches(config.model, stages)
     bubble = pipeline.bubble_fraction(stages, m, config.model.pipeline_repeats)
-    moved = aot.collective_bytes(program)
+    moved = hlo.collective_bytes(program)
     return {
         "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},
         "microbatches": m if stages > 1 else None,

@@ -107,6 +107,10 @@ def test_the_sequence_split_over_context_gives_the_unsplit_logits_and_gradients(
     assert ("all_gather" in program) == (strategy == "all_gather")
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=0, atol=2e-6)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    assert_grads_close(grads, want_grads)
+
+
+def assert_grads_close(grads, want_grads):
     for (path, g), w in zip(
         jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True
     ):

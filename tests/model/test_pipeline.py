@@ -16,6 +16,7 @@ from jaxlm.data import to_global
 from jaxlm.model import pipeline
 from jaxlm.model.transformer import Transformer
 from jaxlm.run import RunPlan, abstract_train_state
+from tests.model.test_context import assert_grads_close
 from tests.test_checkpoint import _assert_trees_equal, _batches, _loop_config
 
 B, T = 8, 32
@@ -90,21 +91,6 @@ def _loss_and_grads(model_cfg, tokens, segments, mesh=None, rules="fsdp"):
         return jitted(params), jitted.lower(params).compile().as_text()
 
 
-def _assert_grads_close(grads, want_grads):
-    for (path, g), w in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True
-    ):
-        w = np.asarray(w)
-        # float32 sums in another order: within 1e-5 of the gradient's own scale.
-        np.testing.assert_allclose(
-            np.asarray(g),
-            w,
-            rtol=0,
-            atol=1e-5 * np.abs(w).max(),
-            err_msg=jax.tree_util.keystr(path),
-        )
-
-
 @pytest.mark.parametrize(
     "mesh, rules, overrides",
     [
@@ -145,7 +131,7 @@ def test_the_layers_split_into_stages_give_the_unsplit_logits_and_gradients(
     assert "collective-permute" in program
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=0, atol=2e-6)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    _assert_grads_close(grads, want_grads)
+    assert_grads_close(grads, want_grads)
 
 
 def test_gathering_a_stages_weights_once_sends_fewer_bytes():
@@ -198,7 +184,7 @@ def test_moe_layers_in_a_pipeline_give_each_microbatchs_auxiliary_losses(inputs,
     for k in ("moe_lb_loss", "moe_z_loss", "moe_expert_load", "moe_router_entropy"):
         np.testing.assert_allclose(aux[k], want_aux[k], rtol=1e-5, atol=1e-7, err_msg=k)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    _assert_grads_close(grads, want_grads)
+    assert_grads_close(grads, want_grads)
 
 
 def _run_config(*overrides):
