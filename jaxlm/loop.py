@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint, distributed, metrics, storage
+from jaxlm import checkpoint, compilation_cache, distributed, metrics, storage
 from jaxlm.configs.overrides import to_dict
 from jaxlm.configs.run import RunConfig
 from jaxlm.data import as_stream_state, to_global
@@ -49,6 +49,7 @@ def evaluate(plan: RunPlan, params: Any, max_batches: int = 0) -> dict[str, floa
         i += 1
         for k, v in jax.device_get(out).items():
             sums[k] = sums.get(k, 0.0) + float(v)
+    compilation_cache.return_free_heap()  # what compiling the eval step (and its data) freed
     return plan.task.eval_metrics(sums)
 
 
@@ -344,6 +345,7 @@ def train(
         log_line = step % config.train.log_every == 0 or step == total
         if step == start + 1:  # the first step of this process: compilation included
             values["first_step_sec"] = _clock() - loop_start
+            compilation_cache.return_free_heap()  # what compiling the init and the step freed
             meter.restart(step)
             if not progress.live and not log_line:
                 _log(f"step {step}: compiled and ran in {values['first_step_sec']:.1f} s")
@@ -458,6 +460,7 @@ def train(
         }
 
     sample = ""
+    compilation_cache.return_free_heap()
     writes_text = config.model.head == "lm" and config.model.causal and plan.task.trains_text
     if config.train.sample_tokens and writes_text:
         # Every process takes part (the parameters are spread over all of them); one prints.

@@ -13,7 +13,9 @@ Prints one JSON object: `wall_s`, the final `eval_loss` (nats per token; a byte 
 here), `eval_bits_per_byte`, `steps`, `peak_rss_gb` (the run's process), and what that memory
 is made of: `runtime_rss_gb` (a process that imports jaxlm and runs one jitted op: the Python
 libraries and the XLA runtime), `arrays_gb` (the compiled train step's arguments, outputs and
-temporaries, from XLA's memory analysis) and `peak_over_needed` = peak / (runtime + arrays).
+temporaries, from XLA's memory analysis) and `peak_over_needed` = peak / (runtime + arrays);
+`compile_rss_gb` is what compiling the train step adds to the runtime's peak (a process that
+only compiles it, ahead of time, nothing created or run).
 
     python experiments/bench/time_to_loss.py [--data-dir DIR] [--default-job] [--warm]
         [--set key=value]
@@ -58,6 +60,14 @@ def _run(args: list[str], cache: str = "off", code: str | None = None) -> tuple[
 
 # The libraries and the runtime alone: what any jaxlm process holds before its arrays.
 _RUNTIME = "import jax, jaxlm.cli; jax.jit(lambda x: x + 1)(jax.numpy.zeros(8)).block_until_ready()"
+
+# The runtime plus compiling the run's train step (ahead of time: no array is created or run).
+_COMPILE = _RUNTIME + (
+    "; from jaxlm.configs.overrides import load_config; from jaxlm.run import RunPlan"
+    "; from jaxlm.sharding import use_mesh; plan = RunPlan(load_config({spec!r}, {overrides!r}))"
+    "; use_mesh(plan.mesh, plan.rules).__enter__()"
+    "; plan.train_step.jitted.lower(plan.abstract_state, plan.abstract_batch()).compile()"
+)
 
 
 def _arrays_bytes(spec: str | None, overrides: list[str]) -> int:
@@ -107,7 +117,9 @@ def main() -> None:
     records = [json.loads(line) for line in lines]
     final = [r for r in records if "eval_loss" in r][-1]
     spec = None if args.default_job else str(CONFIG)
-    arrays = _arrays_bytes(spec, [x for x in base if x not in ("--config", str(CONFIG), "--set")])
+    overrides = [x for x in base if x not in ("--config", str(CONFIG), "--set")]
+    _, compiled_kb = _run([], code=_COMPILE.format(spec=spec, overrides=overrides))
+    arrays = _arrays_bytes(spec, overrides)
     needed_kb = runtime_kb + arrays / 1024
     out = {
         "run": "default job" if args.default_job else CONFIG.name,
@@ -122,6 +134,9 @@ def main() -> None:
         "runtime_rss_gb": round(runtime_kb / 2**20, 3),
         "arrays_gb": round(arrays / 2**30, 3),
         "peak_over_needed": round(peak_kb / needed_kb, 2),
+        # What compiling costs on top of the runtime: the peak of a process that only compiles
+        # the train step, less the runtime's.
+        "compile_rss_gb": round((compiled_kb - runtime_kb) / 2**20, 3),
     }
     print(json.dumps(out))
 
